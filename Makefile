@@ -1,0 +1,33 @@
+# Two commands: `make demo` and `make test`. Both set up .venv on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+# torch and torchvision are pinned and installed first (they lie on this machine's disk);
+# the package then installs against them and never resolves an unpinned torch.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]" $(TORCH)
+	touch $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/mammut demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

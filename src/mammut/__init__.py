@@ -1,0 +1,36 @@
+"""mammut: image-text foundation models (MaMMUT, CoCa, Flamingo, M2PT) in PyTorch.
+
+The library core imports only torch and einops.
+"""
+
+from .encoders import ViT, ViTConfig
+from .layers import KVCache
+from .losses import (
+    ContrastiveLoss,
+    caption_loss,
+    focal_contrastive_loss,
+    gather_with_grad,
+    softmax_contrastive_loss,
+)
+from .models import create_model, get_model_class, list_models, register_model
+from .models.mammut import LossOutput, MaMMUT, MaMMUTConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MaMMUT",
+    "MaMMUTConfig",
+    "LossOutput",
+    "ViT",
+    "ViTConfig",
+    "KVCache",
+    "ContrastiveLoss",
+    "caption_loss",
+    "focal_contrastive_loss",
+    "softmax_contrastive_loss",
+    "gather_with_grad",
+    "create_model",
+    "get_model_class",
+    "list_models",
+    "register_model",
+]

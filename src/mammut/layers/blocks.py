@@ -1,0 +1,133 @@
+"""Transformer blocks built from the shared attention and feed-forward layers.
+
+All blocks are pre-norm and residual: ``x (b, n, dim) -> (b, n, dim)``.
+- ``ParallelBlock``: PaLM's ``x + attn(norm(x)) + ff(norm(x))`` (one norm, both branches).
+- ``TransformerBlock``: the classic sequential ``x + attn(norm1 x)``, then ``+ ff(norm2 x)``.
+- ``CrossAttentionBlock``: ``x + xattn(norm(x), context)`` with an optional parallel ff.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention, CrossAttention
+from .feedforward import FeedForward
+from .kv_cache import KVCache
+from .norms import make_norm
+
+__all__ = ["ParallelBlock", "TransformerBlock", "CrossAttentionBlock"]
+
+
+class ParallelBlock(nn.Module):
+    """PaLM-style parallel attention + feed-forward block."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int = 8,
+        dim_head: int = 64,
+        kv_heads: int | None = None,
+        ff_mult: float = 4.0,
+        activation: str = "swiglu",
+        norm: str = "layernorm",
+        rotary: bool = True,
+        bias: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm = make_norm(norm, dim)
+        self.attn = Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, rotary=rotary, bias=bias, dropout=dropout)
+        self.ff = FeedForward(dim, mult=ff_mult, activation=activation, bias=bias, dropout=dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.attn(h, causal=causal, mask=mask, positions=positions, cache=cache) + self.ff(h)
+
+
+class TransformerBlock(nn.Module):
+    """Sequential pre-norm block: attention then feed-forward."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int = 8,
+        dim_head: int = 64,
+        kv_heads: int | None = None,
+        ff_mult: float = 4.0,
+        activation: str = "gelu",
+        norm: str = "layernorm",
+        rotary: bool = False,
+        bias: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = make_norm(norm, dim)
+        self.attn = Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, rotary=rotary, bias=bias, dropout=dropout)
+        self.norm2 = make_norm(norm, dim)
+        self.ff = FeedForward(dim, mult=ff_mult, activation=activation, bias=bias, dropout=dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), causal=causal, mask=mask, positions=positions, cache=cache)
+        return x + self.ff(self.norm2(x))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Text queries attend to image (or media) tokens; ``parallel_ff`` adds a feed-forward
+    branch on the same normed input, as in PaLM-style CoCa/MaMMUT decoders."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        kv_heads: int | None = None,
+        ff_mult: float = 4.0,
+        parallel_ff: bool = True,
+        activation: str = "swiglu",
+        norm: str = "layernorm",
+        norm_context: bool = True,
+        bias: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm = make_norm(norm, dim)
+        self.attn = CrossAttention(
+            dim, context_dim=context_dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads,
+            norm_context=norm_context, norm=norm, bias=bias, dropout=dropout,
+        )
+        self.ff = FeedForward(dim, mult=ff_mult, activation=activation, bias=bias, dropout=dropout) if parallel_ff else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        context_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        h = self.norm(x)
+        out = x + self.attn(h, context, context_mask=context_mask, cache=cache)
+        if self.ff is not None:
+            out = out + self.ff(h)
+        return out

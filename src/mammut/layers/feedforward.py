@@ -1,0 +1,43 @@
+"""Feed-forward layers: SwiGLU (PaLM) and GELU MLP (ViT / CLIP)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FeedForward"]
+
+
+class FeedForward(nn.Module):
+    """x ``(..., dim)`` -> ``(..., dim)`` through a hidden layer of ``int(mult * dim)``.
+
+    ``activation="swiglu"`` (gated SiLU, one fused input projection) or ``"gelu"``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        mult: float = 4.0,
+        activation: str = "swiglu",
+        bias: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if activation not in ("swiglu", "gelu"):
+            raise ValueError(f"activation: expected 'swiglu' or 'gelu', got {activation!r}")
+        inner = int(dim * mult)
+        self.activation = activation
+        self.proj_in = nn.Linear(dim, inner * (2 if activation == "swiglu" else 1), bias=bias)
+        self.proj_out = nn.Linear(inner, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj_in(x)
+        if self.activation == "swiglu":
+            h, gate = h.chunk(2, dim=-1)
+            h = F.silu(gate) * h
+        else:
+            h = F.gelu(h)
+        return self.proj_out(self.dropout(h))

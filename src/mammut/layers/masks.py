@@ -1,0 +1,48 @@
+"""Boolean attention masks. Convention: ``True`` = may attend.
+
+Masks broadcast to ``(b, heads, q, k)``; a model builds one per forward and hands it to
+every layer, so no layer rebuilds it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["causal_mask", "padding_mask", "combine_masks", "is_right_padded", "positions_from_mask"]
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(1, 1, q, k)``: query i (the last ``q_len`` of ``k_len`` positions) sees keys <= itself."""
+    offset = k_len - q_len
+    q = torch.arange(q_len, device=device).unsqueeze(-1) + offset
+    k = torch.arange(k_len, device=device)
+    return (k <= q)[None, None]
+
+
+def padding_mask(keep: torch.Tensor) -> torch.Tensor:
+    """keep: ``(b, k)`` bool, ``True`` for real tokens -> ``(b, 1, 1, k)``."""
+    if keep.dtype != torch.bool:
+        raise TypeError(f"keep: expected a bool tensor, got {keep.dtype}")
+    return keep[:, None, None, :]
+
+
+def combine_masks(*masks: torch.Tensor | None) -> torch.Tensor | None:
+    """Logical AND of the given masks (``None`` entries are ignored)."""
+    out = None
+    for m in masks:
+        if m is None:
+            continue
+        out = m if out is None else out & m
+    return out
+
+
+def is_right_padded(keep: torch.Tensor) -> bool:
+    """True when every row is real tokens followed only by padding."""
+    if keep.shape[-1] < 2:
+        return True
+    return bool((keep[:, 1:] <= keep[:, :-1]).all())
+
+
+def positions_from_mask(keep: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens: left padding does not shift a row. ``(b, n)``."""
+    return (keep.long().cumsum(-1) - 1).clamp(min=0)

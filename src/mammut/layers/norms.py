@@ -1,0 +1,43 @@
+"""Normalisation layers: LayerNorm (bias optional) and RMSNorm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LayerNorm", "RMSNorm", "make_norm"]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension with an optional bias (PaLM drops it)."""
+
+    def __init__(self, dim: int, *, bias: bool = False, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+
+
+def make_norm(kind: str, dim: int, *, bias: bool = False) -> nn.Module:
+    """``kind`` is ``"layernorm"`` or ``"rmsnorm"``."""
+    if kind == "layernorm":
+        return LayerNorm(dim, bias=bias)
+    if kind == "rmsnorm":
+        return RMSNorm(dim)
+    raise ValueError(f"norm: expected 'layernorm' or 'rmsnorm', got {kind!r}")

@@ -1,0 +1,38 @@
+"""Base class of every mammut model: a config dataclass plus checkpoint methods.
+
+The checkpoint code lives in ``mammut.interop.checkpoint`` and is imported only when used,
+so ``import mammut`` needs nothing beyond torch and einops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+__all__ = ["ModelBase"]
+
+
+class ModelBase(nn.Module):
+    """Subclasses set ``config_class`` and store their config as ``self.config``."""
+
+    config_class: ClassVar[type]
+    model_name: ClassVar[str]
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory``."""
+        from ..interop.checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> "ModelBase":
+        """Load a model written by ``save_pretrained`` (no network)."""
+        from ..interop.checkpoint import load_pretrained
+
+        return load_pretrained(directory, model_class=cls, **kwargs)

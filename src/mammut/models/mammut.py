@@ -1,0 +1,296 @@
+"""MaMMUT (arXiv 2303.16839): one image encoder, one text decoder, two passes.
+
+Legend: ``b`` batch, ``n`` text tokens, ``m`` image tokens, ``d`` decoder width,
+``v`` vocabulary, ``l`` latent (embedding) width.
+
+Both passes share every decoder weight:
+- contrastive pass: no cross-attention, bidirectional self-attention (paper) or causal
+  (seed repo), text features average-pooled over non-pad tokens (paper) or read from a CLS
+  token appended after the text (seed repo);
+- captioning pass: causal self-attention with cross-attention to the image in the chosen
+  layers, next-token logits.
+During training the order of the two passes is drawn at random, as in the paper.
+
+Defaults follow the paper; the seed repo's (MaMMUT-pytorch) behaviour is one option away:
+``contrastive_pass="causal", text_pool="cls", image_pool="attention", contrastive_loss="softmax"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..encoders import ViT, ViTConfig, encode_images
+from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, ParallelBlock, make_norm, masked_mean
+from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
+from ..losses import ContrastiveLoss, caption_loss
+from . import register_model
+from ._base import ModelBase
+from ._checks import check_choice, check_image_batch, check_text
+
+__all__ = ["MaMMUTConfig", "MaMMUT", "LossOutput"]
+
+
+@dataclass
+class MaMMUTConfig:
+    """Every MaMMUT option. Field names match the seed README's constructor arguments."""
+
+    dim: int = 512
+    num_tokens: int = 20000
+    depth: int = 6
+    cross_attend_every: int = 1
+    cross_attend_layers: tuple[int, ...] | None = None  # 1-indexed; overrides cross_attend_every
+    dim_head: int = 64
+    heads: int = 8
+    kv_heads: int | None = None  # grouped-query / multi-query attention (1 = MQA)
+    ff_mult: float = 4.0
+    image_dim: int | None = None  # width of the encoder's tokens; defaults to the ViT's or dim
+    dim_latents: int | None = None  # contrastive embedding width; defaults to dim
+    caption_loss_weight: float = 1.0
+    contrastive_loss_weight: float = 1.0
+    pad_id: int = 0
+    contrastive_pass: str = "bidirectional"  # "bidirectional" (paper) | "causal" (seed)
+    text_pool: str = "mean"  # "mean" (paper) | "cls" (seed)
+    image_pool: str = "mean"  # "mean" (paper) | "attention" (seed)
+    num_img_queries: int = 256  # with image_pool="attention": decoder context queries (+1 contrastive)
+    contrastive_loss: str = "focal"  # "focal" (paper) | "softmax" (seed)
+    focal_alpha: float = 0.5
+    focal_gamma: float = 1.0
+    shuffle_passes: bool = True
+    tie_embeddings: bool = True
+    norm: str = "layernorm"
+    dropout: float = 0.0
+    vit: dict[str, Any] | None = field(default=None)  # built-in ViT (ViTConfig fields) when no img_encoder
+
+    def __post_init__(self) -> None:
+        check_choice("contrastive_pass", self.contrastive_pass, ("bidirectional", "causal"))
+        check_choice("text_pool", self.text_pool, ("mean", "cls"))
+        check_choice("image_pool", self.image_pool, ("mean", "attention"))
+        check_choice("contrastive_loss", self.contrastive_loss, ("focal", "softmax"))
+        for name in ("dim", "num_tokens", "depth", "heads", "dim_head", "cross_attend_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.cross_attend_layers is not None:
+            layers = tuple(int(i) for i in self.cross_attend_layers)
+            bad = [i for i in layers if not 1 <= i <= self.depth]
+            if bad:
+                raise ValueError(f"cross_attend_layers: expected layer numbers in 1..{self.depth} (depth), got {bad}")
+            self.cross_attend_layers = layers
+        if not 0 <= self.pad_id < self.num_tokens:
+            raise ValueError(f"pad_id: expected a value in [0, {self.num_tokens}), got {self.pad_id}")
+
+    def cross_attention_layers(self) -> tuple[int, ...]:
+        """1-indexed decoder layers that cross-attend in the captioning pass."""
+        if self.cross_attend_layers is not None:
+            return self.cross_attend_layers
+        return tuple(i for i in range(1, self.depth + 1) if i % self.cross_attend_every == 0)
+
+
+class LossOutput(NamedTuple):
+    """Weighted total and the unweighted parts, for logging."""
+
+    total: torch.Tensor
+    caption: torch.Tensor
+    contrastive: torch.Tensor
+
+
+class DecoderLayer(nn.Module):
+    """A shared self-attention block and, in chosen layers, a cross-attention block."""
+
+    def __init__(self, cfg: MaMMUTConfig, *, cross: bool) -> None:
+        super().__init__()
+        kw = dict(heads=cfg.heads, dim_head=cfg.dim_head, kv_heads=cfg.kv_heads, ff_mult=cfg.ff_mult, norm=cfg.norm, dropout=cfg.dropout)
+        self.block = ParallelBlock(cfg.dim, rotary=True, **kw)
+        self.cross = CrossAttentionBlock(cfg.dim, parallel_ff=True, **kw) if cross else None
+
+
+@register_model("mammut")
+class MaMMUT(ModelBase):
+    """MaMMUT. ``MaMMUT(dim=..., img_encoder=vit, image_dim=..., num_tokens=..., depth=...)``
+    as in the seed README, or ``MaMMUT(MaMMUTConfig(...))``.
+
+    Calls: ``model(text, images, return_loss=True)`` -> scalar loss;
+    ``model(text, images)`` -> caption logits ``(b, n, v)``;
+    ``model(text, images, return_embeddings=True)`` -> L2-normalised ``(text (b, l), image (b, l))``.
+    """
+
+    config_class = MaMMUTConfig
+
+    def __init__(self, config: MaMMUTConfig | None = None, *, img_encoder: nn.Module | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        if config is not None and kwargs:
+            raise TypeError("MaMMUT: pass either a MaMMUTConfig or keyword arguments, not both")
+        cfg = config if config is not None else MaMMUTConfig(**kwargs)
+        self.config = cfg
+        if img_encoder is None and cfg.vit is not None:
+            img_encoder = ViT(ViTConfig(**cfg.vit))
+        self.img_encoder = img_encoder
+        image_dim = cfg.image_dim or getattr(img_encoder, "dim", None) or cfg.dim
+        dim_latents = cfg.dim_latents or cfg.dim
+
+        # image side: tokens -> (contrastive embedding, decoder context)
+        if cfg.image_pool == "attention":
+            self.img_pool = AttentionPooler(
+                cfg.dim, num_queries=cfg.num_img_queries + 1, context_dim=image_dim, heads=cfg.heads, dim_head=cfg.dim_head, norm=cfg.norm
+            )
+            self.img_proj = None
+        else:
+            self.img_pool = None
+            self.img_proj = nn.Linear(image_dim, cfg.dim, bias=False) if image_dim != cfg.dim else nn.Identity()
+        self.img_to_latents = nn.Linear(cfg.dim, dim_latents, bias=False)
+
+        # text decoder, shared by both passes
+        self.token_emb = nn.Embedding(cfg.num_tokens, cfg.dim)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        self.text_cls = nn.Parameter(torch.randn(cfg.dim) * 0.02) if cfg.text_pool == "cls" else None
+        xattn = set(cfg.cross_attention_layers())
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cross=(i + 1) in xattn) for i in range(cfg.depth))
+        self.norm = make_norm(cfg.norm, cfg.dim)
+        self.to_logits = nn.Linear(cfg.dim, cfg.num_tokens, bias=False)
+        if cfg.tie_embeddings:
+            self.to_logits.weight = self.token_emb.weight
+        self.text_to_latents = nn.Linear(cfg.dim, dim_latents, bias=False)
+
+        self.contrastive = ContrastiveLoss(cfg.contrastive_loss, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+
+    # ------------------------------------------------------------------ image side
+    def image_tokens(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder tokens ``(b, m, image_dim)`` from pixels or given precomputed."""
+        if (images is None) == (image_tokens is None):
+            raise ValueError("images / image_tokens: expected exactly one of them")
+        if image_tokens is not None:
+            check_image_batch(image_tokens)
+            return image_tokens
+        if self.img_encoder is None:
+            raise ValueError("images: this model has no img_encoder; pass image_tokens= or build it with img_encoder= / vit=")
+        return encode_images(self.img_encoder, images)
+
+    def image_embed_and_context(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens ``(b, m, image_dim)`` -> (normalised embedding ``(b, l)``, context ``(b, m', d)``)."""
+        if self.img_pool is not None:
+            pooled = self.img_pool(tokens)
+            embed, context = pooled[:, 0], pooled[:, 1:]
+        else:
+            context = self.img_proj(tokens)
+            embed = context.mean(dim=1)
+        return F.normalize(self.img_to_latents(embed), dim=-1), context
+
+    def image_context(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """What the captioning pass cross-attends to, ``(b, m', d)`` (used by generation)."""
+        return self.image_embed_and_context(self.image_tokens(images, image_tokens))[1]
+
+    def embed_image(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised image embeddings ``(b, l)``."""
+        return self.image_embed_and_context(self.image_tokens(images, image_tokens))[0]
+
+    # ------------------------------------------------------------------ text side
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Contrastive pass: L2-normalised text embeddings ``(b, l)``; never sees images."""
+        cfg = self.config
+        check_text(text, cfg.num_tokens, cfg.pad_id)
+        keep = text != cfg.pad_id
+        positions = positions_from_mask(keep)
+        x = self.token_emb(text)
+        if self.text_cls is not None:
+            # CLS after the text, at the position right after the last real token
+            x = torch.cat((x, self.text_cls.expand(x.shape[0], 1, -1)), dim=1)
+            positions = torch.cat((positions, keep.sum(dim=1, keepdim=True)), dim=1)
+            keep = F.pad(keep, (0, 1), value=True)
+        mask = None if bool(keep.all()) else padding_mask(keep)
+        causal = cfg.contrastive_pass == "causal"
+        for layer in self.layers:
+            x = layer.block(x, causal=causal, mask=mask, positions=positions)
+        x = self.norm(x)
+        pooled = x[:, -1] if self.text_cls is not None else masked_mean(x, keep)
+        return F.normalize(self.text_to_latents(pooled), dim=-1)
+
+    def decode(
+        self,
+        text: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        keep: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Captioning pass: text ``(b, n)`` and image context ``(b, m', d)`` -> logits ``(b, n, v)``.
+
+        ``keep`` ``(b, cached + n)`` marks real tokens over the whole sequence so far (default:
+        ``text != pad_id``); ``positions`` ``(b, n)`` default to real-token counts.
+        """
+        x = self.token_emb(text)
+        if keep is None:
+            keep = text != self.config.pad_id
+        if positions is None:
+            positions = positions_from_mask(keep)[:, -text.shape[1]:]
+        mask = None
+        if cache is not None or not is_right_padded(keep):
+            mask = padding_mask(keep)
+        for layer in self.layers:
+            x = layer.block(x, causal=True, mask=mask, positions=positions, cache=cache)
+            if layer.cross is not None:
+                x = layer.cross(x, context, cache=cache)
+        return self.to_logits(self.norm(x))
+
+    # ------------------------------------------------------------------ losses
+    def compute_losses(
+        self,
+        text: torch.Tensor,
+        images: torch.Tensor | None = None,
+        *,
+        image_tokens: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """Both passes and both losses. Without ``labels`` the captioning pass reads
+        ``text[:, :-1]`` and predicts ``text[:, 1:]``; the contrastive pass reads all of ``text``."""
+        cfg = self.config
+        check_text(text, cfg.num_tokens, cfg.pad_id, min_len=1 if labels is not None else 2)
+        tokens = self.image_tokens(images, image_tokens)
+        if tokens.shape[0] != text.shape[0]:
+            raise ValueError(f"text / images: batch sizes differ ({text.shape[0]} vs {tokens.shape[0]})")
+        if labels is None:
+            inputs, labels = text[:, :-1], text[:, 1:]
+        else:
+            inputs = text
+        image_embeds, context = self.image_embed_and_context(tokens)
+
+        def contrastive() -> torch.Tensor:
+            return self.contrastive(self.embed_text(text), image_embeds)
+
+        def captioning() -> torch.Tensor:
+            return caption_loss(self.decode(inputs, context), labels, pad_id=cfg.pad_id)
+
+        if self.training and cfg.shuffle_passes and bool(torch.randint(2, ()).item()):
+            cap = captioning()
+            con = contrastive()
+        else:
+            con = contrastive()
+            cap = captioning()
+        total = cfg.caption_loss_weight * cap + cfg.contrastive_loss_weight * con
+        return LossOutput(total, cap, con)
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        images: torch.Tensor | None = None,
+        *,
+        image_tokens: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_loss: bool = False,
+        return_embeddings: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if return_loss:
+            return self.compute_losses(text, images, image_tokens=image_tokens, labels=labels).total
+        cfg = self.config
+        check_text(text, cfg.num_tokens, cfg.pad_id)
+        tokens = self.image_tokens(images, image_tokens)
+        if tokens.shape[0] != text.shape[0]:
+            raise ValueError(f"text / images: batch sizes differ ({text.shape[0]} vs {tokens.shape[0]})")
+        image_embeds, context = self.image_embed_and_context(tokens)
+        if return_embeddings:
+            return self.embed_text(text), image_embeds
+        return self.decode(text, context)
