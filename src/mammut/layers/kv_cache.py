@@ -23,6 +23,9 @@ class KVCache:
     def __init__(self) -> None:
         self._self: dict[nn.Module, KV] = {}
         self._cross: dict[nn.Module, KV] = {}
+        # model-specific per-row state carried between steps (e.g. Flamingo's last media
+        # index); tensors here with batch as dim 0 are reordered with the cache
+        self.state: dict[str, torch.Tensor] = {}
 
     def seq_len(self, layer: nn.Module) -> int:
         """Number of positions cached for ``layer`` (0 before its first step)."""
@@ -49,6 +52,7 @@ class KVCache:
     def reorder(self, index: torch.Tensor, *, cross: bool = True) -> None:
         """Select batch rows (beam search): every entry becomes ``entry[index]``."""
         self._self = {m: (k.index_select(0, index), v.index_select(0, index)) for m, (k, v) in self._self.items()}
+        self.state = {k: v.index_select(0, index) for k, v in self.state.items()}
         if cross:
             self._cross = {m: (k.index_select(0, index), v.index_select(0, index)) for m, (k, v) in self._cross.items()}
 

@@ -53,6 +53,8 @@ class MaMMUTConfig:
     caption_loss_weight: float = 1.0
     contrastive_loss_weight: float = 1.0
     pad_id: int = 0
+    bos_id: int | None = None  # start token for generation without a prompt
+    eos_id: int | None = None  # end token for generation
     contrastive_pass: str = "bidirectional"  # "bidirectional" (paper) | "causal" (seed)
     text_pool: str = "mean"  # "mean" (paper) | "cls" (seed)
     image_pool: str = "mean"  # "mean" (paper) | "attention" (seed)
