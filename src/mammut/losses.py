@@ -31,15 +31,33 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward sums every rank's gradient for the local rows
+    (all-reduce then slice, which also works on gloo, that has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        rank, world = _world()
+        ctx.rank, ctx.batch = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.batch:(ctx.rank + 1) * ctx.batch]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather ``x`` ``(b, ...)`` from every rank along dim 0, keeping the autograd graph
-    (gradients flow back to the rank that produced each row). Identity on one process."""
-    rank, world = _world()
+    """All-gather ``x`` ``(b, ...)`` (same ``b`` on every rank) along dim 0, keeping the
+    autograd graph: gradients flow back to the rank that produced each row. Identity on
+    one process."""
+    _, world = _world()
     if world == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def _local_labels(local_batch: int, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,127 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mammut.layers import (
+    Attention, AttentionPooler, CrossAttention, FeedForward, KVCache, ParallelBlock,
+    attend, causal_mask, masked_mean, padding_mask,
+)
+
+
+def reference_attention(q, k, v, mask):
+    """Plain softmax attention; rows with no allowed key give zero."""
+    h, g = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(h // g, 1)
+    v = v.repeat_interleave(h // g, 1)
+    sim = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    sim = sim.masked_fill(~mask, float("-inf"))
+    attn = sim.softmax(-1).nan_to_num(0.0)
+    return attn @ v
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_attend_matches_reference_with_causal_and_padding(kv_heads):
+    b, h, n, d = 2, 4, 7, 8
+    q = torch.randn(b, h, n, d)
+    k, v = torch.randn(b, kv_heads, n, d), torch.randn(b, kv_heads, n, d)
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[1, 4:] = False
+    mask = padding_mask(keep) & causal_mask(n, n)
+    out = attend(q, k, v, causal=True, mask=padding_mask(keep))
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_attend_fully_masked_rows_are_zero_not_nan():
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    mask = torch.zeros(1, 1, 3, 5, dtype=torch.bool)
+    mask[0, 0, 2, 1] = True
+    out = attend(q, k, v, mask=mask)
+    assert torch.isfinite(out).all()
+    assert out[0, :, :2].abs().max() == 0
+    torch.testing.assert_close(out[0, :, 2], v[0, :, 1])
+
+
+def test_causal_attention_never_looks_ahead():
+    attn = Attention(16, heads=2, dim_head=8)
+    x = torch.randn(1, 6, 16)
+    y = attn(x, causal=True)
+    x2 = x.clone()
+    x2[:, 4] += 1.0
+    y2 = attn(x2, causal=True)
+    torch.testing.assert_close(y[:, :4], y2[:, :4])
+    assert not torch.allclose(y[:, 4:], y2[:, 4:])
+
+
+def test_padding_keys_never_attended():
+    attn = Attention(16, heads=2, dim_head=8)
+    keep = torch.tensor([[True, True, True, False, False]])
+    x = torch.randn(1, 5, 16)
+    y = attn(x, mask=padding_mask(keep))
+    x2 = x.clone()
+    x2[:, 3:] = torch.randn(1, 2, 16)
+    y2 = attn(x2, mask=padding_mask(keep))
+    torch.testing.assert_close(y[:, :3], y2[:, :3])
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_kv_cache_matches_full_causal_pass(kv_heads):
+    block = ParallelBlock(32, heads=4, dim_head=8, kv_heads=kv_heads)
+    x = torch.randn(2, 9, 32)
+    full = block(x, causal=True)
+    cache = KVCache()
+    steps = [block(x[:, :4], causal=True, cache=cache)]  # a prompt, then one token at a time
+    for t in range(4, 9):
+        steps.append(block(x[:, t : t + 1], causal=True, cache=cache))
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.seq_len(block.attn) == 9
+
+
+def test_cross_attention_kv_computed_once_with_cache():
+    xattn = CrossAttention(16, context_dim=12, heads=2, dim_head=8, norm_context=True)
+    ctx = torch.randn(2, 5, 12)
+    cache = KVCache()
+    calls = []
+    orig = xattn.project_context
+    xattn.project_context = lambda c: calls.append(1) or orig(c)
+    a = xattn(torch.randn(2, 1, 16), ctx, cache=cache)
+    b = xattn(torch.randn(2, 1, 16), ctx, cache=cache)
+    assert len(calls) == 1 and a.shape == b.shape == (2, 1, 16)
+
+
+def test_cross_attention_key_mask():
+    xattn = CrossAttention(16, heads=2, dim_head=8)
+    x, ctx = torch.randn(1, 3, 16), torch.randn(1, 4, 16)
+    keep = torch.tensor([[True, True, False, False]])
+    y = xattn(x, ctx, context_mask=keep)
+    ctx2 = ctx.clone()
+    ctx2[:, 2:] = 5.0
+    torch.testing.assert_close(y, xattn(x, ctx2, context_mask=keep))
+
+
+def test_rotary_is_relative():
+    attn = Attention(16, heads=2, dim_head=8)
+    x = torch.randn(1, 4, 16)
+    y = attn(x, positions=torch.arange(4))
+    y_shift = attn(x, positions=torch.arange(4) + 11)
+    torch.testing.assert_close(y, y_shift, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_and_gelu_feedforward_shapes():
+    for act in ("swiglu", "gelu"):
+        assert FeedForward(8, mult=2, activation=act)(torch.randn(3, 5, 8)).shape == (3, 5, 8)
+    with pytest.raises(ValueError, match="activation"):
+        FeedForward(8, activation="relu6")
+
+
+def test_attention_pooler_and_masked_mean():
+    pool = AttentionPooler(16, num_queries=3, context_dim=10, heads=2, dim_head=8)
+    assert pool(torch.randn(2, 7, 10)).shape == (2, 3, 16)
+    x = torch.randn(2, 4, 3)
+    keep = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    torch.testing.assert_close(masked_mean(x, keep)[0], x[0, :2].mean(0))
+    torch.testing.assert_close(masked_mean(x, keep)[1], x[1].mean(0))
+
+
+def test_kv_heads_must_divide_heads():
+    with pytest.raises(ValueError, match="kv_heads"):
+        Attention(16, heads=4, dim_head=4, kv_heads=3)

@@ -1,0 +1,118 @@
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from mammut.losses import ContrastiveLoss, LogitScale, caption_loss, focal_contrastive_loss, softmax_contrastive_loss
+
+
+def _embeds(b=6, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(b, d, generator=g), dim=-1), F.normalize(torch.randn(b, d, generator=g), dim=-1)
+
+
+def test_softmax_contrastive_matches_reference():
+    t, i = _embeds()
+    scale = 10.0
+    sim = scale * t @ i.t()
+    b = t.shape[0]
+    # reference written out with explicit log-softmax sums
+    ref_t2i = -torch.stack([sim[r, r] - torch.logsumexp(sim[r], 0) for r in range(b)]).mean()
+    ref_i2t = -torch.stack([sim[c, c] - torch.logsumexp(sim[:, c], 0) for c in range(b)]).mean()
+    torch.testing.assert_close(softmax_contrastive_loss(t, i, scale), 0.5 * (ref_t2i + ref_i2t))
+
+
+def test_focal_contrastive_matches_reference():
+    t, i = _embeds()
+    scale, alpha, gamma = 5.0, 0.3, 2.0
+    logits = scale * t @ i.t()
+    b = t.shape[0]
+    total = 0.0
+    for r in range(b):
+        for c in range(b):
+            y = 1.0 if r == c else 0.0
+            p = torch.sigmoid(logits[r, c])
+            p_t = p if y else 1 - p
+            w = 2 * alpha if y else 2 * (1 - alpha)
+            total = total + w * (1 - p_t) ** gamma * -torch.log(p_t)
+    # the matrix is scored in both directions (identical entries for sigmoid), averaged
+    torch.testing.assert_close(focal_contrastive_loss(t, i, scale, alpha=alpha, gamma=gamma), total / b, rtol=1e-5, atol=1e-6)
+
+
+def test_focal_gamma_zero_is_weighted_sigmoid_bce():
+    t, i = _embeds()
+    logits = 3.0 * t @ i.t()
+    bce = F.binary_cross_entropy_with_logits(logits, torch.eye(6), reduction="sum") / 6
+    torch.testing.assert_close(focal_contrastive_loss(t, i, 3.0, alpha=0.5, gamma=0.0), bce)
+
+
+def test_caption_loss_ignores_pad_and_checks_shape():
+    logits = torch.randn(2, 4, 10)
+    labels = torch.tensor([[3, 4, 0, 0], [1, 2, 3, 5]])
+    keep = labels != 0
+    ref = F.cross_entropy(logits[keep], labels[keep])
+    torch.testing.assert_close(caption_loss(logits, labels, pad_id=0), ref)
+    with pytest.raises(ValueError, match="labels"):
+        caption_loss(logits, labels[:, :3])
+
+
+def test_logit_scale_init_and_clamp():
+    s = LogitScale()
+    assert math.isclose(s().item(), 1 / 0.07, rel_tol=1e-5)
+    with torch.no_grad():
+        s.log_scale.fill_(10.0)
+    assert s().item() == 100.0
+    with pytest.raises(ValueError, match="contrastive_loss"):
+        ContrastiveLoss("hinge")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, kind, t_all, i_all, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    b = t_all.shape[0] // world
+    t = t_all[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+    i = i_all[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+    loss_fn = ContrastiveLoss(kind)
+    loss = loss_fn(t, i)
+    loss.backward()
+    # DDP averages parameter gradients across ranks: do the same for the logit scale
+    scale_grad = loss_fn.logit_scale.log_scale.grad.reshape(1).clone()
+    dist.all_reduce(scale_grad)
+    summed = loss.detach().clone()
+    dist.all_reduce(summed)
+    # the global loss is the mean of the rank losses: its gradient is the local one / world
+    out[rank] = (summed / world, t.grad / world, i.grad / world, scale_grad / world)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["softmax", "focal"])
+def test_gather_across_two_ranks_equals_one_process(kind):
+    t_all, i_all = _embeds(b=8, d=6, seed=1)
+    # one process, whole batch
+    t1, i1 = t_all.clone().requires_grad_(True), i_all.clone().requires_grad_(True)
+    loss_fn = ContrastiveLoss(kind)
+    loss = loss_fn(t1, i1)
+    loss.backward()
+    # two gloo processes, half the batch each
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(2, _free_port(), kind, t_all, i_all, out), nprocs=2, join=True)
+    loss2, tg0, ig0, sg = out[0]
+    _, tg1, ig1, _ = out[1]
+    torch.testing.assert_close(loss2, loss.detach(), atol=1e-6, rtol=1e-6)
+    # each rank's gradient for its own rows equals the single-process gradient for those rows
+    torch.testing.assert_close(torch.cat([tg0, tg1]), t1.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.cat([ig0, ig1]), i1.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sg, loss_fn.logit_scale.log_scale.grad.reshape(1), atol=1e-6, rtol=1e-6)
