@@ -1,0 +1,128 @@
+"""Training-step benchmark: step time, samples/s, peak memory, matmul GFLOP/step, GFLOP/s
+and MFU (against a 2048x2048 fp32 matmul measured in the same run), for mammut's MaMMUT
+and, when installed, the anchor package mammut-pytorch==0.0.7 at the same config.
+
+    .venv/bin/python benchmarks/train_step.py [--threads 2] [--steps 10] [--warmup 3]
+
+Reference config (issue "Foundation"): image 128, patch 16, ViT 256 x 4 layers, 4 heads,
+dim_head 64; text width 256, 4 heads, vocab 8192, length 64, batch 16, depth 4,
+cross-attention every 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+IMAGE, PATCH, VIT_DIM, VIT_DEPTH, HEADS, DIM_HEAD = 128, 16, 256, 4, 4, 64
+DIM, VOCAB, SEQ, BATCH, DEPTH, XATTN_EVERY, QUERIES = 256, 8192, 64, 16, 4, 2, 256
+
+
+def matmul_peak(threads: int) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * 2048**3 / statistics.median(times) / 1e9
+
+
+def ours(seed_compatible: bool) -> torch.nn.Module:
+    from mammut import MaMMUT
+
+    options = dict(contrastive_pass="causal", text_pool="cls", image_pool="attention", num_img_queries=QUERIES, kv_heads=1, contrastive_loss="softmax") if seed_compatible else {}
+    return MaMMUT(
+        dim=DIM, num_tokens=VOCAB, depth=DEPTH, cross_attend_every=XATTN_EVERY, heads=HEADS, dim_head=DIM_HEAD,
+        vit=dict(image_size=IMAGE, patch_size=PATCH, dim=VIT_DIM, depth=VIT_DEPTH, heads=HEADS, dim_head=DIM_HEAD), **options,
+    )
+
+
+def anchor() -> torch.nn.Module | None:
+    try:
+        from mammut_pytorch.mammut_pytorch import MaMMUT as SeedMaMMUT
+        from vit_pytorch import ViT
+        from vit_pytorch.extractor import Extractor
+    except ImportError:
+        return None
+    vit = ViT(image_size=IMAGE, patch_size=PATCH, num_classes=1, dim=VIT_DIM, depth=VIT_DEPTH, heads=HEADS, dim_head=DIM_HEAD, mlp_dim=4 * VIT_DIM)
+    vit = Extractor(vit, return_embeddings_only=True, detach=False)
+    return SeedMaMMUT(
+        dim=DIM, num_tokens=VOCAB, depth=DEPTH, cross_attend_every=XATTN_EVERY, heads=HEADS, dim_head=DIM_HEAD,
+        img_encoder=vit, image_dim=VIT_DIM, num_img_queries=QUERIES,
+    )
+
+
+def measure(model: torch.nn.Module, steps: int, warmup: int) -> dict[str, float]:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    text = torch.randint(1, VOCAB, (BATCH, SEQ + 1))
+    images = torch.randn(BATCH, 3, IMAGE, IMAGE)
+
+    def step() -> None:
+        loss = model(text=text, images=images, return_loss=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        loss = model(text=text, images=images, return_loss=True)
+        loss.backward()
+    opt.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    return dict(ms=sec * 1e3, samples_s=BATCH / sec, gflop=flops / 1e9, gflops=flops / sec / 1e9)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    peak = matmul_peak(args.threads)
+    print(f"threads {args.threads}; 2048x2048 fp32 matmul: {peak:.1f} GFLOP/s")
+    rows = []
+    for name, build in [
+        ("mammut (paper defaults)", lambda: ours(False)),
+        ("mammut (seed-compatible: causal, CLS, attn pool 256, kv_heads=1)", lambda: ours(True)),
+        ("mammut-pytorch 0.0.7", anchor),
+    ]:
+        model = build()
+        if model is None:
+            print(f"{name}: not installed, skipped")
+            continue
+        r = measure(model, args.steps, args.warmup)
+        r["mfu"] = r["gflops"] / peak
+        rows.append((name, r))
+        del model
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{'model':66s} {'ms/step':>8s} {'samples/s':>9s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'MFU':>5s}")
+    for name, r in rows:
+        print(f"{name:66s} {r['ms']:8.1f} {r['samples_s']:9.1f} {r['gflop']:10.1f} {r['gflops']:8.1f} {r['mfu']:5.2f}")
+    print(f"peak RSS (whole process): {rss:.0f} MiB")
+    by = dict(rows)
+    seed = by.get("mammut-pytorch 0.0.7")
+    if seed:
+        for name, r in rows[:2]:
+            print(f"speed-up vs mammut-pytorch, {name}: {seed['ms'] / r['ms']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
