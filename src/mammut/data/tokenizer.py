@@ -1,0 +1,269 @@
+"""Text tokenizer: a thin wrapper around Hugging Face ``tokenizers``.
+
+* :func:`train_bpe` trains a byte-level BPE on captions, with special tokens
+  ``[PAD]`` (id 0), ``[BOS]``, ``[EOS]``, ``[UNK]`` and ``[MASK]``.
+* :meth:`Tokenizer.from_file` loads any ``tokenizer.json``; pad/bos/eos are found by
+  their usual names (``[PAD]``, ``<pad>``, ``<s>``, ``</s>``, ``<|endoftext|>``, ...)
+  or given explicitly.
+* :meth:`Tokenizer.encode` returns a right-padded ``LongTensor``; captions that do not
+  fit raise ``ValueError`` unless ``truncate=True`` is asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+log = logging.getLogger(__name__)
+
+PAD, BOS, EOS, UNK, MASK = "[PAD]", "[BOS]", "[EOS]", "[UNK]", "[MASK]"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK, MASK)
+
+_PAD_NAMES = ("[PAD]", "<pad>", "<|pad|>", "<PAD>", "[pad]")
+_BOS_NAMES = ("[BOS]", "<s>", "<bos>", "<|startoftext|>", "<|begin_of_text|>", "[CLS]", "<BOS>")
+_EOS_NAMES = ("[EOS]", "</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>", "[SEP]", "<EOS>")
+_UNK_NAMES = ("[UNK]", "<unk>", "<|unk|>", "<UNK>")
+
+TokenSpec = str | int | None
+
+
+def _check_texts(texts: object, arg: str = "texts") -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError(f"{arg} must be a list of strings, got a single str (wrap it in a list)")
+    if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        bad = type(texts).__name__ if not isinstance(texts, Sequence) else "a sequence with non-str items"
+        raise TypeError(f"{arg} must be a list of strings, got {bad}")
+    return list(texts)
+
+
+class Tokenizer:
+    """Batch encoder/decoder over a Hugging Face ``tokenizers.Tokenizer``.
+
+    Args:
+        tokenizer: the underlying ``tokenizers.Tokenizer``.
+        pad, bos, eos: token string or id for padding / begin / end of sequence;
+            ``None`` looks the usual names up.  Without a pad token the eos id pads
+            (then id 0, with a warning); without bos/eos, ``add_bos``/``add_eos`` raise.
+    """
+
+    def __init__(self, tokenizer: HFTokenizer, pad: TokenSpec = None, bos: TokenSpec = None, eos: TokenSpec = None) -> None:
+        if not isinstance(tokenizer, HFTokenizer):
+            raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
+        self._tok = tokenizer
+        # Special tokens are added by encode() itself, so switch off anything the json configures.
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self._bos_id = self._resolve("bos", bos, _BOS_NAMES)
+        self._eos_id = self._resolve("eos", eos, _EOS_NAMES)
+        pad_id = self._resolve("pad", pad, _PAD_NAMES)
+        if pad_id is None:
+            pad_id = self._eos_id if self._eos_id is not None else 0
+            log.warning("tokenizer has no pad token; padding with id %d", pad_id)
+        self._pad_id = pad_id
+        self._unk_id = self._resolve("unk", None, _UNK_NAMES)
+
+    def _resolve(self, what: str, spec: TokenSpec, names: Sequence[str]) -> int | None:
+        size = self._tok.get_vocab_size(with_added_tokens=True)
+        if isinstance(spec, bool):
+            raise TypeError(f"{what} must be a token string, an id or None, got bool")
+        if isinstance(spec, int):
+            if not 0 <= spec < size:
+                raise ValueError(f"{what} id must be in [0, {size}), got {spec}")
+            return spec
+        if isinstance(spec, str):
+            idx = self._tok.token_to_id(spec)
+            if idx is None:
+                raise ValueError(f"{what} token {spec!r} is not in the vocabulary")
+            return idx
+        if spec is not None:
+            raise TypeError(f"{what} must be a token string, an id or None, got {type(spec).__name__}")
+        for name in names:
+            idx = self._tok.token_to_id(name)
+            if idx is not None:
+                return idx
+        return None
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path, pad: TokenSpec = None, bos: TokenSpec = None, eos: TokenSpec = None) -> Tokenizer:
+        """Load any ``tokenizer.json``; special tokens found by name unless given."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {p}")
+        return cls(HFTokenizer.from_file(str(p)), pad=pad, bos=bos, eos=eos)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``tokenizer.json`` to ``path`` (parent folders created); returns the path."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(p))
+        return p
+
+    # -- properties -----------------------------------------------------------------
+
+    @property
+    def hf(self) -> HFTokenizer:
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id."""
+        return self._pad_id
+
+    @property
+    def bos_id(self) -> int | None:
+        """Begin-of-sequence id (None if the vocabulary has none)."""
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        """End-of-sequence id (None if the vocabulary has none)."""
+        return self._eos_id
+
+    @property
+    def unk_id(self) -> int | None:
+        """Unknown-token id (None if the vocabulary has none)."""
+        return self._unk_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added/special tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of ``token`` or None."""
+        return self._tok.token_to_id(token)
+
+    # -- encode / decode --------------------------------------------------------------
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        max_len: int,
+        add_bos: bool = True,
+        add_eos: bool = True,
+        truncate: bool = False,
+    ) -> torch.Tensor:
+        """Encode ``texts`` to a right-padded ``LongTensor`` of shape (len(texts), max_len).
+
+        Sequences longer than ``max_len`` (bos/eos included) raise ``ValueError`` unless
+        ``truncate=True``, which cuts the text but keeps bos and eos.
+        """
+        texts = _check_texts(texts)
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
+        if add_bos and self._bos_id is None:
+            raise ValueError("add_bos=True but the tokenizer has no bos token (pass bos= to Tokenizer)")
+        if add_eos and self._eos_id is None:
+            raise ValueError("add_eos=True but the tokenizer has no eos token (pass eos= to Tokenizer)")
+        n_special = int(add_bos) + int(add_eos)
+        room = max_len - n_special
+        if room < 0 or (truncate and room < 1):
+            raise ValueError(f"max_len={max_len} leaves no room for text with add_bos={add_bos}, add_eos={add_eos}")
+        out = torch.full((len(texts), max_len), self._pad_id, dtype=torch.long)
+        if not texts:
+            return out
+        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        for row, (text, enc) in enumerate(zip(texts, encodings)):
+            ids = list(enc.ids)
+            if len(ids) > room:
+                if not truncate:
+                    raise ValueError(
+                        f"text {row} has {len(ids)} tokens + {n_special} special > max_len={max_len} "
+                        f"(pass truncate=True to cut it): {text[:80]!r}"
+                    )
+                ids = ids[:room]
+            if add_bos:
+                ids = [self._bos_id, *ids]
+            if add_eos:
+                ids = [*ids, self._eos_id]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    __call__ = encode
+
+    def decode(self, ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]]) -> list[str]:
+        """Decode id rows to strings: drops a leading bos, stops at eos, skips pad/special tokens.
+
+        A 1-D input is one sequence (the result is still a list of one string).
+        """
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() not in (1, 2):
+                raise ValueError(f"ids must be a 1-D or 2-D tensor, got shape {tuple(ids.shape)}")
+            rows = [ids.tolist()] if ids.dim() == 1 else ids.tolist()
+        elif isinstance(ids, Sequence):
+            if len(ids) > 0 and all(isinstance(i, int) for i in ids):
+                rows = [list(ids)]  # type: ignore[arg-type]
+            elif all(isinstance(r, Sequence) for r in ids):
+                rows = [list(r) for r in ids]  # type: ignore[union-attr]
+            else:
+                raise TypeError("ids must be a tensor, a list of ints or a list of lists of ints")
+        else:
+            raise TypeError(f"ids must be a tensor or a list, got {type(ids).__name__}")
+        cleaned = []
+        for row in rows:
+            if row and self._bos_id is not None and row[0] == self._bos_id:
+                row = row[1:]
+            if self._eos_id is not None and self._eos_id in row:
+                row = row[: row.index(self._eos_id)]
+            cleaned.append([int(i) for i in row if i != self._pad_id and i != self._bos_id])
+        return [s.strip() for s in self._tok.decode_batch(cleaned, skip_special_tokens=True)]
+
+
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int = 4096,
+    path: str | Path | None = None,
+    min_frequency: int = 2,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on ``texts``; optionally save it to ``path``.
+
+    ``special_tokens`` get the first ids in order (default ``[PAD]``=0, ``[BOS]``=1,
+    ``[EOS]``=2, ``[UNK]``=3, ``[MASK]``=4).  The 256 byte symbols are always in the
+    vocabulary, so ``vocab_size`` must exceed ``256 + len(special_tokens)``.
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be an iterable of strings, got a single str")
+    specials = list(special_tokens)
+    if not all(isinstance(s, str) and s for s in specials) or len(set(specials)) != len(specials):
+        raise ValueError(f"special_tokens must be distinct non-empty strings, got {specials!r}")
+    floor = 256 + len(specials)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= floor:
+        raise ValueError(f"vocab_size must be an int > {floor} (256 bytes + specials), got {vocab_size!r}")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
+
+    def checked() -> Iterable[str]:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+            yield t
+
+    unk = next((s for s in specials if s in _UNK_NAMES), None)
+    tok = HFTokenizer(models.BPE(unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(checked(), trainer=trainer)
+    out = Tokenizer(tok)
+    log.info("trained byte-level BPE: %d ids (asked for %d)", out.vocab_size, vocab_size)
+    if path is not None:
+        out.save(path)
+    return out

@@ -1,0 +1,390 @@
+"""Evaluation metrics for image-text models, in pure Python/PyTorch (no Java).
+
+* :func:`retrieval_recall` -- image->text and text->image Recall@k.
+* :func:`zero_shot_accuracy`, :func:`zero_shot_classifier` -- zero-shot classification.
+* :func:`bleu4` -- corpus BLEU-4 (Papineni et al. 2002, brevity penalty, clipped counts).
+* :func:`cider_d` -- CIDEr-D as in coco-caption (n = 1..4, tf-idf over the references,
+  clipping, Gaussian length penalty with sigma = 6, times 10).
+* :func:`emoji_name_accuracy` -- share of captions that name every emoji in the scene.
+
+Ranks are *pessimistic*: an item that ties with the correct one counts as ranked above
+it, so degenerate (constant) embeddings score chance level, not perfect.
+Captions are compared after :func:`tokenize_caption` (lower case, punctuation dropped),
+which stands in for coco-caption's PTB tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+_WORD = re.compile(r"\w+(?:[-']\w+)*")
+
+Ngrams = Counter[tuple[str, ...]]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_embeds(x: object, arg: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"{arg} must have shape (n, dim) with n >= 1, got {tuple(x.shape)}")
+    return x.detach().float()
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(ks, int) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise ValueError(f"ks must be a sequence of ints >= 1, got {ks!r}")
+    return tuple(ks)
+
+
+def tokenize_caption(text: str) -> list[str]:
+    """Lower-case word tokens of ``text`` (punctuation dropped, hyphenated words kept)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return _WORD.findall(text.lower())
+
+
+def _check_captions(candidates: object, references: object) -> tuple[list[str], list[list[str]]]:
+    if isinstance(candidates, str) or not isinstance(candidates, Sequence):
+        raise TypeError(f"candidates must be a list of str, got {type(candidates).__name__}")
+    if isinstance(references, str) or not isinstance(references, Sequence):
+        raise TypeError(f"references must be a list of lists of str, got {type(references).__name__}")
+    if len(candidates) != len(references):
+        raise ValueError(f"candidates and references must have equal length, got {len(candidates)} and {len(references)}")
+    if len(candidates) == 0:
+        raise ValueError("candidates must not be empty")
+    for i, c in enumerate(candidates):
+        if not isinstance(c, str):
+            raise TypeError(f"candidates[{i}] must be a str, got {type(c).__name__}")
+    refs: list[list[str]] = []
+    for i, r in enumerate(references):
+        if isinstance(r, str) or not isinstance(r, Sequence) or len(r) == 0 or not all(isinstance(s, str) for s in r):
+            raise TypeError(f"references[{i}] must be a non-empty list of str, got {r!r:.80}")
+        refs.append(list(r))
+    return list(candidates), refs
+
+
+def _ngrams(tokens: Sequence[str], n_max: int) -> Ngrams:
+    counts: Ngrams = Counter()
+    for n in range(1, n_max + 1):
+        for i in range(len(tokens) - n + 1):
+            counts[tuple(tokens[i : i + n])] += 1
+    return counts
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+@torch.no_grad()
+def retrieval_recall(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    text_to_image: torch.Tensor | Sequence[int] | None = None,
+    normalize: bool = True,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Recall@k for image->text (``i2t_R@k``) and text->image (``t2i_R@k``), as fractions in [0, 1].
+
+    Pairs are 1:1 (text j belongs to image j) unless ``text_to_image[j]`` gives the image
+    of text j (several captions per image).  An image counts as retrieved-correctly at k
+    if any of its captions ranks within the top k; ties rank against the correct item.
+    """
+    img = _check_embeds(image_embeds, "image_embeds")
+    txt = _check_embeds(text_embeds, "text_embeds")
+    if img.shape[1] != txt.shape[1]:
+        raise ValueError(f"embedding dims differ: image_embeds {tuple(img.shape)}, text_embeds {tuple(txt.shape)}")
+    ks = _check_ks(ks)
+    n_img, n_txt = img.shape[0], txt.shape[0]
+    if text_to_image is None:
+        if n_img != n_txt:
+            raise ValueError(f"without text_to_image the pairs must be 1:1, got {n_img} images and {n_txt} texts")
+        t2i = torch.arange(n_txt)
+    else:
+        t2i = torch.as_tensor(text_to_image, dtype=torch.long).flatten()
+        if t2i.numel() != n_txt:
+            raise ValueError(f"text_to_image must have one entry per text ({n_txt}), got {t2i.numel()}")
+        if t2i.min() < 0 or t2i.max() >= n_img:
+            raise ValueError(f"text_to_image entries must be in [0, {n_img}), got range [{int(t2i.min())}, {int(t2i.max())}]")
+        if torch.bincount(t2i, minlength=n_img).min() == 0:
+            raise ValueError("every image needs at least one text in text_to_image")
+    if normalize:
+        img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    t2i = t2i.to(img.device)
+
+    i2t_rank = torch.empty(n_img, dtype=torch.long)
+    for s in range(0, n_img, chunk_size):
+        sim = img[s : s + chunk_size] @ txt.T  # (c, n_txt)
+        rows = torch.arange(s, s + sim.shape[0], device=img.device)
+        true = t2i[None, :] == rows[:, None]
+        best = sim.masked_fill(~true, float("-inf")).amax(dim=1, keepdim=True)
+        i2t_rank[s : s + sim.shape[0]] = ((sim >= best) & ~true).sum(dim=1).cpu()
+    t2i_rank = torch.empty(n_txt, dtype=torch.long)
+    for s in range(0, n_txt, chunk_size):
+        sim = txt[s : s + chunk_size] @ img.T  # (c, n_img)
+        true = sim.gather(1, t2i[s : s + sim.shape[0], None])
+        t2i_rank[s : s + sim.shape[0]] = ((sim >= true).sum(dim=1) - 1).cpu()
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"i2t_R@{k}"] = (i2t_rank < k).float().mean().item()
+    for k in ks:
+        out[f"t2i_R@{k}"] = (t2i_rank < k).float().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------- zero-shot
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    image_embeds: torch.Tensor,
+    class_text_embeds: torch.Tensor,
+    labels: torch.Tensor | Sequence[int],
+    k: int = 1,
+    normalize: bool = True,
+) -> float:
+    """Top-``k`` accuracy of classifying images by their most similar class embedding."""
+    img = _check_embeds(image_embeds, "image_embeds")
+    cls = _check_embeds(class_text_embeds, "class_text_embeds")
+    if img.shape[1] != cls.shape[1]:
+        raise ValueError(f"embedding dims differ: image_embeds {tuple(img.shape)}, class_text_embeds {tuple(cls.shape)}")
+    y = torch.as_tensor(labels, dtype=torch.long).flatten().to(img.device)
+    if y.numel() != img.shape[0]:
+        raise ValueError(f"labels must have one entry per image ({img.shape[0]}), got {y.numel()}")
+    if y.min() < 0 or y.max() >= cls.shape[0]:
+        raise ValueError(f"labels must be in [0, {cls.shape[0]}), got range [{int(y.min())}, {int(y.max())}]")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if normalize:
+        img, cls = F.normalize(img, dim=-1), F.normalize(cls, dim=-1)
+    logits = img @ cls.T
+    true = logits.gather(1, y[:, None])
+    rank = (logits >= true).sum(dim=1) - 1
+    return (rank < k).float().mean().item()
+
+
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a {}", "a picture of a {}", "an image of a {}", "a {} on a plain background")
+
+
+@torch.no_grad()
+def zero_shot_classifier(
+    class_names: Sequence[str],
+    encode_text: Callable[[list[str]], torch.Tensor],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Class embeddings (C, D): mean of the L2-normalised template embeddings, re-normalised.
+
+    ``templates`` are format strings with one ``{}`` for the class name;
+    ``encode_text`` maps a list of strings to a (b, D) tensor.
+    """
+    if isinstance(class_names, str) or not class_names or not all(isinstance(c, str) for c in class_names):
+        raise TypeError(f"class_names must be a non-empty list of str, got {class_names!r:.80}")
+    if isinstance(templates, str) or not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
+        raise ValueError(f"templates must be a non-empty list of str each containing '{{}}', got {templates!r:.80}")
+    if not callable(encode_text):
+        raise TypeError(f"encode_text must be callable, got {type(encode_text).__name__}")
+    texts = [t.format(c) for c in class_names for t in templates]
+    chunks = []
+    for s in range(0, len(texts), batch_size):
+        emb = encode_text(texts[s : s + batch_size])
+        if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != len(texts[s : s + batch_size]):
+            raise ValueError(f"encode_text must return a (batch, dim) tensor, got {getattr(emb, 'shape', type(emb))}")
+        chunks.append(F.normalize(emb.detach().float(), dim=-1))
+    emb = torch.cat(chunks).view(len(class_names), len(templates), -1).mean(dim=1)
+    return F.normalize(emb, dim=-1)
+
+
+# ----------------------------------------------------------------------------- BLEU
+
+
+def bleu4(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU-4 in [0, 1]: clipped n-gram precisions (n = 1..4, uniform weights) and brevity penalty.
+
+    The reference length per candidate is the one closest to the candidate's length
+    (the shorter on ties).  Returns 0 if some n-gram order has no match.
+    """
+    return corpus_bleu(candidates, references, max_n=4)["bleu"]
+
+
+def corpus_bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> dict[str, float]:
+    """Corpus BLEU-``max_n`` with its parts: ``bleu``, ``p1..pN``, ``bp``, ``cand_len``, ``ref_len``."""
+    cands, refs = _check_captions(candidates, references)
+    if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 1:
+        raise ValueError(f"max_n must be an int >= 1, got {max_n!r}")
+    matched = [0] * max_n
+    total = [0] * max_n
+    cand_len = ref_len = 0
+    for cand, rs in zip(cands, refs):
+        c_tok = tokenize_caption(cand)
+        r_toks = [tokenize_caption(r) for r in rs]
+        c_counts = _ngrams(c_tok, max_n)
+        max_ref: Ngrams = Counter()
+        for r_tok in r_toks:
+            max_ref |= _ngrams(r_tok, max_n)  # element-wise max over references
+        for gram, count in c_counts.items():
+            matched[len(gram) - 1] += min(count, max_ref[gram])
+        for n in range(1, max_n + 1):
+            total[n - 1] += max(len(c_tok) - n + 1, 0)
+        cand_len += len(c_tok)
+        ref_len += min((abs(len(r) - len(c_tok)), len(r)) for r in r_toks)[1]
+    precisions = [m / t if t > 0 else 0.0 for m, t in zip(matched, total)]
+    if cand_len == 0:
+        bp = 0.0
+    else:
+        bp = 1.0 if cand_len > ref_len else math.exp(1.0 - ref_len / cand_len)
+    score = bp * math.exp(sum(math.log(p) for p in precisions) / max_n) if min(precisions) > 0 else 0.0
+    out = {"bleu": score, "bp": bp, "cand_len": float(cand_len), "ref_len": float(ref_len)}
+    out.update({f"p{n + 1}": p for n, p in enumerate(precisions)})
+    return out
+
+
+# ----------------------------------------------------------------------------- CIDEr-D
+
+
+def cider_d_per_item(
+    candidates: Sequence[str],
+    references: Sequence[Sequence[str]],
+    n: int = 4,
+    sigma: float = 6.0,
+) -> list[float]:
+    """CIDEr-D of each candidate (see :func:`cider_d`); idf statistics come from the whole corpus."""
+    cands, refs = _check_captions(candidates, references)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma!r}")
+    cand_counts = [_ngrams(tokenize_caption(c), n) for c in cands]
+    ref_counts = [[_ngrams(tokenize_caption(r), n) for r in rs] for rs in refs]
+    # Document frequency: in how many items' reference sets an n-gram occurs.
+    df: Counter[tuple[str, ...]] = Counter()
+    for rs in ref_counts:
+        df.update({g for r in rs for g in r})
+    log_n_docs = math.log(float(len(cands)))
+
+    def vectorise(counts: Ngrams) -> tuple[list[dict[tuple[str, ...], float]], list[float], int]:
+        vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(n)]
+        sq = [0.0] * n
+        length = 0
+        for gram, tf in counts.items():
+            w = tf * (log_n_docs - math.log(max(1.0, df[gram])))
+            vec[len(gram) - 1][gram] = w
+            sq[len(gram) - 1] += w * w
+            if len(gram) == 1:
+                length += tf
+        return vec, [math.sqrt(s) for s in sq], length
+
+    scores = []
+    for c_count, r_counts in zip(cand_counts, ref_counts):
+        c_vec, c_norm, c_len = vectorise(c_count)
+        total = 0.0
+        for r_count in r_counts:
+            r_vec, r_norm, r_len = vectorise(r_count)
+            penalty = math.exp(-((c_len - r_len) ** 2) / (2.0 * sigma**2))
+            for k in range(n):
+                val = sum(min(w, r_vec[k].get(g, 0.0)) * r_vec[k].get(g, 0.0) for g, w in c_vec[k].items())
+                if c_norm[k] != 0.0 and r_norm[k] != 0.0:
+                    val /= c_norm[k] * r_norm[k]
+                total += val * penalty
+        scores.append(10.0 * total / (n * len(r_counts)))
+    return scores
+
+
+def cider_d(
+    candidates: Sequence[str],
+    references: Sequence[Sequence[str]],
+    n: int = 4,
+    sigma: float = 6.0,
+) -> float:
+    """Corpus CIDEr-D (coco-caption): mean over items of 10 x the average over references and
+    n-gram orders 1..n of the clipped tf-idf cosine, times a Gaussian length penalty.
+
+    Document frequencies come from the references of all items, so a single-item corpus
+    scores 0 (every idf is log(1) - log(1)).
+    """
+    scores = cider_d_per_item(candidates, references, n=n, sigma=sigma)
+    return sum(scores) / len(scores)
+
+
+# ----------------------------------------------------------------------------- emoji names
+
+
+def _find_mentions(tokens: Sequence[str], vocab: dict[str, list[tuple[str, ...]]]) -> list[str]:
+    """Greedy, longest-first, non-overlapping vocabulary mentions in ``tokens``."""
+    found, i = [], 0
+    while i < len(tokens):
+        for cand in vocab.get(tokens[i], ()):
+            if tuple(tokens[i : i + len(cand)]) == cand:
+                found.append(" ".join(cand))
+                i += len(cand)
+                break
+        else:
+            i += 1
+    return found
+
+
+def _contains(tokens: Sequence[str], phrase: Sequence[str]) -> bool:
+    m = len(phrase)
+    return m > 0 and any(tuple(tokens[i : i + m]) == tuple(phrase) for i in range(len(tokens) - m + 1))
+
+
+def emoji_name_accuracy(
+    captions: Sequence[str],
+    emoji_names_per_item: Sequence[Sequence[str]],
+    vocabulary: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """Share of captions that name every true emoji, overall (``acc``) and per object count (``acc_1``, ``acc_2``, ...).
+
+    A name counts when its words appear contiguously in the caption.  With
+    ``vocabulary`` (all emoji names), mentions are parsed longest-first, so "cat" is not
+    credited by "cat face", and a name repeated in a scene must be mentioned that often.
+    Also returns the item counts ``n``, ``n_1``, ``n_2``, ...
+    """
+    if isinstance(captions, str) or not isinstance(captions, Sequence):
+        raise TypeError(f"captions must be a list of str, got {type(captions).__name__}")
+    if isinstance(emoji_names_per_item, str) or not isinstance(emoji_names_per_item, Sequence):
+        raise TypeError(f"emoji_names_per_item must be a list of lists of str, got {type(emoji_names_per_item).__name__}")
+    if len(captions) != len(emoji_names_per_item):
+        raise ValueError(f"captions and emoji_names_per_item must have equal length, "
+                         f"got {len(captions)} and {len(emoji_names_per_item)}")
+    if not captions:
+        raise ValueError("captions must not be empty")
+    vocab_index: dict[str, list[tuple[str, ...]]] | None = None
+    if vocabulary is not None:
+        vocab_index = {}
+        for name in vocabulary:
+            toks = tuple(tokenize_caption(name))
+            if toks:
+                vocab_index.setdefault(toks[0], []).append(toks)
+        for lst in vocab_index.values():
+            lst.sort(key=len, reverse=True)
+    hits: Counter[int] = Counter()
+    counts: Counter[int] = Counter()
+    for i, (cap, names) in enumerate(zip(captions, emoji_names_per_item)):
+        if not isinstance(cap, str):
+            raise TypeError(f"captions[{i}] must be a str, got {type(cap).__name__}")
+        if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+            raise TypeError(f"emoji_names_per_item[{i}] must be a non-empty list of str, got {names!r:.80}")
+        tokens = tokenize_caption(cap)
+        true = [" ".join(tokenize_caption(nm)) for nm in names]
+        if vocab_index is not None:
+            mentioned = Counter(_find_mentions(tokens, vocab_index))
+            ok = not (Counter(true) - mentioned)
+        else:
+            ok = all(_contains(tokens, t.split()) for t in true)
+        counts[len(names)] += 1
+        hits[len(names)] += int(ok)
+    total = sum(counts.values())
+    out = {"acc": sum(hits.values()) / total, "n": float(total)}
+    for k in sorted(counts):
+        out[f"acc_{k}"] = hits[k] / counts[k]
+        out[f"n_{k}"] = float(counts[k])
+    return out
