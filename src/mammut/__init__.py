@@ -13,6 +13,10 @@ from .losses import (
     softmax_contrastive_loss,
 )
 from .models import create_model, get_model_class, list_models, register_model
+from .interop.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from .layers.perceiver import PerceiverResampler
+from .models.m2pt import CrossModalReparameterization, MPTransformerBlock, add_pathways, merge_pathways, pathway_scales
+from .models.flamingo import FlamingoConfig, FlamingoPaLM, GatedCrossAttentionBlock
 from .models.mammut import LossOutput, MaMMUT, MaMMUTConfig
 
 __version__ = "0.1.0"
@@ -21,6 +25,18 @@ __all__ = [
     "MaMMUT",
     "MaMMUTConfig",
     "LossOutput",
+    "FlamingoPaLM",
+    "FlamingoConfig",
+    "GatedCrossAttentionBlock",
+    "PerceiverResampler",
+    "CrossModalReparameterization",
+    "MPTransformerBlock",
+    "add_pathways",
+    "merge_pathways",
+    "pathway_scales",
+    "save_pretrained",
+    "load_pretrained",
+    "CheckpointError",
     "ViT",
     "ViTConfig",
     "KVCache",
