@@ -16,6 +16,7 @@ from .models import create_model, get_model_class, list_models, register_model
 from .interop.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .layers.perceiver import PerceiverResampler
 from .models.m2pt import CrossModalReparameterization, MPTransformerBlock, add_pathways, merge_pathways, pathway_scales
+from .models.coca import CoCa, CoCaConfig
 from .models.flamingo import FlamingoConfig, FlamingoPaLM, GatedCrossAttentionBlock
 from .models.mammut import LossOutput, MaMMUT, MaMMUTConfig
 
@@ -25,6 +26,8 @@ __all__ = [
     "MaMMUT",
     "MaMMUTConfig",
     "LossOutput",
+    "CoCa",
+    "CoCaConfig",
     "FlamingoPaLM",
     "FlamingoConfig",
     "GatedCrossAttentionBlock",

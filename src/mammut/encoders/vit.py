@@ -10,6 +10,12 @@ Legend: ``b`` batch, ``c`` channels, ``g`` patch-grid side, ``n = g*g`` patch to
   the learned ``g x g`` positional grid is bilinearly upsampled (``cpe_upsample`` times),
   a random-resized-crop box is drawn per image (area ``cpe_scale``, aspect ``cpe_ratio``)
   and cropped-and-resized back to ``g x g``. At eval the full grid is used.
+- OpenAI CLIP style (open_clip's ``VisionTransformer``), all off by default:
+  ``class_token`` (a learned token with its own positional embedding, prepended: the
+  output is then ``(b, 1 + n, d)``, class token first; patch dropout never drops it),
+  ``pre_norm`` (a norm before the blocks, CLIP's ``ln_pre``), ``bias`` (biases in the
+  blocks' linears and in every norm), ``patch_bias=False`` (no bias in the patch
+  embedding) and ``final_norm=False`` (no norm after the blocks).
 """
 
 from __future__ import annotations
@@ -43,10 +49,16 @@ class ViTConfig:
     cpe_upsample: float = 4.0
     cpe_scale: tuple[float, float] = (0.1, 1.0)
     cpe_ratio: tuple[float, float] = (0.5, 2.0)
+    class_token: bool = False
+    pre_norm: bool = False
+    final_norm: bool = True
+    bias: bool = False
+    patch_bias: bool = True
 
 
 class ViT(nn.Module):
-    """images ``(b, c, H, W)`` -> patch tokens ``(b, n, d)`` (``n`` fewer with patch dropout)."""
+    """images ``(b, c, H, W)`` -> patch tokens ``(b, n, d)`` (``n`` fewer with patch dropout;
+    ``1 + n`` with ``class_token``)."""
 
     def __init__(self, config: ViTConfig | None = None, **kwargs) -> None:
         super().__init__()
@@ -59,16 +71,20 @@ class ViT(nn.Module):
             raise ValueError(f"patch_dropout: expected a value in [0, 1), got {cfg.patch_dropout}")
         self.config = cfg
         self.grid = cfg.image_size // cfg.patch_size
-        self.to_patches = nn.Conv2d(cfg.channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.to_patches = nn.Conv2d(cfg.channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.pos_emb = nn.Parameter(torch.randn(1, cfg.dim, self.grid, self.grid) * 0.02)
+        if cfg.class_token:
+            self.cls_token = nn.Parameter(torch.randn(cfg.dim) * 0.02)
+            self.cls_pos_emb = nn.Parameter(torch.randn(cfg.dim) * 0.02)
+        self.pre_norm = make_norm(cfg.norm, cfg.dim, bias=cfg.bias) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 cfg.dim, heads=cfg.heads, dim_head=cfg.dim_head, ff_mult=cfg.mlp_mult,
-                activation=cfg.activation, norm=cfg.norm, rotary=False,
+                activation=cfg.activation, norm=cfg.norm, rotary=False, bias=cfg.bias, norm_bias=cfg.bias,
             )
             for _ in range(cfg.depth)
         )
-        self.norm = make_norm(cfg.norm, cfg.dim)
+        self.norm = make_norm(cfg.norm, cfg.dim, bias=cfg.bias) if cfg.final_norm else nn.Identity()
 
     @property
     def dim(self) -> int:
@@ -119,6 +135,10 @@ class ViT(nn.Module):
             keep = max(1, int(n * (1 - self.config.patch_dropout)))
             idx = torch.rand(b, n, device=x.device).topk(keep, dim=-1).indices.sort(dim=-1).values
             x = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
+        if self.config.class_token:
+            cls = (self.cls_token + self.cls_pos_emb).to(x.dtype)
+            x = torch.cat((cls.expand(x.shape[0], 1, -1), x), dim=1)
+        x = self.pre_norm(x)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)

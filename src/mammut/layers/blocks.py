@@ -3,7 +3,9 @@
 All blocks are pre-norm and residual: ``x (b, n, dim) -> (b, n, dim)``.
 - ``ParallelBlock``: PaLM's ``x + attn(norm(x)) + ff(norm(x))`` (one norm, both branches).
 - ``TransformerBlock``: the classic sequential ``x + attn(norm1 x)``, then ``+ ff(norm2 x)``.
-- ``CrossAttentionBlock``: ``x + xattn(norm(x), context)`` with an optional parallel ff.
+- ``CrossAttentionBlock``: ``x + xattn(norm(x), context)`` with an optional parallel ff
+  (PaLM style) or a sequential one, ``+ ff(norm2 x)`` (CLIP / open_clip CoCa style).
+``norm_bias`` gives every LayerNorm of a block a bias (CLIP-style weights); ``bias`` the linears.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ class ParallelBlock(nn.Module):
         norm: str = "layernorm",
         rotary: bool = True,
         bias: bool = False,
+        norm_bias: bool = False,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm = make_norm(norm, dim)
+        self.norm = make_norm(norm, dim, bias=norm_bias)
         self.attn = Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, rotary=rotary, bias=bias, dropout=dropout)
         self.ff = FeedForward(dim, mult=ff_mult, activation=activation, bias=bias, dropout=dropout)
 
@@ -69,12 +72,13 @@ class TransformerBlock(nn.Module):
         norm: str = "layernorm",
         rotary: bool = False,
         bias: bool = False,
+        norm_bias: bool = False,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm1 = make_norm(norm, dim)
+        self.norm1 = make_norm(norm, dim, bias=norm_bias)
         self.attn = Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, rotary=rotary, bias=bias, dropout=dropout)
-        self.norm2 = make_norm(norm, dim)
+        self.norm2 = make_norm(norm, dim, bias=norm_bias)
         self.ff = FeedForward(dim, mult=ff_mult, activation=activation, bias=bias, dropout=dropout)
 
     def forward(
@@ -92,7 +96,9 @@ class TransformerBlock(nn.Module):
 
 class CrossAttentionBlock(nn.Module):
     """Text queries attend to image (or media) tokens; ``parallel_ff`` adds a feed-forward
-    branch on the same normed input, as in PaLM-style CoCa/MaMMUT decoders."""
+    branch on the same normed input, as in PaLM-style CoCa/MaMMUT decoders;
+    ``sequential_ff`` (with ``parallel_ff=False``) a classic one after the attention,
+    ``x + ff(norm2(x))``, as in open_clip's CoCa decoder."""
 
     def __init__(
         self,
@@ -108,15 +114,21 @@ class CrossAttentionBlock(nn.Module):
         norm: str = "layernorm",
         norm_context: bool = True,
         bias: bool = False,
+        norm_bias: bool = False,
+        sequential_ff: bool = False,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm = make_norm(norm, dim)
+        if parallel_ff and sequential_ff:
+            raise ValueError("sequential_ff: expected parallel_ff=False with sequential_ff=True, got both True")
+        self.norm = make_norm(norm, dim, bias=norm_bias)
         self.attn = CrossAttention(
             dim, context_dim=context_dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads,
-            norm_context=norm_context, norm=norm, bias=bias, dropout=dropout,
+            norm_context=norm_context, norm=norm, bias=bias, norm_bias=norm_bias, dropout=dropout,
         )
-        self.ff = FeedForward(dim, mult=ff_mult, activation=activation, bias=bias, dropout=dropout) if parallel_ff else None
+        has_ff = parallel_ff or sequential_ff
+        self.ff = FeedForward(dim, mult=ff_mult, activation=activation, bias=bias, dropout=dropout) if has_ff else None
+        self.norm2 = make_norm(norm, dim, bias=norm_bias) if sequential_ff else None
 
     def forward(
         self,
@@ -128,6 +140,8 @@ class CrossAttentionBlock(nn.Module):
     ) -> torch.Tensor:
         h = self.norm(x)
         out = x + self.attn(h, context, context_mask=context_mask, cache=cache)
+        if self.norm2 is not None:
+            return out + self.ff(self.norm2(out))
         if self.ff is not None:
             out = out + self.ff(h)
         return out

@@ -1,4 +1,4 @@
-"""Feed-forward layers: SwiGLU (PaLM) and GELU MLP (ViT / CLIP)."""
+"""Feed-forward layers: SwiGLU (PaLM) and GELU / QuickGELU MLP (ViT / CLIP)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ __all__ = ["FeedForward"]
 class FeedForward(nn.Module):
     """x ``(..., dim)`` -> ``(..., dim)`` through a hidden layer of ``int(mult * dim)``.
 
-    ``activation="swiglu"`` (gated SiLU, one fused input projection) or ``"gelu"``.
+    ``activation="swiglu"`` (gated SiLU, one fused input projection), ``"gelu"`` (exact, erf)
+    or ``"quickgelu"`` (``x * sigmoid(1.702 x)``, OpenAI CLIP).
     """
 
     def __init__(
@@ -25,8 +26,8 @@ class FeedForward(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if activation not in ("swiglu", "gelu"):
-            raise ValueError(f"activation: expected 'swiglu' or 'gelu', got {activation!r}")
+        if activation not in ("swiglu", "gelu", "quickgelu"):
+            raise ValueError(f"activation: expected 'swiglu', 'gelu' or 'quickgelu', got {activation!r}")
         inner = int(dim * mult)
         self.activation = activation
         self.proj_in = nn.Linear(dim, inner * (2 if activation == "swiglu" else 1), bias=bias)
@@ -38,6 +39,8 @@ class FeedForward(nn.Module):
         if self.activation == "swiglu":
             h, gate = h.chunk(2, dim=-1)
             h = F.silu(gate) * h
+        elif self.activation == "quickgelu":
+            h = h * torch.sigmoid(1.702 * h)
         else:
             h = F.gelu(h)
         return self.proj_out(self.dropout(h))

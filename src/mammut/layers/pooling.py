@@ -21,7 +21,11 @@ def masked_mean(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tens
 
 class AttentionPooler(nn.Module):
     """``num_queries`` learned queries cross-attend to tokens ``(b, m, context_dim)``
-    and return ``(b, num_queries, dim)`` (normed)."""
+    and return ``(b, num_queries, dim)`` (normed).
+
+    ``norm_queries`` also norms the queries before the attention (open_clip's pooler);
+    ``bias`` / ``norm_bias`` add biases to the projections / the norms.
+    """
 
     def __init__(
         self,
@@ -32,14 +36,22 @@ class AttentionPooler(nn.Module):
         heads: int = 8,
         dim_head: int = 64,
         norm: str = "layernorm",
+        norm_queries: bool = False,
+        bias: bool = False,
+        norm_bias: bool = False,
     ) -> None:
         super().__init__()
         if num_queries < 1:
             raise ValueError(f"num_queries: expected >= 1, got {num_queries}")
         self.queries = nn.Parameter(torch.randn(num_queries, dim) * dim**-0.5)
-        self.attn = CrossAttention(dim, context_dim=context_dim, heads=heads, dim_head=dim_head, norm_context=True, norm=norm)
-        self.norm = make_norm(norm, dim)
+        self.query_norm = make_norm(norm, dim, bias=norm_bias) if norm_queries else None
+        self.attn = CrossAttention(
+            dim, context_dim=context_dim, heads=heads, dim_head=dim_head, norm_context=True, norm=norm,
+            bias=bias, norm_bias=norm_bias,
+        )
+        self.norm = make_norm(norm, dim, bias=norm_bias)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        q = self.queries if self.query_norm is None else self.query_norm(self.queries)
+        q = q.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         return self.norm(self.attn(q, tokens, context_mask=mask))
