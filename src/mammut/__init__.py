@@ -13,6 +13,7 @@ from .losses import (
     softmax_contrastive_loss,
 )
 from .models import create_model, get_model_class, list_models, register_model
+from .generation import GenerationOutput, caption, generate
 from .interop.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .layers.perceiver import PerceiverResampler
 from .models.m2pt import CrossModalReparameterization, MPTransformerBlock, add_pathways, merge_pathways, pathway_scales
@@ -37,6 +38,9 @@ __all__ = [
     "add_pathways",
     "merge_pathways",
     "pathway_scales",
+    "generate",
+    "caption",
+    "GenerationOutput",
     "save_pretrained",
     "load_pretrained",
     "CheckpointError",

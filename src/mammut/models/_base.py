@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 __all__ = ["ModelBase"]
@@ -36,3 +37,17 @@ class ModelBase(nn.Module):
         from ..interop.checkpoint import load_pretrained
 
         return load_pretrained(directory, model_class=cls, **kwargs)
+
+    def generate(self, images: torch.Tensor | None = None, prompt: Any = None, **kwargs: Any) -> Any:
+        """New token ids ``(b, n)`` for ``images`` (decoder models only); see
+        ``mammut.generation.generate`` for the strategies and options."""
+        from ..generation import generate
+
+        return generate(self, images, prompt, **kwargs)
+
+    def caption(self, images: torch.Tensor | None, tokenizer: Any, **kwargs: Any) -> list[str]:
+        """Captions as strings, decoded by ``tokenizer`` (an object with ``decode(ids) -> list[str]``);
+        options as ``generate``."""
+        from ..generation import caption
+
+        return caption(self, images, tokenizer, **kwargs)

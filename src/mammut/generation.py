@@ -1,0 +1,548 @@
+"""Text generation for every decoder that follows the decoder protocol (MaMMUT, CoCa,
+FlamingoPaLM): greedy search, beam search and sampling, with a KV cache.
+
+Legend: ``b`` batch (images), ``k`` beams, ``r`` active rows (``b`` or ``b * k``, fewer once
+rows finish), ``p`` prompt columns (left-padded), ``n`` new tokens, ``v`` vocabulary.
+
+The decoder protocol (reference implementation: ``MaMMUT.image_context`` / ``MaMMUT.decode``):
+``model.image_context(images=... | image_tokens=...)`` encodes the images once;
+``model.decode(text, context, keep=, positions=, cache=)`` returns logits for the new tokens
+``text`` given a ``KVCache`` holding what came before; ``model.config`` has ``pad_id``,
+``bos_id``, ``eos_id`` and ``num_tokens``.
+
+How it runs:
+
+- the image is encoded once; beams and row drops only ``index_select`` the context; the
+  cache's cross-attention keys/values are projected once, on the first step, and in beam
+  search kept as one copy per image that all its beams read (see ``CrossAttention``);
+- prompts of different lengths are left-padded so every row ends in the same column;
+  ``keep`` (real-token mask over the whole sequence so far) and ``positions`` (count of real
+  tokens before each token) make every row decode exactly as it would alone;
+- with the cache (default) the prompt is decoded once, then one token per step; in beam search
+  the prompt is decoded once per image, not once per beam;
+- rows (greedy, sampling) or images (beam search) that are done are dropped from the active
+  batch, and the loop stops as soon as all are done. Output rows are right-padded with
+  ``pad_id`` after their ``eos_id``.
+
+Scores: a token's score is its log-probability under the processed distribution
+(repetition penalty, the ban on ``pad_id`` (never a training target, never generated unless
+it is also ``eos_id``), the min-length ban on eos and, when sampling, temperature, top-k and
+top-p); a sequence's score is the sum over its new tokens (eos included) divided by
+``length ** length_penalty``, the same convention for every strategy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers.kv_cache import KVCache
+from .layers.masks import positions_from_mask
+
+__all__ = ["GenerationOutput", "generate", "caption", "select_context", "STRATEGIES"]
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("greedy", "beam", "sample")
+Context = Any  # a tensor, or a tuple / list / dict of them (batch as dim 0), or None
+PromptLike = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]] | None
+
+
+class GenerationOutput(NamedTuple):
+    """What ``generate(..., return_scores=True)`` returns.
+
+    tokens ``(b, n)`` new ids, ``pad_id`` after each row's eos; scores ``(b,)`` sequence
+    scores (see the module docstring); token_scores ``(b, n)`` per-token log-probabilities
+    (0 at padding); logits ``(b, n, v)`` the raw model logits of every step
+    (``return_logits=True``, greedy and sampling only; 0 at padding), else ``None``.
+    """
+
+    tokens: torch.Tensor
+    scores: torch.Tensor
+    token_scores: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------- helpers
+def select_context(context: Context, index: torch.Tensor) -> Context:
+    """``index_select(0, index)`` on every tensor in ``context`` (tensor, tuple, list, dict
+    or ``None``; other leaves are returned unchanged)."""
+    if context is None:
+        return None
+    if torch.is_tensor(context):
+        return context.index_select(0, index)
+    if isinstance(context, Mapping):
+        return type(context)((k, select_context(v, index)) for k, v in context.items())
+    if isinstance(context, tuple):
+        items = [select_context(v, index) for v in context]
+        return type(context)(*items) if hasattr(context, "_fields") else tuple(items)
+    if isinstance(context, list):
+        return [select_context(v, index) for v in context]
+    return context
+
+
+def _context_batch(context: Context) -> int | None:
+    """Batch size of a context: dim 0 of its first tensor."""
+    if torch.is_tensor(context):
+        return context.shape[0] if context.ndim else None
+    values = context.values() if isinstance(context, Mapping) else context if isinstance(context, (tuple, list)) else ()
+    for v in values:
+        size = _context_batch(v)
+        if size is not None:
+            return size
+    return None
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def _check_float(name: str, value: object, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (positive and value <= 0):
+        what = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return float(value)
+
+
+def _check_token(name: str, value: object, num_tokens: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_tokens:
+        raise ValueError(f"{name}: expected a token id in [0, {num_tokens}) (num_tokens), got {value!r}")
+    return value
+
+
+def _prompt_rows(prompt: PromptLike, pad_id: int) -> list[torch.Tensor]:
+    """Real token ids of each prompt row (1-D long tensors, CPU or not)."""
+    if torch.is_tensor(prompt):
+        if prompt.ndim != 2 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool or prompt.is_complex():
+            raise ValueError(f"prompt: expected an integer tensor (batch, length), got {prompt.dtype} of shape {tuple(prompt.shape)}")
+        if prompt.shape[1] == 0:
+            raise ValueError(f"prompt: expected at least one token per row, got shape {tuple(prompt.shape)}")
+        keep = prompt != pad_id
+        left = bool((keep[:, 1:] >= keep[:, :-1]).all())  # pads, then tokens
+        right = bool((keep[:, 1:] <= keep[:, :-1]).all())  # tokens, then pads
+        if not (left or right):
+            raise ValueError(f"prompt: expected rows padded with pad_id={pad_id} on one side only (right, as a tokenizer gives), "
+                             "got pad_id between real tokens")
+        return [row[k] for row, k in zip(prompt.long(), keep)]
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+        raise TypeError(f"prompt: expected a LongTensor (batch, length), a list of 1-D tensors or a list of id lists, got {type(prompt).__name__}")
+    rows = []
+    for i, row in enumerate(prompt):
+        if torch.is_tensor(row):
+            if row.ndim != 1 or row.dtype.is_floating_point or row.dtype == torch.bool:
+                raise ValueError(f"prompt: row {i}: expected a 1-D integer tensor, got {row.dtype} of shape {tuple(row.shape)}")
+            rows.append(row.long())
+        elif isinstance(row, Sequence) and not isinstance(row, (str, bytes)) and all(isinstance(t, int) and not isinstance(t, bool) for t in row):
+            rows.append(torch.tensor(list(row), dtype=torch.long))
+        else:
+            raise TypeError(f"prompt: row {i}: expected a 1-D integer tensor or a list of ints, got {type(row).__name__}")
+    return rows
+
+
+def _prepare_prompt(
+    prompt: PromptLike, batch: int, *, pad_id: int, bos_id: int | None, num_tokens: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ids ``(b, p)`` left-padded with ``pad_id`` and keep ``(b, p)`` (True = real token)."""
+    if prompt is None:
+        if bos_id is None:
+            raise ValueError("prompt: no prompt given and model.config.bos_id is None; pass prompt= (e.g. the start token) "
+                             "or set bos_id in the model config")
+        ids = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
+        return ids, torch.ones_like(ids, dtype=torch.bool)
+    rows = _prompt_rows(prompt, pad_id)
+    if len(rows) != batch:
+        raise ValueError(f"prompt: expected {batch} rows (one per image), got {len(rows)}")
+    for i, row in enumerate(rows):
+        if row.numel() == 0:
+            raise ValueError(f"prompt: row {i} has no real token (only pad_id={pad_id}, or empty)")
+        lo, hi = int(row.min()), int(row.max())
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(f"prompt: row {i}: expected token ids in [0, {num_tokens}) (num_tokens), got values in [{lo}, {hi}]")
+        if bool((row == pad_id).any()):
+            raise ValueError(f"prompt: row {i} holds pad_id={pad_id} as a real token")
+    width = max(row.numel() for row in rows)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+    keep = torch.zeros(batch, width, dtype=torch.bool, device=device)
+    for i, row in enumerate(rows):
+        ids[i, width - row.numel():] = row.to(device)
+        keep[i, width - row.numel():] = True
+    return ids, keep
+
+
+class _Processor:
+    """Turns raw next-token logits ``(r, v)`` into the processed scores tokens are chosen
+    and scored by: repetition penalty, a ban on pad (unless it is also eos) and, before
+    ``min_new_tokens``, on eos, then (sampling) temperature, top-k and top-p."""
+
+    def __init__(self, *, sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+                 repetition_penalty: float, eos_id: int | None, pad_id: int, min_new_tokens: int) -> None:
+        self.sample, self.temperature, self.top_k, self.top_p = sample, temperature, top_k, top_p
+        self.penalty, self.eos_id, self.min_new_tokens = repetition_penalty, eos_id, min_new_tokens
+        self.pad_id = None if pad_id == eos_id else pad_id
+
+    def __call__(self, logits: torch.Tensor, step: int, seen: torch.Tensor | None) -> torch.Tensor:
+        scores = logits.float()
+        if seen is not None:  # CTRL-style: shrink the logits of tokens already in the sequence
+            scores = torch.where(seen, torch.where(scores > 0, scores / self.penalty, scores * self.penalty), scores)
+        scores = scores.clone() if scores is logits else scores
+        if self.pad_id is not None:  # pad is never a target in training: never generated
+            scores[:, self.pad_id] = -math.inf
+        if self.eos_id is not None and step < self.min_new_tokens:
+            scores[:, self.eos_id] = -math.inf
+        if not self.sample:
+            return scores
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = scores.topk(self.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            probs = sorted_scores.softmax(dim=-1)
+            drop = probs.cumsum(dim=-1) - probs >= self.top_p  # mass before the token already reaches top_p
+            drop[:, 0] = False
+            scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, -math.inf))
+        return scores
+
+
+class _Rows:
+    """The active rows' growing sequences: ids and keep ``(r, p + n)`` preallocated, the
+    number of real tokens per row, the repetition-penalty mask and the KV cache."""
+
+    def __init__(self, ids: torch.Tensor, keep: torch.Tensor, max_new: int, pad_id: int, *,
+                 vocab: int, track_seen: bool, use_cache: bool) -> None:
+        r, p = ids.shape
+        self.prompt_len, self.len = p, p
+        self.ids = torch.cat((ids, ids.new_full((r, max_new), pad_id)), dim=1)
+        self.keep = torch.cat((keep, keep.new_zeros(r, max_new)), dim=1)
+        self.count = keep.sum(dim=1)  # real tokens per row
+        self.seen = None
+        if track_seen:
+            self.seen = torch.zeros(r, vocab, dtype=torch.bool, device=ids.device)
+            self.seen.scatter_(1, ids, keep)  # real prompt tokens only (pad_id is never a real one)
+        self.cache = KVCache() if use_cache else None
+
+    def next_logits(self, model: nn.Module, context: Context) -> torch.Tensor:
+        """Logits ``(r, v)`` for the next token of every active row."""
+        n = self.len
+        keep = self.keep[:, :n]
+        if self.cache is None:
+            text, positions = self.ids[:, :n], positions_from_mask(keep)
+        elif n == self.prompt_len:  # first step: the whole prompt
+            text, positions = self.ids[:, :n], positions_from_mask(keep)
+        else:  # one new token at the position after the real tokens before it
+            text, positions = self.ids[:, n - 1:n], (self.count - 1).unsqueeze(1)
+        return model.decode(text, context, keep=keep, positions=positions, cache=self.cache)[:, -1]
+
+    def append(self, tokens: torch.Tensor) -> None:
+        self.ids[:, self.len] = tokens
+        self.keep[:, self.len] = True
+        self.len += 1
+        self.count = self.count + 1
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens.unsqueeze(1), True)
+
+    def select(self, index: torch.Tensor, *, cross: bool | torch.Tensor = True) -> None:
+        """Keep (and reorder / repeat) rows ``index``; ``cross`` as in ``KVCache.reorder``."""
+        self.ids, self.keep = self.ids.index_select(0, index), self.keep.index_select(0, index)
+        self.count = self.count.index_select(0, index)
+        if self.seen is not None:
+            self.seen = self.seen.index_select(0, index)
+        if self.cache is not None:
+            self.cache.reorder(index, cross=cross)
+
+    def generated(self) -> torch.Tensor:
+        """New tokens so far ``(r, steps)``."""
+        return self.ids[:, self.prompt_len:self.len]
+
+
+def _normalise(total: torch.Tensor, length: torch.Tensor | int, length_penalty: float) -> torch.Tensor:
+    if not torch.is_tensor(length):
+        return total / float(length) ** length_penalty
+    return total / length.clamp(min=1).to(total.dtype).pow(length_penalty)
+
+
+# ---------------------------------------------------------------------------- search
+def _greedy_or_sample(model: nn.Module, context: Context, rows: _Rows, proc: _Processor, *, sample: bool,
+                      max_new: int, eos_id: int | None, pad_id: int, generator: torch.Generator | None,
+                      return_logits: bool, length_penalty: float) -> GenerationOutput:
+    b = rows.ids.shape[0]
+    device = rows.ids.device
+    tokens = torch.full((b, max_new), pad_id, dtype=torch.long, device=device)
+    token_scores = torch.zeros(b, max_new, device=device)
+    all_logits = None
+    lengths = torch.full((b,), max_new, dtype=torch.long, device=device)
+    active = torch.arange(b, device=device)  # original row of each active row
+    steps = 0
+    for step in range(max_new):
+        logits = rows.next_logits(model, context)
+        scores = proc(logits, step, rows.seen)
+        logp = scores.log_softmax(dim=-1)
+        if sample:
+            chosen = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        else:
+            chosen = scores.argmax(dim=-1)
+        tokens[active, step] = chosen
+        token_scores[active, step] = logp.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        if return_logits:
+            if all_logits is None:
+                all_logits = logits.new_zeros(b, max_new, logits.shape[-1])
+            all_logits[active, step] = logits
+        steps = step + 1
+        if step + 1 == max_new:
+            break
+        rows.append(chosen)
+        if eos_id is not None:
+            done = chosen == eos_id
+            if bool(done.any()):
+                lengths[active[done]] = step + 1
+                if bool(done.all()):
+                    break
+                index = (~done).nonzero().squeeze(1)
+                active = active[index]
+                rows.select(index)
+                context = select_context(context, index)
+    tokens, token_scores = tokens[:, :steps], token_scores[:, :steps]
+    if all_logits is not None:
+        all_logits = all_logits[:, :steps]
+    scores = _normalise(token_scores.sum(dim=1), lengths.clamp(max=steps), length_penalty)
+    return GenerationOutput(tokens, scores, token_scores, all_logits)
+
+
+def _beam_search(model: nn.Module, context: Context, rows: _Rows, proc: _Processor, *, num_beams: int,
+                 max_new: int, eos_id: int | None, pad_id: int, length_penalty: float,
+                 early_stopping: bool) -> GenerationOutput:
+    k = num_beams
+    b = rows.ids.shape[0]
+    device = rows.ids.device
+    # finished hypotheses per image: the k best so far
+    fin_score = torch.full((b, k), -math.inf, device=device)
+    fin_tokens = torch.full((b, k, max_new), pad_id, dtype=torch.long, device=device)
+    fin_logp = torch.zeros(b, k, max_new, device=device)
+    fin_len = torch.ones(b, k, dtype=torch.long, device=device)
+    items = torch.arange(b, device=device)  # original image of each active item
+    beam_sum = torch.zeros(b, 1, device=device)  # running log-prob sums (items, beams so far)
+    hist = torch.zeros(b, 0, device=device)  # per-token log-probs of the running beams (rows, steps)
+    ranks = torch.arange(2 * k, device=device)
+
+    def add_finished(cand_score: torch.Tensor, cand_tokens: torch.Tensor, cand_logp: torch.Tensor, length: int) -> None:
+        """Merge candidates ``(a, c)`` (scores, ``-inf`` = none) into the finished sets of ``items``."""
+        a, c = cand_score.shape
+        pad = max_new - cand_tokens.shape[-1]
+        cand_tokens = F.pad(cand_tokens, (0, pad), value=pad_id)
+        cand_logp = F.pad(cand_logp, (0, pad))
+        score = torch.cat((fin_score[items], cand_score), dim=1)
+        toks = torch.cat((fin_tokens[items], cand_tokens), dim=1)
+        logps = torch.cat((fin_logp[items], cand_logp), dim=1)
+        lens = torch.cat((fin_len[items], fin_len.new_full((a, c), length)), dim=1)
+        best, order = score.topk(k, dim=1)
+        fin_score[items] = best
+        fin_tokens[items] = toks.gather(1, order[..., None].expand(-1, -1, max_new))
+        fin_logp[items] = logps.gather(1, order[..., None].expand(-1, -1, max_new))
+        fin_len[items] = lens.gather(1, order)
+
+    for step in range(max_new):
+        a, kk = beam_sum.shape  # kk = 1 on the first step: one row per image, beams not split yet
+        logits = rows.next_logits(model, context)
+        logp = proc(logits, step, rows.seen).log_softmax(dim=-1)  # (a * kk, v)
+        v = logp.shape[-1]
+        cand = (beam_sum.unsqueeze(-1) + logp.view(a, kk, v)).view(a, kk * v)
+        width = min(2 * k, kk * v)
+        top, flat = cand.topk(width, dim=1)
+        src, tok = flat // v, flat % v  # (a, width)
+        src_row = torch.arange(a, device=device).unsqueeze(1) * kk + src  # rows of `rows`
+        tok_logp = logp[src_row, tok]
+        length = step + 1
+        last = step + 1 == max_new
+        if eos_id is not None:
+            is_eos = tok == eos_id
+            finish = is_eos & (ranks[:width] < k) & torch.isfinite(top)
+            if bool(finish.any()):
+                prev = rows.generated()[src_row]  # (a, width, step)
+                prev_logp = hist[src_row]
+                cand_tokens = torch.cat((prev, tok.unsqueeze(-1)), dim=-1)
+                cand_logp = torch.cat((prev_logp, tok_logp.unsqueeze(-1)), dim=-1)
+                add_finished(torch.where(finish, _normalise(top, length, length_penalty), -math.inf), cand_tokens, cand_logp, length)
+            # the next beams: the k best candidates that are not eos (at most k of 2k are eos)
+            order = torch.sort(is_eos.to(torch.uint8), dim=1, stable=True).indices[:, :k]
+        else:
+            order = ranks[:k].expand(a, -1)
+        order = order[:, : min(k, width)]
+        beam_sum = top.gather(1, order)
+        next_rows = src_row.gather(1, order).reshape(-1)
+        next_tok = tok.gather(1, order).reshape(-1)
+        next_logp = tok_logp.gather(1, order).reshape(-1)
+        hist = torch.cat((hist.index_select(0, next_rows), next_logp.unsqueeze(1)), dim=1)
+        if last:  # running beams finish at max length (no need to reorder the cache)
+            kk = beam_sum.shape[1]
+            generated = torch.cat((rows.generated().index_select(0, next_rows), next_tok.unsqueeze(1)), dim=1)
+            add_finished(_normalise(beam_sum, length, length_penalty), generated.view(a, kk, -1), hist.view(a, kk, -1), length)
+            break
+        if step == 0:  # split every image into k beams; its cross keys/values stay one copy
+            context = select_context(context, next_rows)
+        rows.select(next_rows, cross=False)
+        rows.append(next_tok)
+        # images whose best possible running score cannot beat their k-th finished one are done
+        full = torch.isfinite(fin_score[items, -1])
+        if early_stopping:
+            done = full
+        else:
+            best = beam_sum.max(dim=1).values
+            bound = _normalise(best, max_new if length_penalty > 0 else length, length_penalty)
+            done = full & (fin_score[items, -1] >= bound)
+        if bool(done.any()):
+            if bool(done.all()):
+                break
+            keep_items = (~done).nonzero().squeeze(1)
+            kk = beam_sum.shape[1]
+            index = (keep_items.unsqueeze(1) * kk + torch.arange(kk, device=device)).reshape(-1)
+            items, beam_sum = items[keep_items], beam_sum[keep_items]
+            rows.select(index, cross=keep_items)
+            hist = hist.index_select(0, index)
+            context = select_context(context, index)
+    best = fin_score.argmax(dim=1)
+    ar = torch.arange(b, device=device)
+    lengths = fin_len[ar, best]
+    steps = int(lengths.max())
+    tokens = fin_tokens[ar, best, :steps]
+    token_scores = fin_logp[ar, best, :steps]
+    return GenerationOutput(tokens, fin_score[ar, best], token_scores, None)
+
+
+# ---------------------------------------------------------------------------- API
+def generate(
+    model: nn.Module,
+    images: torch.Tensor | None = None,
+    prompt: PromptLike = None,
+    *,
+    image_tokens: torch.Tensor | None = None,
+    context: Context = None,
+    max_new_tokens: int = 32,
+    min_new_tokens: int = 0,
+    strategy: str = "greedy",
+    num_beams: int = 4,
+    length_penalty: float = 1.0,
+    early_stopping: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    return_scores: bool = False,
+    return_logits: bool = False,
+    **image_kwargs: Any,
+) -> torch.Tensor | GenerationOutput:
+    """Generate up to ``max_new_tokens`` new tokens per image with ``model`` (any decoder
+    following the decoder protocol).
+
+    Inputs (exactly one): ``images`` (whatever ``model.image_context`` takes, batch first),
+    ``image_tokens`` (precomputed encoder tokens) or ``context`` (the output of
+    ``model.image_context``); ``image_kwargs`` go to ``model.image_context`` (e.g. Flamingo's
+    ``time_mask``).
+
+    prompt: ``None`` (start from ``model.config.bos_id``), a LongTensor ``(b, p)`` padded with
+        ``pad_id`` (right-padded as a tokenizer gives; left-padded works too), or a list of
+        ``b`` 1-D tensors / id lists of any lengths. Taken verbatim (add a start token
+        yourself if the model expects one); the output holds only the new tokens.
+    strategy: ``"greedy"``, ``"beam"`` (``num_beams``, ``length_penalty``, ``early_stopping``:
+        ``True`` stops an image once it has ``num_beams`` finished hypotheses, ``False`` once no
+        running beam can beat them) or ``"sample"`` (``temperature``, ``top_k``, ``top_p``,
+        ``generator`` for reproducibility). ``repetition_penalty`` (> 1 discourages tokens
+        already in the prompt or output) and ``min_new_tokens`` (eos banned before) apply to all.
+    eos_id, pad_id: default to ``model.config``'s; with no eos every row runs to
+        ``max_new_tokens``.
+    use_cache: ``False`` re-runs the whole sequence every step (for testing; same result).
+
+    Returns new token ids ``(b, n)``, ``n <= max_new_tokens`` (the longest row), rows
+    right-padded with ``pad_id`` after their eos; with ``return_scores`` / ``return_logits`` a
+    ``GenerationOutput``.
+    """
+    missing = [name for name in ("image_context", "decode", "config") if not hasattr(model, name)]
+    if missing:
+        raise TypeError(f"model: expected a decoder following the decoder protocol, {type(model).__name__} lacks {missing}")
+    cfg = model.config
+    num_tokens = int(cfg.num_tokens)
+    # ---- arguments, all checked before any compute
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+    min_new_tokens = _check_int("min_new_tokens", min_new_tokens, 0)
+    if min_new_tokens > max_new_tokens:
+        raise ValueError(f"min_new_tokens: expected at most max_new_tokens={max_new_tokens}, got {min_new_tokens}")
+    num_beams = _check_int("num_beams", num_beams, 1)
+    length_penalty = _check_float("length_penalty", length_penalty, positive=False)
+    temperature = _check_float("temperature", temperature, positive=True)
+    repetition_penalty = _check_float("repetition_penalty", repetition_penalty, positive=True)
+    if top_k is not None:
+        top_k = _check_int("top_k", top_k, 1)
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if strategy != "sample" and (temperature != 1.0 or top_k is not None or top_p is not None):
+        logger.warning("generate: temperature / top_k / top_p only apply to strategy='sample'; ignored for %r", strategy)
+    if strategy == "beam" and return_logits:
+        raise ValueError("return_logits: not available with strategy='beam' (use 'greedy' or 'sample')")
+    eos_id = cfg.eos_id if eos_id is None else eos_id
+    if eos_id is not None:
+        eos_id = _check_token("eos_id", eos_id, num_tokens)
+    pad_id = _check_token("pad_id", cfg.pad_id if pad_id is None else pad_id, num_tokens)
+    bos_id = getattr(cfg, "bos_id", None)
+    if prompt is None and bos_id is not None:
+        bos_id = _check_token("bos_id", bos_id, num_tokens)
+    given = [name for name, x in (("images", images), ("image_tokens", image_tokens), ("context", context)) if x is not None]
+    if len(given) != 1:
+        raise ValueError(f"images / image_tokens / context: expected exactly one of them, got {given or 'none'}")
+    if context is not None and image_kwargs:
+        raise ValueError(f"{sorted(image_kwargs)}: image_context arguments given with a precomputed context=")
+    source = images if images is not None else image_tokens if image_tokens is not None else context
+    batch = _context_batch(source)
+    if batch is None or batch < 1:
+        raise ValueError(f"{given[0]}: expected a batch-first tensor (or tuple/dict of them) with at least one row")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids, keep = _prepare_prompt(prompt, batch, pad_id=pad_id, bos_id=bos_id, num_tokens=num_tokens, device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if context is None:
+                context = model.image_context(images=images, **image_kwargs) if images is not None else \
+                    model.image_context(image_tokens=image_tokens, **image_kwargs)
+            proc = _Processor(sample=strategy == "sample", temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, eos_id=eos_id, pad_id=pad_id,
+                              min_new_tokens=min_new_tokens)
+            rows = _Rows(ids, keep, max_new_tokens, pad_id, vocab=num_tokens,
+                         track_seen=repetition_penalty != 1.0, use_cache=use_cache)
+            if strategy == "beam":
+                out = _beam_search(model, context, rows, proc, num_beams=num_beams, max_new=max_new_tokens, eos_id=eos_id,
+                                   pad_id=pad_id, length_penalty=length_penalty, early_stopping=early_stopping)
+            else:
+                out = _greedy_or_sample(model, context, rows, proc, sample=strategy == "sample", max_new=max_new_tokens,
+                                        eos_id=eos_id, pad_id=pad_id, generator=generator, return_logits=return_logits,
+                                        length_penalty=length_penalty)
+    finally:
+        model.train(was_training)
+    return out if (return_scores or return_logits) else out.tokens
+
+
+def caption(model: nn.Module, images: torch.Tensor | None, tokenizer: Any, **kwargs: Any) -> list[str]:
+    """Captions as strings: ``generate(model, images, **kwargs)`` then ``tokenizer.decode``
+    (any object with ``decode(ids (b, n)) -> list[str]``, e.g. ``mammut.data.tokenizer.Tokenizer``)."""
+    if not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(f"tokenizer: expected an object with decode(ids) -> list[str], got {type(tokenizer).__name__}")
+    if kwargs.get("return_scores") or kwargs.get("return_logits"):
+        raise ValueError("return_scores / return_logits: not available in caption(); call generate()")
+    tokens = generate(model, images, **kwargs)
+    return list(tokenizer.decode(tokens.cpu()))
