@@ -1,0 +1,16 @@
+"""Training stack: config, loop, distributed wrapping, checkpoints (``mammut train``)."""
+
+from .build import build_model, load_run
+from .config import ConfigError, RunConfig, load_config
+from .loop import NonFiniteLossError, Trainer, TrainResult
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "load_config",
+    "Trainer",
+    "TrainResult",
+    "NonFiniteLossError",
+    "build_model",
+    "load_run",
+]

@@ -1,0 +1,253 @@
+"""The ``mammut`` command: train, eval, caption, embed, demo, config.
+
+    mammut train --config configs/tiny.yaml [--resume] [--train.steps 200 --optim.lr 3e-4 ...]
+    torchrun --nproc_per_node 2 -m mammut.cli train --config configs/tiny.yaml --train.parallel ddp
+    mammut eval RUN_DIR [--checkpoint DIR] [--n 512]
+    mammut caption IMAGE... --run RUN_DIR
+    mammut embed --run RUN_DIR (--images IMAGE... | --texts TEXT...) --out emb.npy
+    mammut demo [--train.steps 600 ...]
+    mammut config [--config FILE] [--key value ...]      # print the full resolved config
+
+Any ``--section.key value`` after the flags overrides the config file (sections: model, data,
+optim, train, eval). Exit codes: 0 done, 2 bad config or arguments, 3 NaN/inf loss,
+143 stopped by SIGTERM (a checkpoint was saved; continue with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("mammut.cli")
+
+EXIT_CONFIG, EXIT_NONFINITE, EXIT_SIGTERM = 2, 3, 143
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _demo_config() -> Path:
+    for candidate in (Path("configs/demo.yaml"), Path(__file__).resolve().parents[2] / "configs" / "demo.yaml",
+                      Path(__file__).resolve().parent / "configs" / "demo.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("configs/demo.yaml not found (run from the repository root)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mammut", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model from a config (add --section.key value overrides)")
+    t.add_argument("--config", required=True, help="YAML config file")
+    t.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
+
+    d = sub.add_parser("demo", help="train configs/demo.yaml, evaluate on held-out scenes, write the report")
+    d.add_argument("--config", default=None, help="default: configs/demo.yaml")
+
+    c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) as YAML")
+    c.add_argument("--config", default=None, help="YAML config file (default: the built-in defaults)")
+
+    e = sub.add_parser("eval", help="evaluate a run folder and write its report")
+    e.add_argument("run", help="run folder (train.out_dir)")
+    e.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the latest)")
+    e.add_argument("--n", type=int, default=None, help="held-out set size (default: eval.n of the run)")
+    e.add_argument("--out", default=None, help="report folder (default: RUN/report)")
+
+    k = sub.add_parser("caption", help="print greedy captions of image files")
+    k.add_argument("images", nargs="+", help="image files")
+    k.add_argument("--run", required=True, help="run folder")
+    k.add_argument("--max-new-tokens", type=int, default=None)
+
+    m = sub.add_parser("embed", help="write L2-normalised embeddings of images or texts (.npy or .safetensors)")
+    m.add_argument("--run", required=True, help="run folder")
+    group = m.add_mutually_exclusive_group(required=True)
+    group.add_argument("--images", nargs="+", help="image files")
+    group.add_argument("--texts", nargs="+", help="texts")
+    m.add_argument("--out", required=True, help="output file: .npy or .safetensors")
+    return p
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _train(config_path: str | Path, overrides: list[str], resume: bool) -> int:
+    from .train.config import load_config
+    from .train.distributed import shutdown_distributed
+    from .train.loop import NonFiniteLossError, Trainer
+
+    started = time.perf_counter()
+    cfg = load_config(config_path, overrides)
+    try:
+        trainer = Trainer(cfg, resume=resume)
+        eval_fn = None
+        if cfg.train.eval_every and cfg.data.kind == "emoji" and trainer.info.is_main:
+            from .eval.evaluate import EmojiEval
+
+            ev = EmojiEval(cfg.data, cfg.eval.n)
+
+            def eval_fn(model, tokenizer, step):  # noqa: ARG001 - quick held-out retrieval
+                metrics, _ = ev(model, tokenizer, cfg.eval, quick=True)
+                return {k: v for k, v in metrics["retrieval"].items() if k.startswith(("i2t", "t2i"))}
+
+        result = trainer.fit(eval_fn=eval_fn)
+    except NonFiniteLossError as exc:
+        log.error("%s", exc)
+        print(f"mammut: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        shutdown_distributed()
+    if result.interrupted:
+        return EXIT_SIGTERM
+    if trainer.info.is_main:
+        wall = time.perf_counter() - started
+        _export(result.run_dir)
+        if cfg.train.report:
+            from .eval.evaluate import evaluate_run
+
+            metrics, report = evaluate_run(result.run_dir, extra={"wall_time_s": wall,
+                                                                  "world_size": trainer.info.world_size})
+            _print_summary(metrics, report)
+        else:
+            print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def _export(run_dir: Path) -> None:
+    """``<run>/model``: the final weights as ``save_pretrained`` (config.json + safetensors) and
+    the tokenizer, loadable with ``Model.from_pretrained`` (built from the last checkpoint, so it
+    works whatever the parallel wrapping was)."""
+    from .train.build import load_run
+
+    target = run_dir / "model"
+    try:
+        run = load_run(run_dir)
+        run.model.save_pretrained(target)
+        run.tokenizer.save(target / "tokenizer.json")
+    except (ImportError, AttributeError, NotImplementedError, TypeError) as exc:
+        log.warning("could not export %s with save_pretrained: %s", target, exc)
+
+
+def _print_summary(metrics: dict, report: Path) -> None:
+    r = metrics.get("retrieval", {})
+    cap = metrics.get("caption", {})
+    lines = [f"report: {report}"]
+    if r:
+        lines.append(f"held-out retrieval (gallery {r.get('gallery_size')}): i2t R@1 {r.get('i2t_R@1', 0):.3f}, "
+                     f"t2i R@1 {r.get('t2i_R@1', 0):.3f} (chance {r['chance']['R@1']:.4f})")
+    if cap.get("emoji_acc_single") is not None:
+        lines.append(f"greedy captions naming the emoji: {cap['emoji_acc_single']:.3f} (1-emoji scenes), "
+                     f"{cap.get('emoji_acc_pair') or 0:.3f} (2-emoji scenes); BLEU-4 {cap['bleu4']:.3f}, CIDEr-D {cap['cider_d']:.3f}")
+    if metrics.get("samples_per_s"):
+        lines.append(f"{metrics['steps']} steps, {metrics['samples_per_s']:.1f} samples/s, "
+                     f"wall {metrics.get('wall_time_s', 0):.0f} s")
+    print("\n".join(lines))
+
+
+def _load_images(paths: list[str], run) -> "torch.Tensor":  # noqa: F821
+    import torch
+    from PIL import Image
+
+    from .data.datasets import image_transform
+
+    tf = image_transform(run.config.data.image_size, train=False, normalize=run.config.data.normalize)
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"images: no such file {p}")
+        with Image.open(p) as img:
+            img.load()
+            out.append(tf(img))
+    return torch.stack(out)
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from .eval.evaluate import generate_captions
+    from .train.build import load_run
+
+    run = load_run(args.run)
+    images = _load_images(args.images, run)
+    n_tokens = args.max_new_tokens or run.config.eval.max_new_tokens
+    for path, caption in zip(args.images, generate_captions(run.model, run.tokenizer, images, max_new_tokens=n_tokens)):
+        print(f"{path}\t{caption}")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from .eval.evaluate import embed_images, embed_texts
+    from .train.build import load_run
+
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".safetensors"):
+        raise ValueError(f"--out: expected a .npy or .safetensors file name, got {out}")
+    run = load_run(args.run)
+    if args.images:
+        emb = embed_images(run.model, _load_images(args.images, run))
+    else:
+        emb = embed_texts(run.model, run.tokenizer, args.texts, run.config.data.max_len, truncate=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        import numpy as np
+
+        np.save(out, emb.numpy())
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"embeddings": emb.contiguous()}, str(out),
+                  metadata={"inputs": "\n".join(args.images or args.texts), "run": str(args.run)})
+    print(f"wrote {tuple(emb.shape)} embeddings to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in ("train", "demo", "config"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _setup_logging()
+    from .train.config import ConfigError
+
+    try:
+        if args.command == "train":
+            return _train(args.config, rest, args.resume)
+        if args.command == "demo":
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            overrides = ["--train.out_dir", f"runs/demo-{stamp}", *rest]
+            return _train(args.config or _demo_config(), overrides, resume=False)
+        if args.command == "config":
+            import yaml
+
+            from .train.config import config_to_dict, load_config
+
+            print(yaml.safe_dump(config_to_dict(load_config(args.config, rest)), sort_keys=False), end="")
+            return 0
+        if args.command == "eval":
+            from .eval.evaluate import evaluate_run
+
+            metrics, report = evaluate_run(args.run, checkpoint=args.checkpoint, n=args.n, out_dir=args.out)
+            _print_summary(metrics, report)
+            return 0
+        if args.command == "caption":
+            return _caption(args)
+        if args.command == "embed":
+            return _embed(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        if os.environ.get("MAMMUT_DEBUG"):
+            raise
+        print(f"mammut {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

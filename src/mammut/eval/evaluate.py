@@ -1,0 +1,261 @@
+"""Evaluation plumbing: embed, retrieve, classify zero-shot and caption with a trained model,
+scored by :mod:`mammut.eval.metrics`.
+
+- :func:`embed_images` / :func:`embed_texts`: batched, eval mode, no grad.
+- :func:`generate_captions`: greedy captions through ``model.generate``.
+- :func:`evaluate_pairs`: image<->text retrieval R@1/5/10 (with gallery size and chance) and
+  caption BLEU-4 / CIDEr-D on any image-caption pairs.
+- :func:`evaluate_emoji`: the above on held-out emoji scenes, plus zero-shot classification of
+  single-emoji scenes from class names and prompt templates, and the share of greedy captions
+  that name the right emoji (one-emoji and two-emoji scenes separately).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.scenes import HeldoutSet
+from ..data.tokenizer import Tokenizer
+from .metrics import bleu4, cider_d, emoji_name_accuracy, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "embed_images",
+    "embed_texts",
+    "generate_captions",
+    "evaluate_pairs",
+    "evaluate_emoji",
+    "EmojiEval",
+]
+
+
+def _check_model(model: nn.Module) -> None:
+    for name in ("embed_image", "embed_text"):
+        if not callable(getattr(model, name, None)):
+            raise TypeError(f"model: expected a contrastive model with {name}(), got {type(model).__name__}")
+
+
+@torch.no_grad()
+def embed_images(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """L2-normalised image embeddings ``(n, l)`` (float32, CPU)."""
+    _check_model(model)
+    if not torch.is_tensor(images) or images.ndim != 4:
+        raise ValueError(f"images: expected a tensor (n, c, h, w), got {getattr(images, 'shape', type(images).__name__)}")
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out = [model.embed_image(images[s:s + batch_size].to(dev)).float().cpu() for s in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], max_len: int,
+                batch_size: int = 256, truncate: bool = False) -> torch.Tensor:
+    """L2-normalised text embeddings ``(n, l)`` of strings (tokenised with BOS/EOS as in training)."""
+    _check_model(model)
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for s in range(0, len(texts), batch_size):
+        ids = tokenizer.encode(list(texts[s:s + batch_size]), max_len, truncate=truncate).to(dev)
+        out.append(model.embed_text(ids).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def _ids_from(out: Any) -> torch.Tensor:
+    for attr in ("sequences", "tokens", "ids"):
+        if hasattr(out, attr):
+            out = getattr(out, attr)
+            break
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not torch.is_tensor(out) or out.ndim != 2:
+        raise TypeError(f"model.generate: expected token ids (b, n), got {type(out).__name__}")
+    return out
+
+
+@torch.no_grad()
+def generate_captions(model: nn.Module, tokenizer: Tokenizer, images: torch.Tensor, *,
+                      max_new_tokens: int = 24, batch_size: int = 128) -> list[str]:
+    """Greedy captions of ``images`` ``(n, c, h, w)``, decoded (BOS/EOS/padding dropped)."""
+    if not callable(getattr(model, "generate", None)):
+        raise TypeError(f"model: expected a captioning model with generate(), got {type(model).__name__}")
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    captions: list[str] = []
+    for s in range(0, len(images), batch_size):
+        out = model.generate(images=images[s:s + batch_size].to(dev), max_new_tokens=max_new_tokens, strategy="greedy")
+        captions += tokenizer.decode(_ids_from(out).cpu())
+    model.train(was_training)
+    return captions
+
+
+def _chance(ks: Sequence[int], gallery: int) -> dict[str, float]:
+    return {f"R@{k}": min(k / gallery, 1.0) for k in ks}
+
+
+def evaluate_pairs(model: nn.Module, tokenizer: Tokenizer, images: torch.Tensor, captions: Sequence[str], *,
+                   max_len: int, batch_size: int = 128, max_new_tokens: int = 24, with_captions: bool = True,
+                   truncate: bool = False, ks: Sequence[int] = (1, 5, 10)) -> tuple[dict[str, Any], list[str]]:
+    """Retrieval both ways over 1:1 pairs and caption metrics; returns ``(metrics, generated)``."""
+    if len(images) != len(captions):
+        raise ValueError(f"captions: expected one per image ({len(images)}), got {len(captions)}")
+    t0 = time.perf_counter()
+    img = embed_images(model, images, batch_size)
+    txt = embed_texts(model, tokenizer, captions, max_len, batch_size, truncate=truncate)
+    rec = retrieval_recall(img, txt, ks=ks)
+    metrics: dict[str, Any] = {
+        "retrieval": {**rec, "gallery_size": len(images), "chance": _chance(ks, len(images))},
+    }
+    generated: list[str] = []
+    if with_captions and callable(getattr(model, "generate", None)):
+        generated = generate_captions(model, tokenizer, images, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        refs = [[c] for c in captions]
+        metrics["caption"] = {"bleu4": bleu4(generated, refs), "cider_d": cider_d(generated, refs), "n": len(generated)}
+    metrics["eval_time_s"] = time.perf_counter() - t0
+    return metrics, generated
+
+
+class EmojiEval:
+    """Held-out emoji scenes for a run's data settings, built once and reused.
+
+    The gallery is the first ``n`` held-out scenes *with distinct captions*: two scenes with
+    the same caption (e.g. two single-emoji scenes of one emoji) have identical text
+    embeddings, so neither could be retrieved at rank 1 under pessimistic ties; skipping
+    repeats gives every query exactly one right answer. ``skipped_duplicates`` says how many.
+    """
+
+    def __init__(self, data_cfg: Any, n: int = 512) -> None:
+        from ..data.scenes import EmojiScenes
+        from ..train.data import DATA_SEED, emoji_dataset
+
+        self.data_cfg = data_cfg
+        self.class_names = emoji_dataset(data_cfg).class_names()
+        ds = EmojiScenes(data_cfg.image_size, data_cfg.num_emoji, data_cfg.max_objects, split="heldout",
+                         seed=DATA_SEED, min_objects=data_cfg.min_objects, vocab_seed=data_cfg.vocab_seed)
+        scenes, seen, i = [], set(), 0
+        while len(scenes) < n:
+            scene = ds.scene(i)
+            i += 1
+            if scene.caption not in seen:
+                seen.add(scene.caption)
+                scenes.append(scene)
+            if i > 20 * n + 1000:
+                raise ValueError(f"eval.n: only {len(scenes)} distinct held-out captions found, asked for {n}")
+        self.skipped_duplicates = i - n
+        self.held = HeldoutSet(torch.stack([s.image for s in scenes]), [s.caption for s in scenes],
+                               [s.emoji_ids for s in scenes], [s.n_objects for s in scenes])
+
+    def __call__(self, model: nn.Module, tokenizer: Tokenizer, eval_cfg: Any, *,
+                 with_captions: bool = True, quick: bool = False) -> tuple[dict[str, Any], list[str]]:
+        """All metrics (``quick``: retrieval only) and the generated captions."""
+        held, cfg = self.held, self.data_cfg
+        metrics, generated = evaluate_pairs(
+            model, tokenizer, held.images, held.captions, max_len=cfg.max_len, batch_size=eval_cfg.batch_size,
+            max_new_tokens=eval_cfg.max_new_tokens, with_captions=with_captions and not quick, truncate=cfg.truncate,
+        )
+        metrics["num_emoji"] = len(self.class_names)
+        metrics["retrieval"].update({"distinct_captions": True, "skipped_duplicates": self.skipped_duplicates,
+                                     "n_single": sum(k == 1 for k in held.n_objects),
+                                     "n_multi": sum(k > 1 for k in held.n_objects)})
+        if quick:
+            return metrics, generated
+        # zero-shot: single-emoji held-out scenes, classes = every emoji in play
+        single = [i for i, k in enumerate(held.n_objects) if k == 1]
+        if single:
+            classifier = zero_shot_classifier(
+                self.class_names, lambda texts: embed_texts(model, tokenizer, texts, cfg.max_len, truncate=True),
+                templates=list(eval_cfg.templates),
+            )
+            img = embed_images(model, held.images[single], eval_cfg.batch_size)
+            labels = [held.emoji_ids[i][0] for i in single]
+            metrics["zero_shot"] = {
+                "top1": zero_shot_accuracy(img, classifier, labels, k=1),
+                "top5": zero_shot_accuracy(img, classifier, labels, k=min(5, len(self.class_names))),
+                "n_images": len(single), "n_classes": len(self.class_names),
+                "chance_top1": 1.0 / len(self.class_names), "templates": list(eval_cfg.templates),
+            }
+        if generated:
+            names = [[self.class_names[j] for j in ids] for ids in held.emoji_ids]
+            acc = emoji_name_accuracy(generated, names, vocabulary=self.class_names)
+            metrics["caption"].update({
+                "emoji_acc_single": acc.get("acc_1"), "n_single": int(acc.get("n_1", 0)),
+                "emoji_acc_pair": acc.get("acc_2"), "n_pair": int(acc.get("n_2", 0)),
+                "emoji_acc_all": acc["acc"],
+            })
+        return metrics, generated
+
+
+def evaluate_emoji(model: nn.Module, tokenizer: Tokenizer, data_cfg: Any, eval_cfg: Any,
+                   *, with_captions: bool = True) -> tuple[dict[str, Any], EmojiEval, list[str]]:
+    """Evaluate on ``eval_cfg.n`` held-out emoji scenes; returns ``(metrics, the set, captions)``."""
+    ev = EmojiEval(data_cfg, eval_cfg.n)
+    metrics, generated = ev(model, tokenizer, eval_cfg, with_captions=with_captions)
+    return metrics, ev, generated
+
+
+def _eval_pairs_from_data(data_cfg: Any, n: int) -> tuple[torch.Tensor, list[str]]:
+    """The first ``n`` image-caption pairs of a csv/webdataset source (for non-emoji runs)."""
+    import itertools
+
+    from ..data.datasets import CsvImageText, image_transform, webdataset_pipeline
+
+    tf = image_transform(data_cfg.image_size, train=False, normalize=data_cfg.normalize)
+    if data_cfg.kind == "csv":
+        ds = CsvImageText(data_cfg.path, image_root=data_cfg.image_root, img_key=data_cfg.img_key,
+                          caption_key=data_cfg.caption_key, transform=tf)
+        items = [ds[i] for i in range(min(n, len(ds)))]
+    else:
+        items = list(itertools.islice(webdataset_pipeline(data_cfg.path, transform=tf), n))
+    if not items:
+        raise ValueError(f"data.path: no readable image-caption pairs in {data_cfg.path}")
+    return torch.stack([im for im, _ in items]), [c for _, c in items]
+
+
+def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, out_dir: Any = None,
+                 extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
+    """Evaluate a run folder's latest (or given) checkpoint and write its report folder
+    (default ``<run>/report``). ``extra`` (timings) is merged into ``metrics.json``."""
+    from pathlib import Path
+
+    from ..train.build import load_run
+    from ..train.monitor import read_metrics
+    from .report import write_report
+
+    run = load_run(run_dir, checkpoint)
+    cfg = run.config
+    eval_cfg = cfg.eval if n is None else dataclasses.replace(cfg.eval, n=n)
+    if cfg.data.kind == "emoji":
+        metrics, ev, generated = evaluate_emoji(run.model, run.tokenizer, cfg.data, eval_cfg)
+        images, truth = ev.held.images, ev.held.captions
+    else:
+        images, truth = _eval_pairs_from_data(cfg.data, eval_cfg.n)
+        metrics, generated = evaluate_pairs(run.model, run.tokenizer, images, truth, max_len=cfg.data.max_len,
+                                            batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens,
+                                            truncate=cfg.data.truncate)
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    train_recs = [r for r in records if r.get("kind", "train") == "train"]
+    last = train_recs[-1] if train_recs else {}
+    summary = {
+        "run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "steps": run.step,
+        "batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
+        "train_time_s": last.get("train_time_s"),
+        "samples_per_s": (run.step * cfg.train.batch_size / last["train_time_s"]) if last.get("train_time_s") else None,
+        "final_loss": last.get("loss"),
+    }
+    metrics = {**summary, **(extra or {}), **metrics, "model": cfg.model}
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
+    path = write_report(out, metrics, records, images, generated, truth, grid=eval_cfg.grid)
+    return metrics, path

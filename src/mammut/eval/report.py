@@ -1,0 +1,154 @@
+"""The run report: a folder with ``metrics.json``, ``loss_curves.png``, ``retrieval.md``,
+``scenes.png`` (held-out scenes with generated and true captions) and ``report.md``.
+
+matplotlib runs on the Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["write_report", "plot_loss_curves", "plot_scenes", "retrieval_table"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Total / caption / contrastive loss and the learning rate against the step."""
+    train = [r for r in records if r.get("kind", "train") == "train" and r.get("loss") is not None]
+    if not train:
+        return None
+    plt = _plt()
+    steps = [r["step"] for r in train]
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "caption", "contrastive"):
+        vals = [r.get(key) for r in train]
+        if any(v is not None for v in vals):
+            ax.plot(steps, vals, label="total" if key == "loss" else key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax_lr.plot(steps, [r.get("lr") for r in train], color="tab:gray")
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_title("schedule")
+    ax_lr.grid(alpha=0.3)
+    evals = [r for r in records if r.get("kind") == "eval" and r.get("i2t_R@1") is not None]
+    if evals:
+        ax_r = ax.twinx()
+        ax_r.plot([r["step"] for r in evals], [r["i2t_R@1"] for r in evals], "o--", color="tab:red", label="held-out i2t R@1")
+        ax_r.set_ylabel("R@1")
+        ax_r.set_ylim(0, 1)
+        ax_r.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_scenes(images: torch.Tensor, generated: Sequence[str], truth: Sequence[str], path: Path, n: int = 16) -> Path | None:
+    """A grid of scenes, each titled with the generated (G) and true (T) caption; a generated
+    caption that equals the truth is drawn in green."""
+    n = min(n, len(images), len(generated), len(truth))
+    if n == 0:
+        return None
+    plt = _plt()
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.6 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).float().numpy(), interpolation="nearest")
+        ok = generated[i].strip().lower() == truth[i].strip().lower()
+        g = textwrap.fill("G: " + generated[i], 34)
+        t = textwrap.fill("T: " + truth[i], 34)
+        ax.set_title(f"{g}\n{t}", fontsize=7.5, color="darkgreen" if ok else "black", loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def retrieval_table(metrics: dict[str, Any]) -> str:
+    """Markdown table of R@k in both directions against chance."""
+    r = metrics.get("retrieval")
+    if not r:
+        return ""
+    ks = sorted(int(k.split("@")[1]) for k in r if k.startswith("i2t_R@"))
+    lines = [f"Held-out retrieval, gallery of {r['gallery_size']}", "",
+             "| direction | " + " | ".join(f"R@{k}" for k in ks) + " |",
+             "|---|" + "---|" * len(ks)]
+    lines.append("| image -> text | " + " | ".join(f"{r[f'i2t_R@{k}']:.3f}" for k in ks) + " |")
+    lines.append("| text -> image | " + " | ".join(f"{r[f't2i_R@{k}']:.3f}" for k in ks) + " |")
+    lines.append("| chance | " + " | ".join(f"{r['chance'][f'R@{k}']:.4f}" for k in ks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def write_report(out_dir: str | Path, metrics: dict[str, Any], records: Sequence[dict[str, Any]] = (),
+                 images: torch.Tensor | None = None, generated: Sequence[str] = (), truth: Sequence[str] = (),
+                 grid: int = 16) -> Path:
+    """Write the report folder; returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    curves = plot_loss_curves(records, out / "loss_curves.png")
+    scenes = plot_scenes(images, generated, truth, out / "scenes.png", grid) if images is not None and generated else None
+    table = retrieval_table(metrics)
+    (out / "retrieval.md").write_text(table)
+
+    lines = ["# mammut run report", ""]
+    summary = [("steps", metrics.get("steps")), ("samples/s", metrics.get("samples_per_s")),
+               ("train time (s)", metrics.get("train_time_s")), ("wall time (s)", metrics.get("wall_time_s")),
+               ("emoji in play", metrics.get("num_emoji"))]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in summary if v is not None] + [""]
+    if table:
+        lines += [table, ""]
+    cap = metrics.get("caption")
+    if cap:
+        lines += ["Greedy captions", "", "| metric | value |", "|---|---|"]
+        for key, label in (("bleu4", "BLEU-4"), ("cider_d", "CIDEr-D"),
+                           ("emoji_acc_single", f"names the emoji, 1-emoji scenes (n={cap.get('n_single')})"),
+                           ("emoji_acc_pair", f"names both emoji, 2-emoji scenes (n={cap.get('n_pair')})")):
+            if key in cap:
+                lines.append(f"| {label} | {_fmt(cap[key])} |")
+        lines.append("")
+    zs = metrics.get("zero_shot")
+    if zs:
+        lines += [f"Zero-shot classification of {zs['n_images']} single-emoji scenes over {zs['n_classes']} classes: "
+                  f"top-1 {zs['top1']:.3f}, top-5 {zs['top5']:.3f} (chance {zs['chance_top1']:.4f}).", ""]
+    if curves:
+        lines += ["![loss curves](loss_curves.png)", ""]
+    if scenes:
+        lines += ["Held-out scenes, G = generated (greedy), T = true caption:", "", "![scenes](scenes.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    log.info("report written to %s", out)
+    return out

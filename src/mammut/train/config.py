@@ -1,0 +1,385 @@
+"""Run configuration: a YAML file plus ``--key value`` dotted overrides, checked by type.
+
+A config has five sections::
+
+    model:   name: <registry name>, then that model's config fields (e.g. MaMMUTConfig);
+             num_tokens / pad_id / bos_id / eos_id left null are filled from the tokenizer.
+    data:    DataConfig   (emoji scenes, csv/tsv or webdataset; tokenizer; caption length)
+    optim:   OptimConfig  (AdamW, cosine schedule with warm-up, clipping)
+    train:   LoopConfig   (steps, batch, accumulation, precision, parallelism, logging, saving)
+    eval:    EvalConfig   (held-out set size, zero-shot prompts, caption length)
+
+Every key is checked: an unknown key or a value of the wrong type raises :class:`ConfigError`
+naming the dotted key, what was expected and what was given, before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "OptimConfig",
+    "LoopConfig",
+    "EvalConfig",
+    "RunConfig",
+    "load_config",
+    "parse_overrides",
+    "config_to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value (the message names the dotted key)."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "emoji"  # emoji | csv | webdataset
+    path: str | None = None  # csv/tsv file, or webdataset shard pattern ("data-{000..009}.tar")
+    image_root: str | None = None  # csv: folder that relative image paths start from
+    img_key: str = "filepath"  # csv column of image paths
+    caption_key: str = "title"  # csv column of captions
+    image_size: int = 64
+    normalize: bool = False  # csv/webdataset: CLIP mean/std normalisation
+    num_emoji: int | None = 300  # emoji: vocabulary size (null = every emoji)
+    max_objects: int = 2  # emoji: 1..3 emoji per scene
+    min_objects: int = 1
+    vocab_seed: int = 0  # emoji: which emoji subset
+    tokenizer: str | None = None  # tokenizer.json; null = train a byte-level BPE on the captions
+    vocab_size: int = 2048  # BPE size when training one
+    max_len: int = 32  # caption tokens, BOS and EOS included
+    truncate: bool = False  # cut captions longer than max_len (else a clear error)
+    num_workers: int = 0  # DataLoader worker processes
+    shuffle_buffer: int = 1000  # webdataset sample shuffle buffer
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.05  # not applied to norms, biases, embeddings, scales, queries
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 1000  # optimiser steps (the budget is in steps, not seconds)
+    batch_size: int = 64  # global batch: over all ranks and accumulation micro-batches
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimiser stay fp32)
+    compile: bool = False  # torch.compile each block
+    activation_checkpointing: bool = False  # recompute each block in backward
+    parallel: str = "auto"  # auto | none | ddp | fsdp (auto: ddp when launched by torchrun)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads per process (0 = leave as is)
+    seed: int = 0
+    out_dir: str = "runs/run"
+    log_every: int = 10  # steps between JSONL / TensorBoard records
+    save_every: int = 200  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # steps between quick held-out evaluations (0 = only at the end)
+    tensorboard: bool = True
+    progress: bool = True  # tqdm progress bar (rank 0)
+    report: bool = True  # evaluate and write the report at the end
+
+
+@dataclass
+class EvalConfig:
+    n: int = 512  # held-out scenes (the retrieval gallery)
+    batch_size: int = 128
+    templates: tuple[str, ...] = ("a {}", "a picture of a {}", "an emoji of a {}")  # zero-shot prompts
+    max_new_tokens: int = 24  # greedy caption length
+    grid: int = 16  # held-out scenes drawn in the report grid
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "mammut"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("data.kind", self.data.kind, ("emoji", "csv", "webdataset"))
+        check_choice("train.precision", self.train.precision, ("fp32", "bf16"))
+        check_choice("train.parallel", self.train.parallel, ("auto", "none", "ddp", "fsdp"))
+        check_choice("train.device", self.train.device, ("auto", "cpu", "cuda"))
+        positive = {
+            "train.steps": self.train.steps, "train.batch_size": self.train.batch_size,
+            "train.grad_accum": self.train.grad_accum, "train.log_every": self.train.log_every,
+            "data.image_size": self.data.image_size, "data.max_len": self.data.max_len,
+            "eval.n": self.eval.n, "eval.batch_size": self.eval.batch_size, "optim.lr": self.optim.lr,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key}: expected a positive value, got {value}")
+        for key, value in {"train.save_every": self.train.save_every, "train.eval_every": self.train.eval_every,
+                           "optim.warmup_steps": self.optim.warmup_steps, "optim.grad_clip": self.optim.grad_clip,
+                           "optim.weight_decay": self.optim.weight_decay, "data.num_workers": self.data.num_workers,
+                           "train.threads": self.train.threads}.items():
+            if value < 0:
+                raise ConfigError(f"{key}: expected a value >= 0, got {value}")
+        if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {self.optim.min_lr_ratio}")
+        if self.data.kind != "emoji" and not self.data.path:
+            raise ConfigError(f"data.path: expected a file or shard pattern for data.kind={self.data.kind!r}, got null")
+        if self.train.batch_size % self.train.grad_accum:
+            raise ConfigError(
+                f"train.batch_size: expected a multiple of train.grad_accum={self.train.grad_accum}, got {self.train.batch_size}"
+            )
+        if "name" not in self.model or not isinstance(self.model["name"], str):
+            raise ConfigError(f"model.name: expected a registered model name (str), got {self.model.get('name')!r}")
+        for t in self.eval.templates:
+            if "{}" not in t:
+                raise ConfigError(f"eval.templates: expected each template to contain '{{}}', got {t!r}")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "optim": OptimConfig, "train": LoopConfig, "eval": EvalConfig}
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- type checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (converting strings from the command line)
+    and return it; raise :class:`ConfigError` naming ``key`` otherwise."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return build_dataclass(tp, value, key)
+    return value
+
+
+def _unknown(key: str, name: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{key}: unknown key{hint}; valid keys: {', '.join(sorted(valid))}")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``values`` after checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            raise _unknown(key, str(name), names)
+        kwargs[name] = coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix}: {exc}") from exc
+
+
+def check_model_section(section: dict[str, Any]) -> dict[str, Any]:
+    """Check ``model:`` against the registered model's config dataclass; returns the checked dict."""
+    from ..models import get_model_class, list_models
+
+    name = section.get("name")
+    if not isinstance(name, str):
+        raise ConfigError(f"model.name: expected a registered model name, got {name!r}")
+    try:
+        cls = get_model_class(name)
+    except ValueError:
+        raise ConfigError(f"model.name: expected one of {list_models()}, got {name!r}") from None
+    config_class = getattr(cls, "config_class", None)
+    out: dict[str, Any] = {"name": name}
+    if config_class is None or not dataclasses.is_dataclass(config_class):
+        out.update({k: v for k, v in section.items() if k != "name"})
+        return out
+    hints = typing.get_type_hints(config_class)
+    names = [f.name for f in dataclasses.fields(config_class) if f.init]
+    for k, v in section.items():
+        if k == "name":
+            continue
+        if k not in names:
+            raise _unknown(f"model.{k}", str(k), names + ["name"])
+        out[k] = coerce(v, hints[k], f"model.{k}")
+        if k == "vit" and isinstance(out[k], dict):  # the built-in ViT's own fields
+            from ..encoders import ViTConfig
+
+            vit = build_dataclass(ViTConfig, out[k], "model.vit")
+            out[k] = {name: getattr(vit, name) for name in out[k]}
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``["--train.steps", "100", "--optim.lr=3e-4"]`` -> ``{"train.steps": "100", "optim.lr": "3e-4"}``."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"override: expected '--section.key value', got {arg!r}")
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{body}: override without a value")
+            key, value = body, args[i + 1]
+            i += 2
+        if "." not in key:
+            raise ConfigError(f"{key}: expected a dotted key such as train.steps or model.dim")
+        out[key] = value
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"{'.'.join(parts[:depth + 1])}: is not a section, cannot set {key}")
+        node = node[part]
+    # command-line strings are read as YAML scalars/lists; typed fields convert further
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    """Check a nested dict (as read from YAML) and build a :class:`RunConfig`."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(tree).__name__}")
+    valid = ["model", *SECTIONS]
+    sections: dict[str, Any] = {}
+    for name, value in tree.items():
+        if name not in valid:
+            raise _unknown(str(name), str(name), valid)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        sections[name] = value
+    model = check_model_section({"name": "mammut", **sections.get("model", {})})
+    built = {name: build_dataclass(cls, sections.get(name, {}), name) for name, cls in SECTIONS.items()}
+    return RunConfig(model=model, **built)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, str] | list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from the defaults with ``path=None``), apply dotted
+    overrides and check everything."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config: no such file {p}")
+        with p.open() as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config: {p} must hold a mapping of sections, got {type(tree).__name__}")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), for writing ``config.yaml``."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain({"model": dict(cfg.model), **{name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}})

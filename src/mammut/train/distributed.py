@@ -1,0 +1,189 @@
+"""Process group, parallel wrapping, activation checkpointing and compile, applied from outside
+the model (torchtitan style): the model file knows nothing about any of them.
+
+- ``init_distributed``: reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; gloo on CPU,
+  nccl on CUDA.
+- ``LossModule``: ``forward(text, images) -> model.compute_losses(...)``, so DDP/FSDP hooks run
+  around the whole two-pass step (they only hook ``forward``).
+- ``apply_activation_checkpointing``: every shared transformer block recomputes its forward in
+  backward (``torch.utils.checkpoint``, non-reentrant); parameter names do not change.
+- ``apply_compile``: ``torch.compile`` each block in place.
+- ``wrap_parallel``: DDP, or FSDP2 ``fully_shard`` per block then the root.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers.blocks import CrossAttentionBlock, ParallelBlock, TransformerBlock
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "shutdown_distributed",
+    "LossModule",
+    "transformer_blocks",
+    "apply_activation_checkpointing",
+    "apply_compile",
+    "wrap_parallel",
+    "all_reduce_mean",
+    "sync_replicated_grads",
+    "barrier",
+]
+
+BLOCK_TYPES: tuple[type[nn.Module], ...] = (ParallelBlock, TransformerBlock, CrossAttentionBlock)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: expected a usable device, got 'cuda' but CUDA is not available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        log.info("rank %d/%d joined the process group (%s)", rank, world, dist.get_backend())
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def sync_replicated_grads(module: nn.Module) -> None:
+    """Average the gradients of parameters FSDP left replicated (see ``wrap_parallel``)."""
+    params = getattr(module, "replicated_params", ())
+    if not params or not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.stack([g.reshape(()) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat):
+        p.grad = g.reshape(p.shape).clone()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (in place on a copy); identity on one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    y = x.clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / dist.get_world_size()
+
+
+class LossModule(nn.Module):
+    """``forward(text, images)`` -> the model's ``compute_losses`` output (e.g. ``LossOutput``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not callable(getattr(model, "compute_losses", None)):
+            raise TypeError(f"model: expected a model with compute_losses(text, images), got {type(model).__name__}")
+        self.model = model
+
+    def forward(self, text: torch.Tensor, images: torch.Tensor) -> Any:
+        return self.model.compute_losses(text, images)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The shared transformer blocks inside ``model`` (outermost only), in module order."""
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, BLOCK_TYPES) and id(module) not in seen:
+            found.append(module)
+            seen.update(id(m) for m in module.modules())
+    return found
+
+
+def _checkpointed(forward):
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled() or kwargs.get("cache") is not None:
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute every block's activations in backward; returns how many blocks."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.forward = _checkpointed(block.forward)  # instance attribute: names unchanged
+    log.info("activation checkpointing on %d blocks", len(blocks))
+    return len(blocks)
+
+
+def apply_compile(model: nn.Module) -> int:
+    """``torch.compile`` each block in place (parameter names unchanged); returns how many."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.compile()
+    log.info("torch.compile on %d blocks", len(blocks))
+    return len(blocks)
+
+
+def wrap_parallel(module: LossModule, mode: str, info: DistInfo) -> nn.Module:
+    """Wrap for data parallelism: ``"none"``, ``"ddp"`` or ``"fsdp"`` (FSDP2 per block + root)."""
+    if mode == "none" or not info.distributed:
+        return module
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.local_rank] if info.device.type == "cuda" else None
+        return DDP(module, device_ids=ids)
+    if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        # FSDP2 cannot shard 0-d parameters (learnable temperatures): keep them replicated
+        # and average their gradients by hand (sync_replicated_grads)
+        scalars = {p for p in module.parameters() if p.ndim == 0}
+        blocks = transformer_blocks(module)
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh, ignored_params=scalars or None)
+        module.replicated_params = sorted(scalars, key=id)
+        log.info("FSDP2: %d blocks sharded over %d ranks", len(blocks), info.world_size)
+        return module
+    raise ValueError(f"train.parallel: expected 'none', 'ddp' or 'fsdp', got {mode!r}")

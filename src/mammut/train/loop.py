@@ -1,0 +1,306 @@
+"""The training loop: ``Trainer(cfg).fit()`` (what ``mammut train`` runs, one per rank).
+
+Per optimiser step: the micro-batches of this rank go forward under autocast and backward
+(gradient sync only on the last one); the caption loss is re-weighted by token counts so that
+ranks x micro-batches give exactly the token mean of the whole batch; the step's losses are
+averaged over ranks together with a "stop" flag (SIGTERM) and checked for NaN/inf *before*
+the optimiser steps; then clip, step, log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from .build import build_model, resolve_model_config
+from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError, RunConfig, config_to_dict
+from .data import build_tokenizer, train_batches
+from .distributed import (
+    DistInfo,
+    LossModule,
+    apply_activation_checkpointing,
+    apply_compile,
+    barrier,
+    init_distributed,
+    sync_replicated_grads,
+    wrap_parallel,
+)
+from .monitor import Monitor
+from .optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "RunExistsError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN/inf; the step was not applied."""
+
+    def __init__(self, step: int, what: str, values: dict[str, float]) -> None:
+        parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        super().__init__(f"non-finite {what} at step {step} ({parts}); the step was not applied. "
+                         f"Try a lower optim.lr, optim.grad_clip > 0 or train.precision=fp32.")
+        self.step = step
+
+
+class RunExistsError(FileExistsError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list[float]  # total loss of every step run by this process
+    samples_per_s: float
+    train_time_s: float
+    interrupted: bool = False
+
+
+def _loss_parts(out: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    if isinstance(out, torch.Tensor):
+        return out, None, None
+    total = getattr(out, "total", None)
+    if total is None:
+        raise TypeError(f"compute_losses: expected a tensor or an object with .total, got {type(out).__name__}")
+    return total, getattr(out, "caption", None), getattr(out, "contrastive", None)
+
+
+class Trainer:
+    """Builds everything from a :class:`RunConfig` and trains. ``resume=True`` continues from
+    the run folder's latest checkpoint exactly (weights, optimiser, RNG, data position)."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        self.info: DistInfo = init_distributed(t.device)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.run_dir = Path(t.out_dir)
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None and not resume:
+            raise RunExistsError(f"train.out_dir: {self.run_dir} already holds checkpoints; "
+                                 f"pass --resume to continue it or choose another --train.out_dir")
+        if resume and ckpt is None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+
+        self._seed(t.seed)
+        if self.info.is_main:
+            self.tokenizer = build_tokenizer(cfg.data, self.run_dir)
+        barrier()
+        if not self.info.is_main:
+            self.tokenizer = build_tokenizer(cfg.data, self.run_dir)
+        self.model_cfg = resolve_model_config(cfg, self.tokenizer)
+        if resume and ckpt is not None:
+            self._check_same_model()
+        self.model = build_model(self.model_cfg).to(self.info.device)
+        self.model.train()
+        if self.info.is_main:
+            resolved = config_to_dict(dataclasses.replace(cfg, model=self.model_cfg))
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("model %s: %.2fM parameters", self.model_cfg["name"], n_params / 1e6)
+
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if t.compile:
+            apply_compile(self.model)
+        mode = t.parallel if t.parallel != "auto" else ("ddp" if self.info.distributed else "none")
+        if mode == "none" and self.info.distributed:
+            raise ConfigError(f"train.parallel: expected 'ddp', 'fsdp' or 'auto' with {self.info.world_size} ranks, got 'none'")
+        self.parallel = mode if self.info.distributed else "none"
+        self.module = wrap_parallel(LossModule(self.model), self.parallel, self.info)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+
+        self.step = 0
+        self.train_time = 0.0
+        if resume and ckpt is not None:
+            state = load_checkpoint(ckpt, self.model, self.optimizer, self.info)
+            self.step, self.train_time = int(state["step"]), float(state.get("train_time_s", 0.0))
+        self._stop = False
+        self.losses: list[float] = []
+
+    # ------------------------------------------------------------------ helpers
+    def _check_same_model(self) -> None:
+        saved_path = self.run_dir / "config.yaml"
+        if not saved_path.is_file():
+            return
+        saved = (yaml.safe_load(saved_path.read_text()) or {}).get("model", {})
+        now = config_to_dict(dataclasses.replace(self.cfg, model=self.model_cfg))["model"]
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            raise ConfigError(f"model.{changed[0]}: --resume needs the model of {saved_path}, "
+                              f"got a different value ({saved.get(changed[0])!r} -> {now.get(changed[0])!r})")
+
+    def _seed(self, seed: int) -> None:
+        # the same seed on every rank: identical initial weights and pass order, as in one process
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self._stop = True
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(device_type=self.info.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        if last or self.parallel == "none":
+            if self.parallel == "fsdp":
+                self.module.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.parallel == "ddp":
+            return self.module.no_sync()
+        self.module.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+
+    def _loss_weights(self) -> tuple[float, float] | None:
+        c = getattr(self.model, "config", None)
+        if c is None or not hasattr(c, "caption_loss_weight") or not hasattr(c, "contrastive_loss_weight"):
+            return None
+        return float(c.caption_loss_weight), float(c.contrastive_loss_weight)
+
+    def save(self) -> Path:
+        state = {"samples_seen": self.step * self.cfg.train.batch_size, "train_time_s": self.train_time,
+                 "data_position": {"kind": self.cfg.data.kind, "next_sample": self.step * self.cfg.train.batch_size}}
+        meta = {"model": self.model_cfg["name"], "step": str(self.step)}
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.info,
+                               keep=self.cfg.train.keep_checkpoints, metadata=meta)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Forward/backward over the micro-batches, checks, clip and optimiser step."""
+        cfg, dev = self.cfg, self.info.device
+        weights = self._loss_weights()
+        pad_id = getattr(getattr(self.model, "config", None), "pad_id", None)
+        n_micro = len(micro_batches)
+        counts = torch.tensor([float((text[:, 1:] != pad_id).sum()) if pad_id is not None else 1.0
+                               for _, text in micro_batches])
+        global_tokens = counts.sum() * self.info.world_size
+        if self.info.distributed:  # the token count of the whole batch, for an exact token mean
+            global_tokens = counts.sum().clone()
+            torch.distributed.all_reduce(global_tokens)
+        sums = torch.zeros(3)
+        for i, (images, text) in enumerate(micro_batches):
+            if pad_id is not None:  # drop trailing all-pad columns: same losses, less compute
+                text = text[:, : int((text != pad_id).any(dim=0).nonzero().max()) + 1]
+            images, text = images.to(dev, non_blocking=True), text.to(dev, non_blocking=True)
+            with self._no_sync(i == n_micro - 1):
+                with self._autocast():
+                    total, cap, con = _loss_parts(self.module(text, images))
+                if weights is not None and cap is not None and con is not None:
+                    share = counts[i] * self.info.world_size * n_micro / global_tokens.clamp(min=1.0)
+                    cap = cap.float() * share.to(dev)
+                    total = weights[0] * cap + weights[1] * con.float()
+                (total / n_micro).backward()
+            sums += torch.tensor([float(total.detach()), float(cap.detach()) if cap is not None else 0.0,
+                                  float(con.detach()) if con is not None else 0.0]) / n_micro
+
+        # losses averaged over ranks, plus the stop flag: one small collective per step
+        packed = torch.cat([sums, torch.tensor([float(self._stop)])])
+        if self.info.distributed:
+            torch.distributed.all_reduce(packed)
+            packed[:3] /= self.info.world_size
+        loss, cap_v, con_v = (float(v) for v in packed[:3])
+        self._stop = bool(packed[3] > 0)
+        values = {"loss": loss, "caption": cap_v, "contrastive": con_v}
+        if not all(math.isfinite(v) for v in values.values()):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(self.step + 1, "loss", values)
+
+        if self.parallel == "fsdp":
+            sync_replicated_grads(self.module)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(self.step + 1, "gradient norm", {**values, "grad_norm": grad_norm})
+        lr = lr_at(self.step, cfg.train.steps, cfg.optim)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {**values, "lr": lr, "grad_norm": grad_norm}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, *, eval_fn: Any = None) -> TrainResult:
+        """Train to ``train.steps``. ``eval_fn(model, tokenizer, step) -> dict`` runs every ``train.eval_every``
+        steps on rank 0 (eval mode, no grad; plain or DDP only)."""
+        cfg, t, info = self.cfg, self.cfg.train, self.info
+        monitor = Monitor(self.run_dir, total_steps=t.steps, start_step=self.step, enabled=info.is_main,
+                          tensorboard=t.tensorboard, progress=t.progress)
+        old_handler = None
+        with contextlib.suppress(ValueError):  # not in the main thread: no handler
+            old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        batches = train_batches(cfg.data, self.tokenizer, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                                seed=t.seed, rank=info.rank, world_size=info.world_size,
+                                start_step=self.step, steps=t.steps)
+        window_t, window_n, rate = 0.0, 0, 0.0
+        start_step = self.step
+        try:
+            while self.step < t.steps:
+                t0 = time.perf_counter()
+                micro = next(batches)
+                stats = self.train_step(micro)
+                dt = time.perf_counter() - t0
+                self.train_time += dt
+                window_t, window_n = window_t + dt, window_n + t.batch_size
+                self.losses.append(stats["loss"])
+                if self.step % t.log_every == 0 or self.step == t.steps or self.step == start_step + 1:
+                    rate = window_n / max(window_t, 1e-9)
+                    monitor.write({"step": self.step, **stats, "samples_per_s": rate,
+                                   "samples": self.step * t.batch_size, "train_time_s": self.train_time})
+                    window_t, window_n = 0.0, 0
+                monitor.progress(self.step, {"loss": stats["loss"], "lr": stats["lr"], "samples/s": rate})
+                if t.eval_every and self.step % t.eval_every == 0 and eval_fn is not None and self.parallel != "fsdp":
+                    self._run_eval(eval_fn, monitor)
+                if self._stop:
+                    self.save()
+                    log.warning("stopped by SIGTERM at step %d; resume with --resume", self.step)
+                    return self._result(interrupted=True)
+                if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
+                    self.save()
+            last = latest_checkpoint(self.run_dir)
+            if last is None or last.name != f"step_{self.step:08d}":
+                self.save()
+            return self._result()
+        finally:
+            monitor.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+
+    def _run_eval(self, eval_fn: Any, monitor: Monitor) -> None:
+        if self.info.is_main:
+            rng = torch.get_rng_state()
+            self.model.eval()
+            with torch.no_grad():
+                metrics = eval_fn(self.model, self.tokenizer, self.step)
+            self.model.train()
+            torch.set_rng_state(rng)
+            monitor.write({"step": self.step, **metrics}, prefix="eval")
+        barrier()
+
+    def _result(self, interrupted: bool = False) -> TrainResult:
+        done = max(self.step, 1)
+        rate = done * self.cfg.train.batch_size / max(self.train_time, 1e-9)
+        return TrainResult(self.run_dir, self.step, self.losses, rate, self.train_time, interrupted)
