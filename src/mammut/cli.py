@@ -140,7 +140,7 @@ def _export(run_dir: Path) -> None:
 def _print_summary(metrics: dict, report: Path) -> None:
     r = metrics.get("retrieval", {})
     cap = metrics.get("caption", {})
-    lines = [f"report: {report}"]
+    lines = [f"report: {Path(report).resolve()}  (report.md, metrics.json, loss_curves.png, scenes.png)"]
     if r:
         lines.append(f"held-out retrieval (gallery {r.get('gallery_size')}): i2t R@1 {r.get('i2t_R@1', 0):.3f}, "
                      f"t2i R@1 {r.get('t2i_R@1', 0):.3f} (chance {r['chance']['R@1']:.4f})")

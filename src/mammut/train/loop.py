@@ -272,7 +272,7 @@ class Trainer:
                                    "samples": self.step * t.batch_size, "train_time_s": self.train_time})
                     window_t, window_n = 0.0, 0
                 monitor.progress(self.step, {"loss": stats["loss"], "lr": stats["lr"], "samples/s": rate})
-                if t.eval_every and self.step % t.eval_every == 0 and eval_fn is not None and self.parallel != "fsdp":
+                if t.eval_every and self.step % t.eval_every == 0 and self.parallel != "fsdp":
                     self._run_eval(eval_fn, monitor)
                 if self._stop:
                     self.save()
@@ -290,7 +290,8 @@ class Trainer:
                 signal.signal(signal.SIGTERM, old_handler)
 
     def _run_eval(self, eval_fn: Any, monitor: Monitor) -> None:
-        if self.info.is_main:
+        # every rank comes here (the barrier); rank 0 evaluates if it was given an eval_fn
+        if self.info.is_main and eval_fn is not None:
             rng = torch.get_rng_state()
             self.model.eval()
             with torch.no_grad():
