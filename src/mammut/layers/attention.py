@@ -19,6 +19,9 @@ from .rotary import RotaryEmbedding, apply_rotary
 
 __all__ = ["attend", "Attention", "CrossAttention"]
 
+# ``enable_gqa`` arrived in torch 2.5; the library supports torch >= 2.4
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 
 def _sdpa(
     q: torch.Tensor,
@@ -35,9 +38,15 @@ def _sdpa(
     Grouped-query k/v (fewer heads than q) are shared by SDPA itself, without copies."""
     gqa = q.shape[1] != k.shape[1]
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=gqa
-        )
+        if not gqa:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+        if _SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=True
+            )
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # torch < 2.5
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
     if gqa:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
