@@ -205,3 +205,9 @@ def test_bad_config_gives_clear_errors():
         MaMMUTConfig(text_pool="max")
     with pytest.raises(TypeError):
         MaMMUT(dim=8, num_tokens=10, depth=1, bogus=3)
+
+
+def test_image_tokens_of_the_wrong_width_are_a_clear_error():
+    model = tiny()
+    with pytest.raises(ValueError, match="image_dim"):
+        model(torch.randint(1, 50, (2, 5)), image_tokens=torch.randn(2, 16, 47))

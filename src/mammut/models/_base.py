@@ -22,6 +22,31 @@ class ModelBase(nn.Module):
     config_class: ClassVar[type]
     model_name: ClassVar[str]
 
+    def image_tokens(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder tokens ``(b, m, image_dim)`` from pixels (through ``self.img_encoder``) or
+        given precomputed; checked against ``self.image_dim`` where the model sets it."""
+        from ..encoders import encode_images
+        from ._checks import check_image_batch
+
+        if (images is None) == (image_tokens is None):
+            raise ValueError("images / image_tokens: expected exactly one of them")
+        if image_tokens is not None:
+            check_image_batch(image_tokens)
+            tokens = image_tokens
+        elif getattr(self, "img_encoder", None) is None:
+            raise ValueError("images: this model has no img_encoder; pass image_tokens= or build it with img_encoder= / vit=")
+        else:
+            tokens = encode_images(self.img_encoder, images)
+        image_dim = getattr(self, "image_dim", None)
+        if image_dim is not None and tokens.shape[-1] != image_dim:
+            raise ValueError(f"image_tokens: expected width {image_dim} (image_dim), got {tuple(tokens.shape)}")
+        return tokens
+
+    @staticmethod
+    def check_batch(text: torch.Tensor, tokens: torch.Tensor) -> None:
+        if tokens.shape[0] != text.shape[0]:
+            raise ValueError(f"text / images: batch sizes differ ({text.shape[0]} vs {tokens.shape[0]})")
+
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
 

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..encoders import ViT, ViTConfig, encode_images
+from ..encoders import ViT, ViTConfig
 from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, ParallelBlock, TransformerBlock, make_norm
 from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
 from ..losses import ContrastiveLoss, caption_loss
 from . import register_model
 from ._base import ModelBase
-from ._checks import check_choice, check_image_batch, check_text
+from ._checks import check_choice, check_text
 from .mammut import LossOutput
 
 __all__ = ["CoCaConfig", "CoCa"]
@@ -189,21 +189,6 @@ class CoCa(ModelBase):
         return coca_from_open_clip(model_name, state_dict_or_path, **kwargs)
 
     # ------------------------------------------------------------------ image side
-    def image_tokens(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder tokens ``(b, m, image_dim)`` from pixels or given precomputed."""
-        if (images is None) == (image_tokens is None):
-            raise ValueError("images / image_tokens: expected exactly one of them")
-        if image_tokens is not None:
-            check_image_batch(image_tokens)
-            tokens = image_tokens
-        elif self.img_encoder is None:
-            raise ValueError("images: this model has no img_encoder; pass image_tokens= or build it with img_encoder= / vit=")
-        else:
-            tokens = encode_images(self.img_encoder, images)
-        if tokens.shape[-1] != self.image_dim:
-            raise ValueError(f"image_tokens: expected width {self.image_dim} (image_dim), got {tuple(tokens.shape)}")
-        return tokens
-
     def image_embed_and_context(self, tokens: torch.Tensor, *, context: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens ``(b, m, image_dim)`` -> (normalised embedding ``(b, l)``, context ``(b, q, d)``
         or None when ``context=False``)."""
@@ -317,10 +302,6 @@ class CoCa(ModelBase):
         return self._multimodal(x, context, mask=mask, positions=positions, cache=cache)
 
     # ------------------------------------------------------------------ losses
-    def _check_batch(self, text: torch.Tensor, tokens: torch.Tensor) -> None:
-        if tokens.shape[0] != text.shape[0]:
-            raise ValueError(f"text / images: batch sizes differ ({text.shape[0]} vs {tokens.shape[0]})")
-
     def compute_losses(
         self,
         text: torch.Tensor,
@@ -336,7 +317,7 @@ class CoCa(ModelBase):
         if labels is not None and labels.shape != text.shape:
             raise ValueError(f"labels: expected shape {tuple(text.shape)} (as text), got {tuple(labels.shape)}")
         tokens = self.image_tokens(images, image_tokens)
-        self._check_batch(text, tokens)
+        self.check_batch(text, tokens)
         image_embeds, context = self.image_embed_and_context(tokens)
         feats, cls_out, positions = self._unimodal(text)
         keep = text != cfg.pad_id
@@ -363,7 +344,7 @@ class CoCa(ModelBase):
         cfg = self.config
         check_text(text, cfg.num_tokens, cfg.pad_id)
         tokens = self.image_tokens(images, image_tokens)
-        self._check_batch(text, tokens)
+        self.check_batch(text, tokens)
         image_embeds, context = self.image_embed_and_context(tokens, context=not return_embeddings)
         feats, cls_out, positions = self._unimodal(text)
         if return_embeddings:

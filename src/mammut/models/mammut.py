@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..encoders import ViT, ViTConfig, encode_images
+from ..encoders import ViT, ViTConfig
 from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, ParallelBlock, make_norm, masked_mean
 from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
 from ..losses import ContrastiveLoss, caption_loss
 from . import register_model
 from ._base import ModelBase
-from ._checks import check_choice, check_image_batch, check_text
+from ._checks import check_choice, check_text
 
 __all__ = ["MaMMUTConfig", "MaMMUT", "LossOutput"]
 
@@ -131,7 +131,7 @@ class MaMMUT(ModelBase):
         if img_encoder is None and cfg.vit is not None:
             img_encoder = ViT(ViTConfig(**cfg.vit))
         self.img_encoder = img_encoder
-        image_dim = cfg.image_dim or getattr(img_encoder, "dim", None) or cfg.dim
+        image_dim = self.image_dim = cfg.image_dim or getattr(img_encoder, "dim", None) or cfg.dim
         dim_latents = cfg.dim_latents or cfg.dim
 
         # image side: tokens -> (contrastive embedding, decoder context)
@@ -160,17 +160,6 @@ class MaMMUT(ModelBase):
         self.contrastive = ContrastiveLoss(cfg.contrastive_loss, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
 
     # ------------------------------------------------------------------ image side
-    def image_tokens(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder tokens ``(b, m, image_dim)`` from pixels or given precomputed."""
-        if (images is None) == (image_tokens is None):
-            raise ValueError("images / image_tokens: expected exactly one of them")
-        if image_tokens is not None:
-            check_image_batch(image_tokens)
-            return image_tokens
-        if self.img_encoder is None:
-            raise ValueError("images: this model has no img_encoder; pass image_tokens= or build it with img_encoder= / vit=")
-        return encode_images(self.img_encoder, images)
-
     def image_embed_and_context(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens ``(b, m, image_dim)`` -> (normalised embedding ``(b, l)``, context ``(b, m', d)``)."""
         if self.img_pool is not None:
@@ -252,8 +241,7 @@ class MaMMUT(ModelBase):
         cfg = self.config
         check_text(text, cfg.num_tokens, cfg.pad_id, min_len=1 if labels is not None else 2)
         tokens = self.image_tokens(images, image_tokens)
-        if tokens.shape[0] != text.shape[0]:
-            raise ValueError(f"text / images: batch sizes differ ({text.shape[0]} vs {tokens.shape[0]})")
+        self.check_batch(text, tokens)
         if labels is None:
             inputs, labels = text[:, :-1], text[:, 1:]
         else:
@@ -290,8 +278,7 @@ class MaMMUT(ModelBase):
         cfg = self.config
         check_text(text, cfg.num_tokens, cfg.pad_id)
         tokens = self.image_tokens(images, image_tokens)
-        if tokens.shape[0] != text.shape[0]:
-            raise ValueError(f"text / images: batch sizes differ ({text.shape[0]} vs {tokens.shape[0]})")
+        self.check_batch(text, tokens)
         image_embeds, context = self.image_embed_and_context(tokens)
         if return_embeddings:
             return self.embed_text(text), image_embeds
