@@ -4,6 +4,8 @@ and, when installed, the anchor package mammut-pytorch==0.0.7 at the same config
 
     .venv/bin/python benchmarks/train_step.py [--threads 2] [--steps 10] [--warmup 3]
 
+The models run in interleaved rounds (one step of each per round); figures are medians.
+
 Reference config (issue "Foundation"): image 128, patch 16, ViT 256 x 4 layers, 4 heads,
 dim_head 64; text width 256, 4 heads, vocab 8192, length 64, batch 16, depth 4,
 cross-attention every 2.
@@ -15,6 +17,7 @@ import argparse
 import resource
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,16 +26,10 @@ IMAGE, PATCH, VIT_DIM, VIT_DEPTH, HEADS, DIM_HEAD = 128, 16, 256, 4, 4, 64
 DIM, VOCAB, SEQ, BATCH, DEPTH, XATTN_EVERY, QUERIES = 256, 8192, 64, 16, 4, 2, 256
 
 
-def matmul_peak(threads: int) -> float:
+def matmul_step() -> tuple[Callable[[], None], float]:
+    """The MFU yardstick: one 2048x2048 fp32 matmul."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * 2048**3 / statistics.median(times) / 1e9
+    return (lambda: a @ b), 2 * 2048**3
 
 
 def ours(seed_compatible: bool) -> torch.nn.Module:
@@ -60,7 +57,8 @@ def anchor() -> torch.nn.Module | None:
     )
 
 
-def measure(model: torch.nn.Module, steps: int, warmup: int) -> dict[str, float]:
+def make_step(model: torch.nn.Module) -> tuple[Callable[[], None], float]:
+    """One AdamW training step on a fixed batch, and the step's matmul FLOPs."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     text = torch.randint(1, VOCAB, (BATCH, SEQ + 1))
@@ -76,16 +74,7 @@ def measure(model: torch.nn.Module, steps: int, warmup: int) -> dict[str, float]
         loss = model(text=text, images=images, return_loss=True)
         loss.backward()
     opt.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    sec = statistics.median(times)
-    return dict(ms=sec * 1e3, samples_s=BATCH / sec, gflop=flops / 1e9, gflops=flops / sec / 1e9)
+    return step, counter.get_total_flops()
 
 
 def main() -> None:
@@ -96,32 +85,41 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    peak = matmul_peak(args.threads)
-    print(f"threads {args.threads}; 2048x2048 fp32 matmul: {peak:.1f} GFLOP/s")
-    rows = []
-    for name, build in [
+    builds = [
         ("mammut (paper defaults)", lambda: ours(False)),
         ("mammut (seed-compatible: causal, CLS, attn pool 256, kv_heads=1)", lambda: ours(True)),
         ("mammut-pytorch 0.0.7", anchor),
-    ]:
+    ]
+    steps: dict[str, tuple[Callable[[], None], float]] = {"matmul 2048x2048 fp32 (yardstick)": matmul_step()}
+    for name, build in builds:
         model = build()
         if model is None:
             print(f"{name}: not installed, skipped")
             continue
-        r = measure(model, args.steps, args.warmup)
-        r["mfu"] = r["gflops"] / peak
-        rows.append((name, r))
-        del model
+        steps[name] = make_step(model)
+    # interleaved rounds: every model (and the yardstick) runs once per round, so a load
+    # change on a shared machine moves every figure alike and the ratios stay fair
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.warmup + args.steps):
+        for name, (step, _) in steps.items():
+            t = time.perf_counter()
+            step()
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+    sec = {name: statistics.median(ts) for name, ts in times.items()}
+    yard = next(iter(steps))
+    peak = steps[yard][1] / sec[yard] / 1e9
+    print(f"threads {args.threads}; {yard}: {peak:.1f} GFLOP/s; median of {args.steps} interleaved rounds after {args.warmup} warm-up")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{'model':66s} {'ms/step':>8s} {'samples/s':>9s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'MFU':>5s}")
-    for name, r in rows:
-        print(f"{name:66s} {r['ms']:8.1f} {r['samples_s']:9.1f} {r['gflop']:10.1f} {r['gflops']:8.1f} {r['mfu']:5.2f}")
+    for name, (_, flops) in list(steps.items())[1:]:
+        gflops = flops / sec[name] / 1e9
+        print(f"{name:66s} {sec[name] * 1e3:8.1f} {BATCH / sec[name]:9.1f} {flops / 1e9:10.1f} {gflops:8.1f} {gflops / peak:5.2f}")
     print(f"peak RSS (whole process): {rss:.0f} MiB")
-    by = dict(rows)
-    seed = by.get("mammut-pytorch 0.0.7")
-    if seed:
-        for name, r in rows[:2]:
-            print(f"speed-up vs mammut-pytorch, {name}: {seed['ms'] / r['ms']:.2f}x")
+    seed = "mammut-pytorch 0.0.7"
+    if seed in sec:
+        for name, _ in builds[:2]:
+            print(f"speed-up vs mammut-pytorch, {name}: {sec[seed] / sec[name]:.2f}x")
 
 
 if __name__ == "__main__":

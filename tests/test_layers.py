@@ -125,3 +125,34 @@ def test_attention_pooler_and_masked_mean():
 def test_kv_heads_must_divide_heads():
     with pytest.raises(ValueError, match="kv_heads"):
         Attention(16, heads=4, dim_head=4, kv_heads=3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padded", [True, False])
+def test_only_last_equals_the_full_block_sliced(causal, padded):
+    torch.manual_seed(0)
+    block = ParallelBlock(16, heads=4, dim_head=4, kv_heads=2)
+    x = torch.randn(3, 7, 16)
+    keep = torch.ones(3, 7, dtype=torch.bool)
+    if padded:
+        keep[0, 2:5] = False  # padding inside, the last token real (a CLS after padded text)
+    mask = padding_mask(keep) if padded else None
+    positions = torch.arange(7).expand(3, 7)
+    full = block(x, causal=causal, mask=mask, positions=positions)
+    for last in (1, 3):
+        part = block(x, causal=causal, mask=mask, positions=positions, only_last=last)
+        assert part.shape == (3, last, 16)
+        torch.testing.assert_close(part, full[:, -last:])
+
+
+def test_pooler_projects_its_queries_once_and_equals_per_row_queries():
+    torch.manual_seed(0)
+    pool = AttentionPooler(16, num_queries=5, context_dim=12, heads=2, dim_head=8)
+    tokens, keep = torch.randn(3, 6, 12), torch.rand(3, 6) > 0.3
+    keep[:, 0] = True
+    seen = []
+    pool.attn.to_q.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    out = pool(tokens, keep)
+    assert seen == [(1, 5, 16)]
+    per_row = pool.norm(pool.attn(pool.queries.expand(3, -1, -1), tokens, context_mask=keep))
+    torch.testing.assert_close(out, per_row)

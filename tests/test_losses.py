@@ -8,7 +8,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from mammut.losses import ContrastiveLoss, LogitScale, caption_loss, focal_contrastive_loss, softmax_contrastive_loss
+from mammut.losses import (
+    ContrastiveLoss,
+    LogitScale,
+    caption_loss,
+    focal_contrastive_loss,
+    linear_caption_loss,
+    softmax_contrastive_loss,
+)
 
 
 def _embeds(b=6, d=8, seed=0):
@@ -59,6 +66,47 @@ def test_caption_loss_ignores_pad_and_checks_shape():
     torch.testing.assert_close(caption_loss(logits, labels, pad_id=0), ref)
     with pytest.raises(ValueError, match="labels"):
         caption_loss(logits, labels[:, :3])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 64])
+@pytest.mark.parametrize("pad_id", [0, None])
+def test_linear_caption_loss_equals_logits_then_cross_entropy(chunk, pad_id):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, requires_grad=True)
+    labels = torch.randint(1, 11, (3, 5), generator=g)
+    labels[0, 2:] = 0 if pad_id == 0 else -100
+    ref = caption_loss(hidden @ weight.t(), labels, pad_id=pad_id)
+    out = linear_caption_loss(hidden, weight, labels, pad_id=pad_id, chunk_size=chunk)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(3 * ref, (hidden, weight)), torch.autograd.grad(3 * out, (hidden, weight))):
+        torch.testing.assert_close(a, b)
+
+
+def test_linear_caption_loss_is_finite_at_extreme_logits_and_under_bf16_autocast():
+    g = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(2, 4, 8, generator=g) * 1e3).requires_grad_()
+    weight = torch.randn(9, 8, generator=g)
+    labels = torch.randint(1, 9, (2, 4), generator=g)
+    out = linear_caption_loss(hidden, weight, labels)
+    (grad,) = torch.autograd.grad(out, hidden)
+    torch.testing.assert_close(out, caption_loss(hidden @ weight.t(), labels))
+    assert torch.isfinite(out) and torch.isfinite(grad).all() and out > 100
+    small = hidden.detach() / 1e3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = caption_loss(small @ weight.t(), labels)
+        got = linear_caption_loss(small, weight, labels)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref.float(), atol=1e-3, rtol=1e-3)
+
+
+def test_linear_caption_loss_checks_shapes():
+    with pytest.raises(ValueError, match="labels"):
+        linear_caption_loss(torch.randn(2, 4, 8), torch.randn(9, 8), torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="weight"):
+        linear_caption_loss(torch.randn(2, 4, 8), torch.randn(9, 7), torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_caption_loss(torch.randn(2, 4, 8), torch.randn(9, 8), torch.ones(2, 4, dtype=torch.long), chunk_size=0)
 
 
 def test_logit_scale_init_and_clamp():

@@ -150,6 +150,39 @@ def test_loss_parts_match_direct_computation():
         torch.testing.assert_close(parts.total, 2.0 * cap + 0.5 * con)
 
 
+@pytest.mark.parametrize("layers", [(1,), (2,), (3,), (1, 3)])
+@pytest.mark.parametrize("labels", [False, True])
+def test_causal_passes_share_their_prefix_exactly(layers, labels):
+    """With a causal contrastive pass the layers before the first cross-attention run once for
+    both passes: losses and every gradient equal those of two separate passes."""
+    torch.manual_seed(0)
+    model = tiny(**SEED_OPTIONS, cross_attend_layers=layers).train()
+    text, images = batch(n=9)
+    text[1, 5:] = 0
+    text[2, 8:] = 0
+    lab = torch.randint(1, 50, text.shape) if labels else None
+    lab = None if lab is None else lab.masked_fill(text == 0, 0)
+    calls = []
+    hooks = [layer.block.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, layer in enumerate(model.layers)]
+    parts = model.compute_losses(text, images, labels=lab)
+    for h in hooks:
+        h.remove()
+    first = layers[0] - 1  # blocks up to the first cross-attending layer run once, later ones twice
+    assert sorted(calls) == sorted(list(range(first + 1)) + 2 * list(range(first + 1, 4)))
+    got = torch.autograd.grad(parts.total, list(model.parameters()), allow_unused=True)
+    inputs, targets = (text, lab) if labels else (text[:, :-1], text[:, 1:])
+    img, context = model.image_embed_and_context(model.image_tokens(images))
+    cap = caption_loss(model.decode(inputs, context), targets, pad_id=0)
+    con = model.contrastive(model.embed_text(text), img)
+    torch.testing.assert_close(parts.caption, cap)
+    torch.testing.assert_close(parts.contrastive, con)
+    want = torch.autograd.grad(cap + con, list(model.parameters()), allow_unused=True)
+    for (name, _), g, w in zip(model.named_parameters(), got, want):
+        assert (g is None) == (w is None), name
+        if g is not None:
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_tiny_model_overfits_a_fixed_batch():
     torch.manual_seed(0)
     model = tiny(contrastive_loss="softmax").train()
@@ -169,7 +202,7 @@ def test_pass_order_is_randomised_in_training():
     model = tiny().train()
     order = []
     model.embed_text = (lambda f: (lambda *a, **k: order.append("c") or f(*a, **k)))(model.embed_text)
-    model.decode = (lambda f: (lambda *a, **k: order.append("g") or f(*a, **k)))(model.decode)
+    model.decode_hidden = (lambda f: (lambda *a, **k: order.append("g") or f(*a, **k)))(model.decode_hidden)
     text, images = batch()
     firsts = set()
     for _ in range(12):

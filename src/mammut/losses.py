@@ -20,6 +20,7 @@ __all__ = [
     "softmax_contrastive_loss",
     "focal_contrastive_loss",
     "caption_loss",
+    "linear_caption_loss",
     "LogitScale",
     "ContrastiveLoss",
 ]
@@ -124,6 +125,89 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor, *, pad_id: int | No
         raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
     ignore = -100 if pad_id is None else pad_id
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` over rows whose label is not ``ignore``,
+    a few rows at a time: the ``(rows, vocab)`` logits never exist whole. The gradients are
+    formed chunk by chunk in the forward (softmax minus one-hot needs only that chunk's
+    logits) and scaled by the incoming gradient in the backward. Same matmuls, hence the same
+    FLOPs, as logits + ``F.cross_entropy``; the memory is ``O(chunk * vocab)`` instead of
+    ``O(rows * vocab)``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore: int, chunk: int):  # type: ignore[override]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        keep = labels != ignore
+        count = keep.sum().clamp(min=1).to(torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y, k = hidden[start:start + chunk], labels[start:start + chunk], keep[start:start + chunk]
+            logits = (h @ weight.t()).float()  # c v
+            # log-sum-exp by hand: ATen's fused (log_)softmax / logsumexp run several times
+            # slower than these in-place passes on CPU at a real vocabulary (measured 4-5x)
+            target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(z - max)
+            lse = top.squeeze(1) + sums.squeeze(1).log()
+            total += torch.where(k, lse - target, 0.0).sum()
+            if want_h or want_w:
+                w = k.to(logits.dtype).unsqueeze(1) / count
+                g = logits.mul_(w / sums)  # softmax, weighted
+                g.scatter_add_(1, y.clamp(min=0).unsqueeze(1), -w)  # minus one-hot
+                g = g.to(hidden.dtype)
+                if want_h:
+                    grad_h[start:start + chunk] = g @ weight
+                if want_w:
+                    grad_w.add_(g.t() @ h)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_caption_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    pad_id: int | None = 0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``caption_loss(hidden @ weight.T, labels)`` without materialising the logits.
+
+    hidden ``(b, n, d)`` (the decoder's final, normed states), weight ``(v, d)`` (the output
+    projection, often tied to the token embedding), labels ``(b, n)``. ``chunk_size`` rows go
+    through at a time (default: about 2M logits, 8 MB in float32). Exactly the mean
+    next-token cross-entropy over non-pad labels, as ``caption_loss``; it saves the
+    ``(b*n, v)`` logits, their log-softmax and their gradient, the largest tensors of a
+    training step at a real vocabulary.
+    """
+    if hidden.ndim != 3 or hidden.shape[:2] != labels.shape:
+        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:2])} (hidden's (b, n)), got {tuple(labels.shape)}")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected shape (vocab, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if chunk_size is None:
+        chunk_size = max(16, (1 << 21) // weight.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    ignore = -100 if pad_id is None else pad_id
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+    h = hidden.flatten(0, 1)
+    if dtype is not None and h.dtype != dtype:  # what autocast would run the output matmul in
+        h = h.to(dtype)
+    w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h, w, labels.flatten(), ignore, chunk_size)
 
 
 class LogitScale(nn.Module):

@@ -127,9 +127,12 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        only_last: int | None = None,
     ) -> torch.Tensor:
         """``mask`` covers all keys (cached + new); ``positions`` ``(n,)`` or ``(b, n)``
-        default to the next positions after what ``cache`` holds."""
+        default to the next positions after what ``cache`` holds. ``only_last``: outputs for
+        the last ``only_last`` tokens only, ``(b, only_last, dim)`` (every token still serves
+        as key/value), e.g. when only a final CLS token is read."""
         b, n, _ = x.shape
         h, g, d = self.heads, self.kv_heads, self.dim_head
         q, k, v = self.to_qkv(x).split((h * d, g * d, g * d), dim=-1)
@@ -144,6 +147,11 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(self, k, v)
+        if only_last is not None:
+            n = only_last
+            q = q[:, :, -n:]
+            if mask is not None and mask.shape[-2] > 1:
+                mask = mask[..., -n:, :]
         out = attend(q, k, v, causal=causal, mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
 
@@ -156,6 +164,8 @@ class CrossAttention(nn.Module):
     Keys/values with fewer rows ``b'`` than ``x`` (``b'`` divides ``b``) are shared: rows
     ``i * b / b'`` to ``(i + 1) * b / b' - 1`` read row ``i`` (beam search keeps one copy of each
     image's keys/values in the cache, read once per step for all its beams).
+    ``x`` with one row and a context with ``b`` rows: the same queries for every row (learned
+    queries, as in a pooler), projected once.
     ``bias``: biases in the projections; ``norm_bias``: a bias in the context norm.
     """
 
@@ -203,6 +213,9 @@ class CrossAttention(nn.Module):
         b, n, _ = x.shape
         h, d = self.heads, self.dim_head
         q = self.to_q(x).view(b, n, h, d).transpose(1, 2)
+        if b == 1 and context.shape[0] > 1 and cache is None:  # shared queries
+            b = context.shape[0]
+            q = q.expand(b, -1, -1, -1)
         if cache is not None:
             k, v = cache.cross(self, lambda: self.project_context(context))
         else:

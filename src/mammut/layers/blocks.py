@@ -52,9 +52,14 @@ class ParallelBlock(nn.Module):
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        only_last: int | None = None,
     ) -> torch.Tensor:
+        """``only_last``: outputs for the last ``only_last`` tokens only (see ``Attention``)."""
         h = self.norm(x)
-        return x + self.attn(h, causal=causal, mask=mask, positions=positions, cache=cache) + self.ff(h)
+        out = self.attn(h, causal=causal, mask=mask, positions=positions, cache=cache, only_last=only_last)
+        if only_last is not None:
+            x, h = x[:, -only_last:], h[:, -only_last:]
+        return x + out + self.ff(h)
 
 
 class TransformerBlock(nn.Module):

@@ -53,5 +53,4 @@ class AttentionPooler(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q = self.queries if self.query_norm is None else self.query_norm(self.queries)
-        q = q.unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        return self.norm(self.attn(q, tokens, context_mask=mask))
+        return self.norm(self.attn(q.unsqueeze(0), tokens, context_mask=mask))  # queries projected once

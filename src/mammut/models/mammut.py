@@ -27,7 +27,7 @@ from torch import nn
 from ..encoders import ViT, ViTConfig
 from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, ParallelBlock, make_norm, masked_mean
 from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
-from ..losses import ContrastiveLoss, caption_loss
+from ..losses import ContrastiveLoss, caption_loss, linear_caption_loss
 from . import register_model
 from ._base import ModelBase
 from ._checks import check_choice, check_text
@@ -179,11 +179,10 @@ class MaMMUT(ModelBase):
         return self.image_embed_and_context(self.image_tokens(images, image_tokens))[0]
 
     # ------------------------------------------------------------------ text side
-    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
-        """Contrastive pass: L2-normalised text embeddings ``(b, l)``; never sees images."""
-        cfg = self.config
-        check_text(text, cfg.num_tokens, cfg.pad_id)
-        keep = text != cfg.pad_id
+    def _contrastive_inputs(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token states ``(b, n[+1], d)``, keep ``(b, n[+1])``, positions and mask of the
+        contrastive pass (with the CLS after the text, when ``text_pool="cls"``)."""
+        keep = text != self.config.pad_id
         positions = positions_from_mask(keep)
         x = self.token_emb(text)
         if self.text_cls is not None:
@@ -192,12 +191,26 @@ class MaMMUT(ModelBase):
             positions = torch.cat((positions, keep.sum(dim=1, keepdim=True)), dim=1)
             keep = F.pad(keep, (0, 1), value=True)
         mask = None if bool(keep.all()) else padding_mask(keep)
-        causal = cfg.contrastive_pass == "causal"
-        for layer in self.layers:
-            x = layer.block(x, causal=causal, mask=mask, positions=positions)
+        return x, keep, positions, mask
+
+    def _text_embedding(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
         pooled = x[:, -1] if self.text_cls is not None else masked_mean(x, keep)
         return F.normalize(self.text_to_latents(pooled), dim=-1)
+
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Contrastive pass: L2-normalised text embeddings ``(b, l)``; never sees images."""
+        cfg = self.config
+        check_text(text, cfg.num_tokens, cfg.pad_id)
+        x, keep, positions, mask = self._contrastive_inputs(text)
+        causal = cfg.contrastive_pass == "causal"
+        for layer in self.layers:
+            x = layer.block(x, causal=causal, mask=mask, positions=positions, only_last=self._only_last(layer))
+        return self._text_embedding(x, keep)
+
+    def _only_last(self, layer: nn.Module) -> int | None:
+        """With a CLS embedding only the CLS row of the last layer is ever read."""
+        return 1 if self.text_cls is not None and layer is self.layers[-1] else None
 
     def decode(
         self,
@@ -213,7 +226,25 @@ class MaMMUT(ModelBase):
         ``keep`` ``(b, cached + n)`` marks real tokens over the whole sequence so far (default:
         ``text != pad_id``); ``positions`` ``(b, n)`` default to real-token counts.
         """
-        x = self.token_emb(text)
+        return self.to_logits(self.decode_hidden(text, context, keep=keep, positions=positions, cache=cache))
+
+    def decode_hidden(
+        self,
+        text: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        keep: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``decode`` before the output projection: final normed states ``(b, n, d)``.
+
+        ``states`` ``(b, n, d)``: the output of layer ``start``'s self-attention block
+        (0-indexed), computed elsewhere; decoding resumes from there (see ``_causal_passes``).
+        """
+        x = self.token_emb(text) if states is None else states
         if keep is None:
             keep = text != self.config.pad_id
         if positions is None:
@@ -221,11 +252,39 @@ class MaMMUT(ModelBase):
         mask = None
         if cache is not None or not is_right_padded(keep):
             mask = padding_mask(keep)
-        for layer in self.layers:
-            x = layer.block(x, causal=True, mask=mask, positions=positions, cache=cache)
+        for i, layer in enumerate(self.layers[start:], start):
+            if states is None or i > start:
+                x = layer.block(x, causal=True, mask=mask, positions=positions, cache=cache)
             if layer.cross is not None:
                 x = layer.cross(x, context, cache=cache)
-        return self.to_logits(self.norm(x))
+        return self.norm(x)
+
+    def _causal_passes(self, text: torch.Tensor, inputs: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both passes when the contrastive pass is causal: (text embeddings ``(b, l)``,
+        captioning states ``(b, n_in, d)``).
+
+        ``inputs`` is a prefix of ``text``. Under causal attention a text token's state in the
+        contrastive pass equals its state in the captioning pass until the first
+        cross-attention (the CLS comes last, so no text token sees it), so the layers up to
+        that point run once for both passes. Exact: same values and gradients as two
+        separate passes (up to float rounding), and that much less compute.
+        """
+        x, keep, positions, mask = self._contrastive_inputs(text)
+        first = next((i for i, layer in enumerate(self.layers) if layer.cross is not None), len(self.layers) - 1)
+        for layer in self.layers[: first + 1]:
+            x = layer.block(x, causal=True, mask=mask, positions=positions, only_last=None)
+        n = inputs.shape[1]
+        hidden = self.decode_hidden(
+            inputs, context, keep=keep[:, :n], positions=positions[:, :n], start=first, states=x[:, :n]
+        )
+        for layer in self.layers[first + 1:]:
+            x = layer.block(x, causal=True, mask=mask, positions=positions, only_last=self._only_last(layer))
+        return self._text_embedding(x, keep), hidden
+
+    def _caption_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if type(self.to_logits) is nn.Linear and self.to_logits.bias is None:
+            return linear_caption_loss(hidden, self.to_logits.weight, labels, pad_id=self.config.pad_id)
+        return caption_loss(self.to_logits(hidden), labels, pad_id=self.config.pad_id)
 
     # ------------------------------------------------------------------ losses
     def compute_losses(
@@ -248,18 +307,16 @@ class MaMMUT(ModelBase):
             inputs = text
         image_embeds, context = self.image_embed_and_context(tokens)
 
-        def contrastive() -> torch.Tensor:
-            return self.contrastive(self.embed_text(text), image_embeds)
-
-        def captioning() -> torch.Tensor:
-            return caption_loss(self.decode(inputs, context), labels, pad_id=cfg.pad_id)
-
-        if self.training and cfg.shuffle_passes and bool(torch.randint(2, ()).item()):
-            cap = captioning()
-            con = contrastive()
+        if cfg.contrastive_pass == "causal" and (cfg.dropout == 0.0 or not self.training):
+            text_embeds, hidden = self._causal_passes(text, inputs, context)
+            con = self.contrastive(text_embeds, image_embeds)
+            cap = self._caption_loss(hidden, labels)
+        elif self.training and cfg.shuffle_passes and bool(torch.randint(2, ()).item()):
+            cap = self._caption_loss(self.decode_hidden(inputs, context), labels)
+            con = self.contrastive(self.embed_text(text), image_embeds)
         else:
-            con = contrastive()
-            cap = captioning()
+            con = self.contrastive(self.embed_text(text), image_embeds)
+            cap = self._caption_loss(self.decode_hidden(inputs, context), labels)
         total = cfg.caption_loss_weight * cap + cfg.contrastive_loss_weight * con
         return LossOutput(total, cap, con)
 
