@@ -100,6 +100,28 @@ def test_linear_caption_loss_is_finite_at_extreme_logits_and_under_bf16_autocast
     torch.testing.assert_close(got, ref.float(), atol=1e-3, rtol=1e-3)
 
 
+def test_linear_caption_loss_does_the_matmuls_of_logits_and_cross_entropy():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden = torch.randn(2, 9, 8, requires_grad=True)
+    weight = torch.randn(13, 8, requires_grad=True)
+    labels = torch.randint(1, 13, (2, 9))
+    counts = []
+    for fn in (lambda: caption_loss(hidden @ weight.t(), labels), lambda: linear_caption_loss(hidden, weight, labels, chunk_size=4)):
+        with FlopCounterMode(display=False) as counter:
+            fn().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 3 * 2 * 18 * 8 * 13
+
+
+def test_linear_caption_loss_refuses_a_second_backward():
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    loss = linear_caption_loss(hidden, torch.randn(5, 4), torch.ones(2, 3, dtype=torch.long))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
 def test_linear_caption_loss_checks_shapes():
     with pytest.raises(ValueError, match="labels"):
         linear_caption_loss(torch.randn(2, 4, 8), torch.randn(9, 8), torch.ones(2, 3, dtype=torch.long))

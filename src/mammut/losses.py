@@ -142,7 +142,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = keep.sum().clamp(min=1).to(torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         for start in range(0, hidden.shape[0], chunk):
             h, y, k = hidden[start:start + chunk], labels[start:start + chunk], keep[start:start + chunk]
             logits = (h @ weight.t()).float()  # c v
@@ -160,18 +160,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = g.to(hidden.dtype)
                 if want_h:
                     grad_h[start:start + chunk] = g @ weight
-                if want_w:
+                if want_w and g.dtype == torch.float32:  # accumulate in place, no temporary
+                    torch.addmm(grad_w, g.t(), h, beta=1.0 if start else 0.0, out=grad_w)
+                elif want_w and start:
                     grad_w.add_(g.t() @ h)
+                elif want_w:
+                    grad_w.copy_(g.t() @ h)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.done = weight.dtype, False
         return total / count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
+        # the gradients were formed in the forward: scale them in place (the backward runs once)
+        if ctx.done:
+            raise RuntimeError("linear_caption_loss: backward ran twice through the same graph (retain_graph)")
+        ctx.done = True
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        gh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         return gh, gw, None, None, None
 
 

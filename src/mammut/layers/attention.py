@@ -23,6 +23,10 @@ __all__ = ["attend", "Attention", "CrossAttention"]
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
+# on CPU, attention with at most this many scores per head runs as explicit matmuls + softmax
+_CPU_EXPLICIT_MAX_SCORES = 1 << 16
+
+
 def _sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -32,33 +36,49 @@ def _sdpa(
     is_causal: bool = False,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``, except on CPU in bf16/fp16 (autocast), where the fused
-    CPU kernel runs about 4x slower than plain matmul + softmax (forward and backward, measured
-    at 64 tokens); there the scores are formed explicitly and the softmax runs in float32.
-    Grouped-query k/v (fewer heads than q) are shared by SDPA itself, without copies."""
-    gqa = q.shape[1] != k.shape[1]
-    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
-        if not gqa:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
-        if _SDPA_HAS_GQA:
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=True
-            )
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # torch < 2.5
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    """``F.scaled_dot_product_attention``, except on CPU for short sequences (at most
+    ``_CPU_EXPLICIT_MAX_SCORES`` scores per head) and in bf16/fp16 (autocast), where the fused
+    CPU kernel is slower than explicit matmuls + softmax (fp32, forward + backward, 64 tokens:
+    1.1-1.9x; bf16: about 4x); see ``_explicit_attention``.
+    Grouped-query k/v (fewer heads than q) are shared without copies."""
+    n, m = q.shape[-2], k.shape[-2]
+    if q.device.type == "cpu" and (q.dtype in (torch.bfloat16, torch.float16) or n * m <= _CPU_EXPLICIT_MAX_SCORES):
+        return _explicit_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+    if q.shape[1] == k.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
-    if gqa:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=True
+        )
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # torch < 2.5
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
+def _explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Scores, softmax (in float32) and weighted sum as plain matmuls; the ``r = h / g`` query
+    heads of a key/value head are grouped against it, so k/v are never repeated."""
+    b, h, n, d = q.shape
+    g, m = k.shape[1], k.shape[2]
+    r = h // g
+    scores = (q * d**-0.5).view(b, g, r, n, d) @ k.transpose(-2, -1).unsqueeze(2)  # b g r n m
     if is_causal:
-        attn_mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+        attn_mask = causal_mask(n, m, q.device)
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    probs = scores.float().softmax(dim=-1).to(v.dtype)
+        mask = attn_mask.unflatten(1, (g, r)) if attn_mask.shape[1] == h else attn_mask.unsqueeze(2)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1) if scores.dtype == torch.float32 else scores.float().softmax(dim=-1).to(v.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p)
-    return probs @ v
+    return (probs @ v.unsqueeze(2)).view(b, h, n, d)
 
 
 def attend(
@@ -135,16 +155,15 @@ class Attention(nn.Module):
         as key/value), e.g. when only a final CLS token is read."""
         b, n, _ = x.shape
         h, g, d = self.heads, self.kv_heads, self.dim_head
-        q, k, v = self.to_qkv(x).split((h * d, g * d, g * d), dim=-1)
-        q = q.view(b, n, h, d).transpose(1, 2)
-        k = k.view(b, n, g, d).transpose(1, 2)
-        v = v.view(b, n, g, d).transpose(1, 2)
+        qkv = self.to_qkv(x).view(b, n, h + 2 * g, d)
+        qk, v = qkv[:, :, : h + g], qkv[:, :, h + g:]
         if self.rotary is not None:
             if positions is None:
                 start = cache.seq_len(self) if cache is not None else 0
                 positions = torch.arange(start, start + n, device=x.device)
-            cos, sin = self.rotary(positions)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            cos, sin = self.rotary(positions)  # b|1 1 n d
+            qk = apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2))  # queries and keys at once
+        q, k, v = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.append(self, k, v)
         if only_last is not None:

@@ -37,7 +37,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``t`` ``(b, h, n, d)`` by the given angles (computed in fp32, cast back)."""
+    """Rotate ``t`` ``(..., d)`` by angles ``cos, sin`` broadcastable to it (e.g. ``t``
+    ``(b, h, n, d)`` with ``(b, 1, n, d)``); computed in fp32, cast back."""
     dtype = t.dtype
     t = t.float()
     return (t * cos + _rotate_half(t) * sin).to(dtype)
