@@ -49,9 +49,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; ``foreach`` kernels (the fused one needs a GPU)."""
+    """AdamW over :func:`param_groups`: the fused kernel for plain CPU/CUDA tensors (on CPU
+    about 3x faster than the default loop, measured by ``benchmarks/train_step.py``'s model),
+    torch's default otherwise (e.g. FSDP's sharded DTensors)."""
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    params = [p for g in groups for p in g["params"]]
+    fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
