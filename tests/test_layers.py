@@ -188,3 +188,22 @@ def test_both_attention_kernels_match_reference(monkeypatch, explicit, kv_heads,
     (grad,) = torch.autograd.grad(out.sum(), q)
     (want,) = torch.autograd.grad(reference_attention(q, k, v, full).sum(), q)
     torch.testing.assert_close(grad, want)
+
+
+@pytest.mark.parametrize("shape", [(1, 12), (4, 1, 12), (2, 4, 12), (3, 3, 12), (0, 12)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_few_rows_path_equals_f_linear(shape, bias):
+    """A few rows take the weights-on-the-left product on CPU; more take F.linear: same values
+    and gradients either way."""
+    from mammut.layers import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(12, 7, bias=bias)
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    ref = F.linear(x, layer.weight, layer.bias)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref)
+    if x.numel():
+        g = torch.randn_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(out, (x, layer.weight), g), torch.autograd.grad(ref, (x, layer.weight), g))

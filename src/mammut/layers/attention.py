@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kv_cache import KVCache
+from .linear import Linear
 from .masks import causal_mask, combine_masks
 from .norms import make_norm
 from .rotary import RotaryEmbedding, apply_rotary
@@ -69,7 +70,9 @@ def _explicit_attention(
     b, h, n, d = q.shape
     g, m = k.shape[1], k.shape[2]
     r = h // g
-    scores = (q * d**-0.5).view(b, g, r, n, d) @ k.transpose(-2, -1).unsqueeze(2)  # b g r n m
+    # the group's query rows stacked against its one k/v head: only q (the small side when
+    # decoding against a cache) may be copied, never the cached k/v
+    scores = ((q * d**-0.5).reshape(b, g, r * n, d) @ k.transpose(-2, -1)).view(b, g, r, n, m)
     if is_causal:
         attn_mask = causal_mask(n, m, q.device)
     if attn_mask is not None:
@@ -78,7 +81,7 @@ def _explicit_attention(
     probs = scores.softmax(dim=-1) if scores.dtype == torch.float32 else scores.float().softmax(dim=-1).to(v.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p)
-    return (probs @ v.unsqueeze(2)).view(b, h, n, d)
+    return (probs.view(b, g, r * n, m) @ v).view(b, h, n, d)
 
 
 def attend(
@@ -135,8 +138,8 @@ class Attention(nn.Module):
             raise ValueError(f"kv_heads: expected a divisor of heads={heads}, got {kv_heads}")
         self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
         self.dropout = dropout
-        self.to_qkv = nn.Linear(dim, (heads + 2 * kv_heads) * dim_head, bias=bias)
-        self.to_out = nn.Linear(heads * dim_head, dim, bias=bias)
+        self.to_qkv = Linear(dim, (heads + 2 * kv_heads) * dim_head, bias=bias)
+        self.to_out = Linear(heads * dim_head, dim, bias=bias)
         self.rotary = RotaryEmbedding(dim_head, theta=rotary_theta) if rotary else None
 
     def forward(
@@ -210,16 +213,17 @@ class CrossAttention(nn.Module):
         self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
         self.dropout = dropout
         self.context_norm = make_norm(norm, context_dim, bias=norm_bias) if norm_context else nn.Identity()
-        self.to_q = nn.Linear(dim, heads * dim_head, bias=bias)
-        self.to_kv = nn.Linear(context_dim, 2 * kv_heads * dim_head, bias=bias)
-        self.to_out = nn.Linear(heads * dim_head, dim, bias=bias)
+        self.to_q = Linear(dim, heads * dim_head, bias=bias)
+        self.to_kv = Linear(context_dim, 2 * kv_heads * dim_head, bias=bias)
+        self.to_out = Linear(heads * dim_head, dim, bias=bias)
 
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """context ``(b, m, context_dim)`` -> k, v ``(b, g, m, d)``."""
         b, m, _ = context.shape
         k, v = self.to_kv(self.context_norm(context)).chunk(2, dim=-1)
         g, d = self.kv_heads, self.dim_head
-        return k.view(b, m, g, d).transpose(1, 2), v.view(b, m, g, d).transpose(1, 2)
+        # contiguous per head: a cache keeps them, and every decoding step multiplies by them
+        return k.view(b, m, g, d).transpose(1, 2).contiguous(), v.view(b, m, g, d).transpose(1, 2).contiguous()
 
     def forward(
         self,

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 __all__ = ["FeedForward"]
 
 
@@ -30,8 +32,8 @@ class FeedForward(nn.Module):
             raise ValueError(f"activation: expected 'swiglu', 'gelu' or 'quickgelu', got {activation!r}")
         inner = int(dim * mult)
         self.activation = activation
-        self.proj_in = nn.Linear(dim, inner * (2 if activation == "swiglu" else 1), bias=bias)
-        self.proj_out = nn.Linear(inner, dim, bias=bias)
+        self.proj_in = Linear(dim, inner * (2 if activation == "swiglu" else 1), bias=bias)
+        self.proj_out = Linear(inner, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoders import ViT, ViTConfig
-from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, ParallelBlock, TransformerBlock, make_norm
+from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, TransformerBlock, make_norm
 from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
 from ..losses import ContrastiveLoss, caption_loss
 from . import register_model
@@ -173,7 +173,7 @@ class CoCa(ModelBase):
         self.text_to_latents = nn.Linear(cfg.dim, dim_latents, bias=False)
         self.multimodal_layers = nn.ModuleList(MultimodalLayer(cfg) for _ in range(cfg.multimodal_depth))
         self.norm = make_norm(cfg.norm, cfg.dim, bias=cfg.bias)
-        self.to_logits = nn.Linear(cfg.dim, cfg.num_tokens, bias=False)
+        self.to_logits = Linear(cfg.dim, cfg.num_tokens, bias=False)
         if cfg.tie_embeddings:
             self.to_logits.weight = self.token_emb.weight
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..encoders import ViT, ViTConfig, encode_images
-from ..layers import CrossAttention, FeedForward, KVCache, ParallelBlock, make_norm
+from ..layers import CrossAttention, FeedForward, KVCache, Linear, ParallelBlock, make_norm
 from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
 from ..layers.perceiver import PerceiverResampler
 from ..losses import caption_loss
@@ -261,7 +261,7 @@ class FlamingoPaLM(ModelBase):
         xattn = set(cfg.cross_attention_layers())
         self.layers = nn.ModuleList(FlamingoLayer(cfg, cross=i in xattn) for i in range(cfg.depth))
         self.norm = make_norm(cfg.norm, cfg.dim)
-        self.to_logits = nn.Linear(cfg.dim, cfg.num_tokens, bias=False)
+        self.to_logits = Linear(cfg.dim, cfg.num_tokens, bias=False)
         if cfg.tie_embeddings:
             self.to_logits.weight = self.token_emb.weight
         if cfg.freeze_lm:

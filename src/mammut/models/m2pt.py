@@ -27,10 +27,9 @@ import re
 from typing import Callable, Iterable, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..layers import TransformerBlock
+from ..layers import TransformerBlock, linear
 
 __all__ = [
     "CrossModalReparameterization",
@@ -101,7 +100,7 @@ class CrossModalReparameterization(nn.Module):
         return self.weight + self.cross_modal_scale * self.aux_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.merged_weight(), self.bias)
+        return linear(x, self.merged_weight(), self.bias)
 
     @torch.no_grad()
     def merge_parameters(self) -> nn.Linear:

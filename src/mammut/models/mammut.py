@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoders import ViT, ViTConfig
-from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, ParallelBlock, make_norm, masked_mean
+from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, make_norm, masked_mean
 from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
 from ..losses import ContrastiveLoss, caption_loss, linear_caption_loss
 from . import register_model
@@ -152,7 +152,7 @@ class MaMMUT(ModelBase):
         xattn = set(cfg.cross_attention_layers())
         self.layers = nn.ModuleList(DecoderLayer(cfg, cross=(i + 1) in xattn) for i in range(cfg.depth))
         self.norm = make_norm(cfg.norm, cfg.dim)
-        self.to_logits = nn.Linear(cfg.dim, cfg.num_tokens, bias=False)
+        self.to_logits = Linear(cfg.dim, cfg.num_tokens, bias=False)
         if cfg.tie_embeddings:
             self.to_logits.weight = self.token_emb.weight
         self.text_to_latents = nn.Linear(cfg.dim, dim_latents, bias=False)
@@ -282,7 +282,7 @@ class MaMMUT(ModelBase):
         return self._text_embedding(x, keep), hidden
 
     def _caption_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if type(self.to_logits) is nn.Linear and self.to_logits.bias is None:
+        if type(self.to_logits) in (nn.Linear, Linear) and self.to_logits.bias is None:
             return linear_caption_loss(hidden, self.to_logits.weight, labels, pad_id=self.config.pad_id)
         return caption_loss(self.to_logits(hidden), labels, pad_id=self.config.pad_id)
 
