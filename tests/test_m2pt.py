@@ -272,7 +272,7 @@ def test_mp_block_errors():
 def test_seed_readme_cross_modal_snippet_with_hf_models_from_configs():
     """The seed README's BERT/ViT snippet, shrunk. It calls ``from_pretrained`` on the hub,
     impossible offline: the two HF models are built from small configs with random weights."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
     hf = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

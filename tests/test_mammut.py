@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mammut import MaMMUT, MaMMUTConfig
-from mammut.losses import caption_loss, focal_contrastive_loss, softmax_contrastive_loss
+from mammut.losses import caption_loss, focal_contrastive_loss
 
 VIT = dict(image_size=32, patch_size=8, dim=48, depth=1, heads=2, dim_head=24)
 SEED_OPTIONS = dict(contrastive_pass="causal", text_pool="cls", image_pool="attention", contrastive_loss="softmax", num_img_queries=6)

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch import nn
 
 from .build import build_model, resolve_model_config
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
