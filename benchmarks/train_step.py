@@ -2,7 +2,7 @@
 and MFU (against a 2048x2048 fp32 matmul measured in the same run), for mammut's MaMMUT
 and, when installed, the anchor package mammut-pytorch==0.0.7 at the same config.
 
-    .venv/bin/python benchmarks/train_step.py [--threads 2] [--steps 10] [--warmup 3]
+    .venv/bin/python benchmarks/train_step.py [--threads 2] [--steps 10] [--warmup 3] [--compile]
 
 The models run in interleaved rounds (one step of each per round); figures are medians.
 
@@ -82,6 +82,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile every model: ours per block (as `mammut train` "
+                   "with compile: true), mammut-pytorch whole; compilation happens in the warm-up")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -96,6 +98,14 @@ def main() -> None:
         if model is None:
             print(f"{name}: not installed, skipped")
             continue
+        if args.compile:
+            if name.startswith("mammut ("):
+                from mammut.train.distributed import apply_compile
+
+                apply_compile(model)
+            else:
+                model.compile()
+            name += " + compile"
         steps[name] = make_step(model)
     # interleaved rounds: every model (and the yardstick) runs once per round, so a load
     # change on a shared machine moves every figure alike and the ratios stay fair
@@ -116,10 +126,11 @@ def main() -> None:
         gflops = flops / sec[name] / 1e9
         print(f"{name:66s} {sec[name] * 1e3:8.1f} {BATCH / sec[name]:9.1f} {flops / 1e9:10.1f} {gflops:8.1f} {gflops / peak:5.2f}")
     print(f"peak RSS (whole process): {rss:.0f} MiB")
-    seed = "mammut-pytorch 0.0.7"
+    suffix = " + compile" if args.compile else ""
+    seed = "mammut-pytorch 0.0.7" + suffix
     if seed in sec:
         for name, _ in builds[:2]:
-            print(f"speed-up vs mammut-pytorch, {name}: {sec[seed] / sec[name]:.2f}x")
+            print(f"speed-up vs mammut-pytorch, {name + suffix}: {sec[seed] / sec[name + suffix]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -158,15 +158,16 @@ class Attention(nn.Module):
         as key/value), e.g. when only a final CLS token is read."""
         b, n, _ = x.shape
         h, g, d = self.heads, self.kv_heads, self.dim_head
-        qkv = self.to_qkv(x).view(b, n, h + 2 * g, d)
-        qk, v = qkv[:, :, : h + g], qkv[:, :, h + g:]
+        # split, not slicing: a slice's backward zero-fills the whole tensor once per slice
+        qk, v = self.to_qkv(x).view(b, n, h + 2 * g, d).split((h + g, g), dim=2)
         if self.rotary is not None:
             if positions is None:
                 start = cache.seq_len(self) if cache is not None else 0
                 positions = torch.arange(start, start + n, device=x.device)
             cos, sin = self.rotary(positions)  # b|1 1 n d
             qk = apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2))  # queries and keys at once
-        q, k, v = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2), v.transpose(1, 2)
+        q, k = qk.split((h, g), dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.append(self, k, v)
         if only_last is not None:
