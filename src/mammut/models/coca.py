@@ -294,7 +294,7 @@ class CoCa(ModelBase):
         if positions is None:
             positions = positions_from_mask(keep)[:, -text.shape[1]:]
         mask = None
-        if cache is not None or not is_right_padded(keep):
+        if not bool(keep.all()) and (cache is not None or not is_right_padded(keep)):  # no pad: no mask
             mask = padding_mask(keep)
         x = self._embed_tokens(text, positions)
         for layer in self.unimodal_layers:

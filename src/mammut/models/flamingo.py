@@ -393,7 +393,7 @@ class FlamingoPaLM(ModelBase):
         if positions is None:
             positions = positions_from_mask(keep)[:, -n:]
         mask = None
-        if cache is not None or not is_right_padded(keep):
+        if not bool(keep.all()) and (cache is not None or not is_right_padded(keep)):  # no pad: no mask
             mask = padding_mask(keep)
         media_mask = media = None
         if context is not None:

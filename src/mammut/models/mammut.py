@@ -250,7 +250,7 @@ class MaMMUT(ModelBase):
         if positions is None:
             positions = positions_from_mask(keep)[:, -text.shape[1]:]
         mask = None
-        if cache is not None or not is_right_padded(keep):
+        if not bool(keep.all()) and (cache is not None or not is_right_padded(keep)):  # no pad: no mask
             mask = padding_mask(keep)
         for i, layer in enumerate(self.layers[start:], start):
             if states is None or i > start:
