@@ -184,22 +184,26 @@ def steps(model: torch.nn.Module, images: torch.Tensor, repeats: int) -> None:
 
 def floor(model: torch.nn.Module, repeats: int) -> None:
     """What one cached step cannot go below at batch 4: one pass over the decoder's weight
-    matrices (``F.linear`` on 4 rows, cross-attention key/value projections excluded as they
-    are cached), i.e. reading about 35 MB of fp32 weights from memory."""
+    matrices (4 rows through each; cross-attention key/value projections excluded as they are
+    cached), about 33 MB of fp32 weights: with ``F.linear`` and with mammut's ``linear`` (the
+    weights-on-the-left product it takes for a few rows on CPU)."""
+    from mammut.layers import linear
+
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
              and (n.startswith("layers.") and not n.endswith("to_kv") or n == "to_logits")]
     mods = dict(model.named_modules())
     inputs = {n: torch.randn(BATCH, mods[n].in_features) for n in names}
     size = sum(mods[n].weight.numel() for n in names) * 4 / 1e6
-    ts = []
-    for _ in range(max(repeats, 5) + 1):
-        t = time.perf_counter()
-        for n in names:
-            F.linear(inputs[n], mods[n].weight)
-        ts.append(time.perf_counter() - t)
-    sec = statistics.median(ts[1:])
-    print(f"floor: the decoder's {len(names)} weight matrices ({size:.0f} MB) once at batch {BATCH}: "
-          f"{sec * 1e3:.2f} ms ({size / 1e3 / sec:.1f} GB/s)")
+    for label, fn in (("F.linear", F.linear), ("mammut linear", linear)):
+        ts = []
+        for _ in range(max(repeats, 5) + 1):
+            t = time.perf_counter()
+            for n in names:
+                fn(inputs[n], mods[n].weight)
+            ts.append(time.perf_counter() - t)
+        sec = statistics.median(ts[1:])
+        print(f"floor: the decoder's {len(names)} weight matrices ({size:.0f} MB) once at batch {BATCH}, {label}: "
+              f"{sec * 1e3:.2f} ms ({size / 1e3 / sec:.1f} GB/s)")
 
 
 def lengths(model: torch.nn.Module, images: torch.Tensor, full: bool) -> None:
