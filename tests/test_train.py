@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,18 @@ def test_activation_checkpointing_keeps_the_losses(tmp_path):
     assert sorted(plain.model.state_dict()) == sorted(checkpointed.model.state_dict())  # names unchanged
     torch.testing.assert_close(torch.tensor(checkpointed.fit().losses), torch.tensor(plain.fit().losses),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_blocks_keep_the_losses(tmp_path):
+    """``train.compile`` (torch.compile per block, as ``benchmarks/train_step.py --compile``)."""
+    args = ("--train.steps", "3", "--train.log_every", "1")
+    plain = Trainer(tiny(tmp_path / "a", *args))
+    compiled = Trainer(tiny(tmp_path / "b", *args, "--train.compile", "true"))
+    assert sorted(plain.model.state_dict()) == sorted(compiled.model.state_dict())  # names unchanged
+    torch.testing.assert_close(torch.tensor(compiled.fit().losses), torch.tensor(plain.fit().losses),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_existing_run_needs_resume(tmp_path):
