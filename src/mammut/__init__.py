@@ -3,7 +3,7 @@
 The library core imports only torch and einops.
 """
 
-from .encoders import ViT, ViTConfig
+from .encoders import VideoTubeConfig, VideoTubeViT, ViT, ViTConfig
 from .layers import KVCache
 from .losses import (
     ContrastiveLoss,
@@ -46,6 +46,8 @@ __all__ = [
     "CheckpointError",
     "ViT",
     "ViTConfig",
+    "VideoTubeConfig",
+    "VideoTubeViT",
     "KVCache",
     "ContrastiveLoss",
     "caption_loss",

@@ -11,9 +11,11 @@ from .external import (
     encoder_spec,
     wrap_encoder,
 )
+from .video import VideoTubeConfig, VideoTubeViT, sincos_3d
 from .vit import ViT, ViTConfig
 
 __all__ = [
     "ViT", "ViTConfig", "as_image_tokens", "encode_images", "EncoderAdapter", "HFVisionEncoder",
     "TimmEncoder", "VitPytorchEncoder", "build_encoder", "encoder_spec", "wrap_encoder",
+    "VideoTubeConfig", "VideoTubeViT", "sincos_3d",
 ]

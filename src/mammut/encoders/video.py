@@ -1,0 +1,151 @@
+"""Video encoder for MaMMUT's video tasks: TubeViT-style sparse tubes through the image ViT.
+
+Legend: ``b`` batch, ``c`` channels, ``t`` frames, ``H, W`` frame size, ``d`` ViT width.
+
+MaMMUT (arXiv 2303.16839, section "MaMMUT for video tasks") extends the image model without a
+new backbone:
+- the ViT's own 2D patches, taken from every ``frame_stride``-th frame, with its learned
+  positional embedding;
+- tube tokens: a few 3D convolutions with long, thin or wide kernels at sparse strides
+  (TubeViT, arXiv 2212.03229), each token at the centre of its tube;
+- fixed 3D sin-cos positional embeddings (time, y, x of each token's centre): the tubes' only
+  position signal, and added to the 2D patch tokens through a learned weight
+  (``fixed_gate``, starting at 0 so the image model is unchanged at initialisation);
+- every token concatenated and passed through the shared ViT blocks.
+The exact gate form is not published (see ``shared/reference.md``); this is our reading: one
+scalar weight on the fixed embedding of the 2D patch tokens. The video path uses the ViT's full
+positional grid (no cropping) and drops no patches; a ViT class token comes first, as for images.
+
+``VideoTubeViT(vit, VideoTubeConfig(...))`` is an image encoder for the models:
+``MaMMUT(img_encoder=VideoTubeViT(vit), ...)`` then takes ``images=`` videos ``(b, c, t, H, W)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .vit import ViT
+
+__all__ = ["VideoTubeConfig", "VideoTubeViT", "sincos_3d"]
+
+Triple = tuple[int, int, int]
+
+
+@dataclass
+class VideoTubeConfig:
+    """``tubes``: ``(kernel, stride, offset)`` per tube projection, each ``(t, y, x)``.
+    Defaults: TubeViT's three 3D tubes (its fourth, a 1x16x16 2D patch, is replaced by the
+    ViT's own patches every ``frame_stride`` frames, as in MaMMUT), for 32 frames of 224 px."""
+
+    frames: int = 32
+    frame_stride: int = 8
+    tubes: tuple[tuple[Triple, Triple, Triple], ...] = (
+        ((8, 8, 8), (16, 32, 32), (0, 0, 0)),
+        ((16, 4, 4), (6, 32, 32), (4, 8, 8)),
+        ((4, 12, 12), (16, 32, 32), (0, 16, 16)),
+    )
+    theta: float = 10000.0  # base of the fixed sin-cos embedding
+
+    def __post_init__(self) -> None:
+        if self.frames < 1 or self.frame_stride < 1:
+            raise ValueError(f"frames / frame_stride: expected positive integers, got {self.frames} / {self.frame_stride}")
+        self.tubes = tuple(tuple(tuple(int(v) for v in part) for part in tube) for tube in self.tubes)  # type: ignore[assignment]
+        for i, tube in enumerate(self.tubes):
+            if len(tube) != 3 or any(len(part) != 3 for part in tube):
+                raise ValueError(f"tubes[{i}]: expected ((kt, ky, kx), (st, sy, sx), (ot, oy, ox)), got {tube}")
+            kernel, stride, offset = tube
+            if min(kernel) < 1 or min(stride) < 1 or min(offset) < 0:
+                raise ValueError(f"tubes[{i}]: expected kernel, stride >= 1 and offset >= 0, got {tube}")
+
+
+def sincos_3d(centers: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Fixed embeddings ``(n, dim)`` of 3D points ``centers`` ``(n, 3)``: each axis gets
+    ``2 * (dim // 6)`` channels of sin/cos at geometric frequencies; the rest are zero."""
+    per_axis = dim // 6
+    if per_axis < 1:
+        raise ValueError(f"dim: expected at least 6 for a 3D sin-cos embedding, got {dim}")
+    freqs = theta ** (-torch.arange(per_axis, dtype=torch.float32, device=centers.device) / per_axis)
+    angles = centers.float().unsqueeze(-1) * freqs  # n 3 f
+    emb = torch.cat((angles.sin(), angles.cos()), dim=-1).flatten(1)  # n 6f
+    return nn.functional.pad(emb, (0, dim - emb.shape[1]))
+
+
+def _grid_centers(size: Triple, kernel: Triple, stride: Triple, offset: Triple) -> torch.Tensor:
+    """Centres ``(T' * H' * W', 3)`` of a strided 3D window grid, in frames / pixels."""
+    axes = []
+    for n, k, s, o in zip(size, kernel, stride, offset):
+        count = (n - o - k) // s + 1
+        axes.append(o + torch.arange(count, dtype=torch.float32) * s + (k - 1) / 2)
+    return torch.cartesian_prod(*axes).reshape(-1, 3)
+
+
+class VideoTubeViT(nn.Module):
+    """videos ``(b, c, t, H, W)`` -> tokens ``(b, n, d)``: sparse-frame 2D patches then tube
+    tokens, through ``vit``'s blocks (shared with the image path)."""
+
+    def __init__(self, vit: ViT, config: VideoTubeConfig | None = None) -> None:
+        super().__init__()
+        if not isinstance(vit, ViT):
+            raise TypeError(f"vit: expected a mammut ViT (its patches and blocks are shared), got {type(vit).__name__}")
+        cfg = config if config is not None else VideoTubeConfig()
+        vc = vit.config
+        size = (cfg.frames, vc.image_size, vc.image_size)
+        for i, (kernel, _, offset) in enumerate(cfg.tubes):
+            if any(o + k > n for n, k, o in zip(size, kernel, offset)):
+                raise ValueError(f"tubes[{i}]: offset {offset} + kernel {kernel} does not fit a video of (t, H, W) = {size}")
+        self.config, self.vit = cfg, vit
+        self.tubes = nn.ModuleList(
+            nn.Conv3d(vc.channels, vc.dim, kernel, stride=stride, bias=vc.patch_bias) for kernel, stride, _ in cfg.tubes
+        )
+        self.fixed_gate = nn.Parameter(torch.zeros(()))
+        p = vc.patch_size
+        frames = torch.arange(0, cfg.frames, cfg.frame_stride)
+        patch = _grid_centers((1, vc.image_size, vc.image_size), (1, p, p), (1, p, p), (0, 0, 0))  # g*g 3
+        patch_centers = patch.repeat(len(frames), 1)
+        patch_centers[:, 0] = frames.float().repeat_interleave(patch.shape[0])
+        self.register_buffer("patch_fixed", sincos_3d(patch_centers, vc.dim, cfg.theta), persistent=False)
+        tube_centers = torch.cat([_grid_centers(size, k, s, o) for k, s, o in cfg.tubes])
+        self.register_buffer("tube_fixed", sincos_3d(tube_centers, vc.dim, cfg.theta), persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return self.vit.dim
+
+    def num_tokens(self) -> int:
+        """Tokens per video: 2D patches of the sparse frames, every tube's tokens (and the
+        ViT's class token, if it has one)."""
+        return self.patch_fixed.shape[0] + self.tube_fixed.shape[0] + int(self.vit.config.class_token)
+
+    def check_images(self, videos: torch.Tensor) -> None:
+        vc, cfg = self.vit.config, self.config
+        expected = (vc.channels, cfg.frames, vc.image_size, vc.image_size)
+        if videos.ndim != 5 or tuple(videos.shape[1:]) != expected:
+            raise ValueError(f"images: expected videos of shape (batch, {', '.join(map(str, expected))}), got {tuple(videos.shape)}")
+
+    def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        self.check_images(videos)
+        vit, cfg = self.vit, self.config
+        b = videos.shape[0]
+        frames = videos[:, :, :: cfg.frame_stride].transpose(1, 2).flatten(0, 1)  # (b t') c H W
+        patches = vit.to_patches(frames).flatten(2).transpose(1, 2)  # (b t') n d
+        patches = patches + vit.pos_emb.flatten(2).transpose(1, 2).to(patches.dtype)
+        patches = patches.reshape(b, -1, patches.shape[-1]) + self.fixed_gate * self.patch_fixed.to(patches.dtype)
+        tubes = []
+        for conv, (_, _, (ot, oy, ox)) in zip(self.tubes, cfg.tubes):
+            tubes.append(conv(videos[:, :, ot:, oy:, ox:]).flatten(2).transpose(1, 2))  # b n_i d
+        tube_tokens = torch.cat(tubes, dim=1)
+        x = torch.cat((patches, tube_tokens + self.tube_fixed.to(tube_tokens.dtype)), dim=1)
+        if vit.config.class_token:
+            cls = (vit.cls_token + vit.cls_pos_emb).to(x.dtype)
+            x = torch.cat((cls.expand(b, 1, -1), x), dim=1)
+        x = vit.pre_norm(x)
+        for block in vit.blocks:
+            x = block(x)
+        return vit.norm(x)
+
+    def extra_repr(self) -> str:
+        return f"frames={self.config.frames}, frame_stride={self.config.frame_stride}, tokens={self.num_tokens()}"
+
