@@ -42,6 +42,19 @@ class ModelBase(nn.Module):
             raise ValueError(f"image_tokens: expected width {image_dim} (image_dim), got {tuple(tokens.shape)}")
         return tokens
 
+    def caption_loss_from_states(self, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token loss of the decoder's final normed states ``(b, n, d)`` through
+        ``self.to_logits``: without ever forming the ``(b, n, vocab)`` logits when it is a plain
+        bias-free linear (``linear_caption_loss``), through the logits otherwise (e.g. an M2PT
+        pathway)."""
+        from ..layers import Linear
+        from ..losses import caption_loss, linear_caption_loss
+
+        head, pad_id = self.to_logits, self.config.pad_id
+        if type(head) in (nn.Linear, Linear) and head.bias is None:
+            return linear_caption_loss(states, head.weight, labels, pad_id=pad_id)
+        return caption_loss(head(states), labels, pad_id=pad_id)
+
     @staticmethod
     def check_batch(text: torch.Tensor, tokens: torch.Tensor) -> None:
         if tokens.shape[0] != text.shape[0]:

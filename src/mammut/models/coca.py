@@ -36,7 +36,7 @@ from torch import nn
 from ..encoders import ViT, ViTConfig
 from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, TransformerBlock, make_norm
 from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
-from ..losses import ContrastiveLoss, caption_loss
+from ..losses import ContrastiveLoss
 from . import register_model
 from ._base import ModelBase
 from ._checks import check_choice, check_text
@@ -272,7 +272,7 @@ class CoCa(ModelBase):
         for layer in self.multimodal_layers:
             x = layer.block(x, causal=True, mask=mask, positions=positions, cache=cache)
             x = layer.cross(x, context, cache=cache)
-        return self.to_logits(self.norm(x))
+        return self.norm(x)  # final states; logits are self.to_logits of them
 
     def decode(
         self,
@@ -299,7 +299,7 @@ class CoCa(ModelBase):
         x = self._embed_tokens(text, positions)
         for layer in self.unimodal_layers:
             x = layer(x, causal=True, mask=mask, positions=positions, cache=cache)
-        return self._multimodal(x, context, mask=mask, positions=positions, cache=cache)
+        return self.to_logits(self._multimodal(x, context, mask=mask, positions=positions, cache=cache))
 
     # ------------------------------------------------------------------ losses
     def compute_losses(
@@ -324,7 +324,7 @@ class CoCa(ModelBase):
         if labels is None:
             feats, positions, keep, labels = feats[:, :-1], positions[:, :-1], keep[:, :-1], text[:, 1:]
         mask = None if is_right_padded(keep) else padding_mask(keep)
-        cap = caption_loss(self._multimodal(feats, context, mask=mask, positions=positions), labels, pad_id=cfg.pad_id)
+        cap = self.caption_loss_from_states(self._multimodal(feats, context, mask=mask, positions=positions), labels)
         con = self.contrastive(self._text_latents(cls_out), image_embeds)
         total = cfg.caption_loss_weight * cap + cfg.contrastive_loss_weight * con
         return LossOutput(total, cap, con)
@@ -351,4 +351,4 @@ class CoCa(ModelBase):
             return self._text_latents(cls_out), image_embeds
         keep = text != cfg.pad_id
         mask = None if is_right_padded(keep) else padding_mask(keep)
-        return self._multimodal(feats, context, mask=mask, positions=positions)
+        return self.to_logits(self._multimodal(feats, context, mask=mask, positions=positions))

@@ -33,7 +33,6 @@ from ..encoders import ViT, ViTConfig, encode_images
 from ..layers import CrossAttention, FeedForward, KVCache, Linear, ParallelBlock, make_norm
 from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
 from ..layers.perceiver import PerceiverResampler
-from ..losses import caption_loss
 from . import register_model
 from ._base import ModelBase
 from ._checks import check_text
@@ -378,8 +377,20 @@ class FlamingoPaLM(ModelBase):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """Logits ``(b, n, v)``: ``self.to_logits`` of ``decode_hidden`` (same arguments)."""
+        return self.to_logits(self.decode_hidden(text, context, keep=keep, positions=positions, cache=cache))
+
+    def decode_hidden(
+        self,
+        text: torch.Tensor,
+        context: Union[FlamingoContext, torch.Tensor, None] = None,
+        *,
+        keep: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """text ``(b, n)`` (the new tokens) and ``context`` from ``image_context`` (``None``:
-        the plain LM) -> logits ``(b, n, v)``.
+        the plain LM) -> final normed states ``(b, n, d)``.
 
         ``keep`` ``(b, cached + n)`` marks real tokens over the whole sequence so far (default:
         ``text != pad_id``); ``positions`` ``(b, n)`` default to real-token counts. With a
@@ -408,7 +419,7 @@ class FlamingoPaLM(ModelBase):
             if layer.xattn is not None and media is not None:
                 x = layer.xattn(x, media, media_mask=media_mask, cache=cache)
             x = layer.block(x, causal=True, mask=mask, positions=positions, cache=cache)
-        return self.to_logits(self.norm(x))
+        return self.norm(x)
 
     def forward(
         self,
@@ -440,4 +451,4 @@ class FlamingoPaLM(ModelBase):
                 raise ValueError(f"labels: expected shape {tuple(text.shape)} (as text), got {tuple(labels.shape)}")
             inputs = text
         labels = labels.masked_fill(labels == cfg.media_token_id, cfg.pad_id)
-        return caption_loss(self.decode(inputs, context), labels, pad_id=cfg.pad_id)
+        return self.caption_loss_from_states(self.decode_hidden(inputs, context), labels)

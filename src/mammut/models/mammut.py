@@ -27,7 +27,7 @@ from torch import nn
 from ..encoders import ViT, ViTConfig
 from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, make_norm, masked_mean
 from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
-from ..losses import ContrastiveLoss, caption_loss, linear_caption_loss
+from ..losses import ContrastiveLoss
 from . import register_model
 from ._base import ModelBase
 from ._checks import check_choice, check_text
@@ -281,11 +281,6 @@ class MaMMUT(ModelBase):
             x = layer.block(x, causal=True, mask=mask, positions=positions, only_last=self._only_last(layer))
         return self._text_embedding(x, keep), hidden
 
-    def _caption_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if type(self.to_logits) in (nn.Linear, Linear) and self.to_logits.bias is None:
-            return linear_caption_loss(hidden, self.to_logits.weight, labels, pad_id=self.config.pad_id)
-        return caption_loss(self.to_logits(hidden), labels, pad_id=self.config.pad_id)
-
     # ------------------------------------------------------------------ losses
     def compute_losses(
         self,
@@ -310,13 +305,13 @@ class MaMMUT(ModelBase):
         if cfg.contrastive_pass == "causal" and (cfg.dropout == 0.0 or not self.training):
             text_embeds, hidden = self._causal_passes(text, inputs, context)
             con = self.contrastive(text_embeds, image_embeds)
-            cap = self._caption_loss(hidden, labels)
+            cap = self.caption_loss_from_states(hidden, labels)
         elif self.training and cfg.shuffle_passes and bool(torch.randint(2, ()).item()):
-            cap = self._caption_loss(self.decode_hidden(inputs, context), labels)
+            cap = self.caption_loss_from_states(self.decode_hidden(inputs, context), labels)
             con = self.contrastive(self.embed_text(text), image_embeds)
         else:
             con = self.contrastive(self.embed_text(text), image_embeds)
-            cap = self._caption_loss(self.decode_hidden(inputs, context), labels)
+            cap = self.caption_loss_from_states(self.decode_hidden(inputs, context), labels)
         total = cfg.caption_loss_weight * cap + cfg.contrastive_loss_weight * con
         return LossOutput(total, cap, con)
 
