@@ -39,8 +39,9 @@ def _sdpa(
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention``, except on CPU for short sequences (at most
     ``_CPU_EXPLICIT_MAX_SCORES`` scores per head) and in bf16/fp16 (autocast), where the fused
-    CPU kernel is slower than explicit matmuls + softmax (fp32, forward + backward, 64 tokens:
-    1.1-1.9x; bf16: about 4x); see ``_explicit_attention``.
+    CPU kernel is slower than explicit matmuls + softmax (fp32, forward + backward: 64-token
+    self-attention 1.1-1.9x, 257 pooler queries 1.5x, 64 x 256 cross-attention about even;
+    bf16: about 4x); see ``_explicit_attention``.
     Grouped-query k/v (fewer heads than q) are shared without copies."""
     n, m = q.shape[-2], k.shape[-2]
     if q.device.type == "cpu" and (q.dtype in (torch.bfloat16, torch.float16) or n * m <= _CPU_EXPLICIT_MAX_SCORES):
