@@ -207,3 +207,14 @@ def test_linear_few_rows_path_equals_f_linear(shape, bias):
     if x.numel():
         g = torch.randn_like(ref)
         torch.testing.assert_close(torch.autograd.grad(out, (x, layer.weight), g), torch.autograd.grad(ref, (x, layer.weight), g))
+
+
+def test_linear_few_rows_path_keeps_autocast_dtypes():
+    from mammut.layers import Linear
+
+    layer = Linear(12, 7, bias=True)
+    x = torch.randn(2, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)

@@ -25,9 +25,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not (0 < rows <= FEW_ROWS and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
-    out = weight @ flat.t()  # o r
-    if bias is not None:
-        out = out + bias.unsqueeze(1)
+    # o r; addmm keeps autocast's casting rules of F.linear (bias included)
+    out = weight @ flat.t() if bias is None else torch.addmm(bias.unsqueeze(1), weight, flat.t())
     return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
