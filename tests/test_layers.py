@@ -218,3 +218,15 @@ def test_linear_few_rows_path_keeps_autocast_dtypes():
         out, ref = layer(x), F.linear(x, layer.weight, layer.bias)
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref)
+
+
+def test_decoder_mask_only_where_causality_is_not_enough():
+    from mammut.layers import decoder_mask
+
+    full = torch.ones(2, 4, dtype=torch.bool)
+    right = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    left = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    assert decoder_mask(full, cached=True) is None and decoder_mask(full, cached=False) is None
+    assert decoder_mask(right, cached=False) is None  # pads come after every real token
+    for keep, cached in ((right, True), (left, False), (left, True)):
+        torch.testing.assert_close(decoder_mask(keep, cached=cached), padding_mask(keep))

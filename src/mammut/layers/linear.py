@@ -3,8 +3,8 @@
 Decoding one token for a few captions multiplies 1-8 rows by every weight matrix. On CPU in
 float32, ``F.linear`` (BLAS with the rows as the left operand) then runs 2-3x slower than the
 same product taken the other way round, weights on the left: ``(W @ x.T).T`` streams each
-weight matrix once (measured over the 25 matrices of the benchmark decoder at 2-8 rows:
-5.3 ms -> 1.8 ms per step; ``benchmarks/generate.py``). The result is the same product, equal
+weight matrix once (the 25 matrices of the benchmark decoder, 4 rows: 5.6 ms -> 2.1 ms per
+step, printed as "floor" by ``benchmarks/generate.py``). The result is the same product, equal
 up to float rounding. Training batches and other devices/dtypes take ``F.linear`` unchanged.
 """
 

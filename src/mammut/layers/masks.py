@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["causal_mask", "padding_mask", "combine_masks", "is_right_padded", "positions_from_mask"]
+__all__ = ["causal_mask", "padding_mask", "combine_masks", "is_right_padded", "positions_from_mask", "decoder_mask"]
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> torch.Tensor:
@@ -46,3 +46,12 @@ def is_right_padded(keep: torch.Tensor) -> bool:
 def positions_from_mask(keep: torch.Tensor) -> torch.Tensor:
     """Positions that count only real tokens: left padding does not shift a row. ``(b, n)``."""
     return (keep.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def decoder_mask(keep: torch.Tensor, *, cached: bool) -> torch.Tensor | None:
+    """Key-padding mask for a causal decoder, or ``None`` where causality alone suffices:
+    no padding at all, or right padding without a cache (pads come after every real token).
+    keep: ``(b, cached + n)`` bool over the whole sequence so far."""
+    if bool(keep.all()) or (not cached and is_right_padded(keep)):
+        return None
+    return padding_mask(keep)

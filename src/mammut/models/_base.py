@@ -42,6 +42,12 @@ class ModelBase(nn.Module):
             raise ValueError(f"image_tokens: expected width {image_dim} (image_dim), got {tuple(tokens.shape)}")
         return tokens
 
+    def decode(self, text: torch.Tensor, context: Any = None, **kwargs: Any) -> torch.Tensor:
+        """Decoder protocol (used by ``mammut.generation``): new tokens ``(b, n)`` and the
+        model's image context -> logits ``(b, n, v)``, i.e. ``self.to_logits`` of the
+        subclass's ``decode_hidden(text, context, keep=, positions=, cache=)``."""
+        return self.to_logits(self.decode_hidden(text, context, **kwargs))
+
     def caption_loss_from_states(self, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Next-token loss of the decoder's final normed states ``(b, n, d)`` through
         ``self.to_logits``: without ever forming the ``(b, n, vocab)`` logits when it is a plain

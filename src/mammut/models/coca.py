@@ -35,7 +35,7 @@ from torch import nn
 
 from ..encoders import ViT, ViTConfig
 from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, TransformerBlock, make_norm
-from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
+from ..layers.masks import decoder_mask, padding_mask, positions_from_mask
 from ..losses import ContrastiveLoss
 from . import register_model
 from ._base import ModelBase
@@ -274,7 +274,7 @@ class CoCa(ModelBase):
             x = layer.cross(x, context, cache=cache)
         return self.norm(x)  # final states; logits are self.to_logits of them
 
-    def decode(
+    def decode_hidden(
         self,
         text: torch.Tensor,
         context: torch.Tensor,
@@ -283,8 +283,9 @@ class CoCa(ModelBase):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Decoder protocol: new tokens ``(b, n)`` and context ``(b, q, d)`` -> logits ``(b, n, v)``
-        through the unimodal then the multimodal layers (no CLS: nothing sees it causally).
+        """New tokens ``(b, n)`` and context ``(b, q, d)`` -> final normed states ``(b, n, d)``
+        through the unimodal then the multimodal layers (no CLS: nothing sees it causally);
+        ``decode`` gives their logits ``(b, n, v)``.
 
         ``keep`` ``(b, cached + n)`` marks real tokens over the whole sequence so far (default:
         ``text != pad_id``); ``positions`` ``(b, n)`` default to real-token counts.
@@ -293,13 +294,11 @@ class CoCa(ModelBase):
             keep = text != self.config.pad_id
         if positions is None:
             positions = positions_from_mask(keep)[:, -text.shape[1]:]
-        mask = None
-        if not bool(keep.all()) and (cache is not None or not is_right_padded(keep)):  # no pad: no mask
-            mask = padding_mask(keep)
+        mask = decoder_mask(keep, cached=cache is not None)
         x = self._embed_tokens(text, positions)
         for layer in self.unimodal_layers:
             x = layer(x, causal=True, mask=mask, positions=positions, cache=cache)
-        return self.to_logits(self._multimodal(x, context, mask=mask, positions=positions, cache=cache))
+        return self._multimodal(x, context, mask=mask, positions=positions, cache=cache)
 
     # ------------------------------------------------------------------ losses
     def compute_losses(
@@ -323,7 +322,7 @@ class CoCa(ModelBase):
         keep = text != cfg.pad_id
         if labels is None:
             feats, positions, keep, labels = feats[:, :-1], positions[:, :-1], keep[:, :-1], text[:, 1:]
-        mask = None if is_right_padded(keep) else padding_mask(keep)
+        mask = decoder_mask(keep, cached=False)
         cap = self.caption_loss_from_states(self._multimodal(feats, context, mask=mask, positions=positions), labels)
         con = self.contrastive(self._text_latents(cls_out), image_embeds)
         total = cfg.caption_loss_weight * cap + cfg.contrastive_loss_weight * con
@@ -350,5 +349,5 @@ class CoCa(ModelBase):
         if return_embeddings:
             return self._text_latents(cls_out), image_embeds
         keep = text != cfg.pad_id
-        mask = None if is_right_padded(keep) else padding_mask(keep)
+        mask = decoder_mask(keep, cached=False)
         return self.to_logits(self._multimodal(feats, context, mask=mask, positions=positions))

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..encoders import ViT, ViTConfig, encode_images
 from ..layers import CrossAttention, FeedForward, KVCache, Linear, ParallelBlock, make_norm
-from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
+from ..layers.masks import decoder_mask, positions_from_mask
 from ..layers.perceiver import PerceiverResampler
 from . import register_model
 from ._base import ModelBase
@@ -368,18 +368,6 @@ class FlamingoPaLM(ModelBase):
         # later cached steps: a generated media token past the last item matches no media
         return index
 
-    def decode(
-        self,
-        text: torch.Tensor,
-        context: Union[FlamingoContext, torch.Tensor, None] = None,
-        *,
-        keep: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Logits ``(b, n, v)``: ``self.to_logits`` of ``decode_hidden`` (same arguments)."""
-        return self.to_logits(self.decode_hidden(text, context, keep=keep, positions=positions, cache=cache))
-
     def decode_hidden(
         self,
         text: torch.Tensor,
@@ -403,9 +391,7 @@ class FlamingoPaLM(ModelBase):
             keep = text != cfg.pad_id
         if positions is None:
             positions = positions_from_mask(keep)[:, -n:]
-        mask = None
-        if not bool(keep.all()) and (cache is not None or not is_right_padded(keep)):  # no pad: no mask
-            mask = padding_mask(keep)
+        mask = decoder_mask(keep, cached=cache is not None)
         media_mask = media = None
         if context is not None:
             media, time_mask = (context, None) if torch.is_tensor(context) else context

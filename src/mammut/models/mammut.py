@@ -26,7 +26,7 @@ from torch import nn
 
 from ..encoders import ViT, ViTConfig
 from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, make_norm, masked_mean
-from ..layers.masks import is_right_padded, padding_mask, positions_from_mask
+from ..layers.masks import decoder_mask, padding_mask, positions_from_mask
 from ..losses import ContrastiveLoss
 from . import register_model
 from ._base import ModelBase
@@ -212,22 +212,6 @@ class MaMMUT(ModelBase):
         """With a CLS embedding only the CLS row of the last layer is ever read."""
         return 1 if self.text_cls is not None and layer is self.layers[-1] else None
 
-    def decode(
-        self,
-        text: torch.Tensor,
-        context: torch.Tensor,
-        *,
-        keep: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Captioning pass: text ``(b, n)`` and image context ``(b, m', d)`` -> logits ``(b, n, v)``.
-
-        ``keep`` ``(b, cached + n)`` marks real tokens over the whole sequence so far (default:
-        ``text != pad_id``); ``positions`` ``(b, n)`` default to real-token counts.
-        """
-        return self.to_logits(self.decode_hidden(text, context, keep=keep, positions=positions, cache=cache))
-
     def decode_hidden(
         self,
         text: torch.Tensor,
@@ -239,7 +223,11 @@ class MaMMUT(ModelBase):
         start: int = 0,
         states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``decode`` before the output projection: final normed states ``(b, n, d)``.
+        """Captioning pass: text ``(b, n)`` and image context ``(b, m', d)`` -> final normed
+        states ``(b, n, d)`` (``decode`` gives their logits ``(b, n, v)``).
+
+        ``keep`` ``(b, cached + n)`` marks real tokens over the whole sequence so far (default:
+        ``text != pad_id``); ``positions`` ``(b, n)`` default to real-token counts.
 
         ``states`` ``(b, n, d)``: the output of layer ``start``'s self-attention block
         (0-indexed), computed elsewhere; decoding resumes from there (see ``_causal_passes``).
@@ -249,9 +237,7 @@ class MaMMUT(ModelBase):
             keep = text != self.config.pad_id
         if positions is None:
             positions = positions_from_mask(keep)[:, -text.shape[1]:]
-        mask = None
-        if not bool(keep.all()) and (cache is not None or not is_right_padded(keep)):  # no pad: no mask
-            mask = padding_mask(keep)
+        mask = decoder_mask(keep, cached=cache is not None)
         for i, layer in enumerate(self.layers[start:], start):
             if states is None or i > start:
                 x = layer.block(x, causal=True, mask=mask, positions=positions, cache=cache)
