@@ -1,6 +1,7 @@
 """Generation (mammut.generation) on every decoder that follows the decoder protocol."""
 
 import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -224,6 +225,104 @@ def test_beam_search_cached_equals_uncached():
             for c in (True, False)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     torch.testing.assert_close(runs[0].scores, runs[1].scores, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------- static cache, compiled steps
+def _eos_hit_early(model, images, prompts):
+    """A token greedy decoding produces at step 2 of row 0: as eos, rows finish at different steps."""
+    return int(generate(model, images, prompts, max_new_tokens=4, eos_id=None)[0, 1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_cache_gives_the_dynamic_cache_results(kind):
+    """Fixed shapes (full-capacity keys, masked; done rows kept in the batch) change nothing:
+    same tokens, scores and logits for greedy and beam search, with prompts of different
+    lengths and rows finishing at different steps."""
+    model = build(kind)
+    images, prompts = inputs(kind)
+    eos = _eos_hit_early(model, images, prompts)
+    runs = [
+        dict(max_new_tokens=8, eos_id=None, return_logits=True),
+        dict(max_new_tokens=8, eos_id=eos, return_logits=True),
+        dict(max_new_tokens=7, strategy="beam", num_beams=3, eos_id=eos, return_scores=True),
+        dict(max_new_tokens=7, strategy="beam", num_beams=3, eos_id=eos, early_stopping=False, length_penalty=0.5,
+             return_scores=True),
+        dict(max_new_tokens=6, repetition_penalty=1.5, return_scores=True),
+    ]
+    for kw in runs:
+        dynamic = generate(model, images, prompts, **kw)
+        static = generate(model, images, prompts, static_cache=True, **kw)
+        assert torch.equal(static.tokens, dynamic.tokens), kw
+        torch.testing.assert_close(static.scores, dynamic.scores, atol=1e-5, rtol=0)
+        torch.testing.assert_close(static.token_scores, dynamic.token_scores, atol=1e-5, rtol=0)
+        if static.logits is not None:
+            torch.testing.assert_close(static.logits, dynamic.logits, atol=1e-5, rtol=0)
+    assert bool((generate(model, images, prompts, max_new_tokens=8, eos_id=eos) == 0).any()), "no row finished early"
+
+
+def test_static_cache_keeps_one_shape_per_step(monkeypatch):
+    """Every step after the prompt sees the same shapes (what lets one compiled graph serve
+    them all): one token per row, keys over the whole capacity, no row dropped."""
+    from mammut import generation
+
+    model = build("mammut")
+    images, prompts = inputs("mammut")
+    eos = _eos_hit_early(model, images, prompts)
+    shapes = []
+    real = generation._decode_last
+
+    def spy(model, text, context, keep, positions, cache):
+        shapes.append((tuple(text.shape), tuple(keep.shape), tuple(positions.shape)))
+        return real(model, text, context, keep, positions, cache)
+
+    monkeypatch.setattr(generation, "_decode_last", spy)
+    out = generate(model, images, prompts, max_new_tokens=9, eos_id=eos, static_cache=True)
+    capacity = generation.STATIC_ROUND
+    assert shapes[0] == ((3, 4), (3, 4), (3, 4))  # the prompt, left-padded to 4 columns
+    assert set(shapes[1:]) == {((3, 1), (3, capacity), (3, 1))}
+    assert len(shapes) == out.shape[1]
+
+
+def test_static_kv_cache_checks_its_use():
+    from mammut.layers import StaticKVCache
+
+    with pytest.raises(ValueError, match="capacity"):
+        StaticKVCache(0)
+    cache, layer = StaticKVCache(4), torch.nn.Linear(1, 1)
+    k = torch.randn(2, 1, 3, 8)
+    assert cache.append(layer, k, k)[0].shape == (2, 1, 3, 8)  # the prompt gets back its own columns
+    with pytest.raises(ValueError, match="one token per call"):
+        cache.append(layer, k, k)
+    with pytest.raises(ValueError, match="column"):
+        cache.at(4)
+    cache.at(3)
+    full_k, _ = cache.append(layer, k[:, :, :1], k[:, :, :1])
+    assert full_k.shape == (2, 1, 4, 8)
+    torch.testing.assert_close(full_k[:, :, 3], k[:, :, 0])
+    torch.testing.assert_close(full_k[:, :, :3], k)
+    with pytest.raises(ValueError, match="capacity=4"):
+        StaticKVCache(4).append(layer, torch.randn(2, 1, 5, 8), torch.randn(2, 1, 5, 8))
+    with pytest.raises(ValueError, match="use_cache=True"):
+        generate(build("mammut"), torch.randn(1, 3, 32, 32), static_cache=True, use_cache=False)
+    with pytest.raises(TypeError, match="compile: expected a bool"):
+        generate(build("mammut"), torch.randn(1, 3, 32, 32), compile="yes")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("kind", ["mammut", "coca"])
+def test_compiled_steps_give_the_same_tokens(kind):
+    from mammut import generation
+
+    model = build(kind)
+    images, prompts = inputs(kind)
+    eos = _eos_hit_early(model, images, prompts)
+    for kw in (dict(eos_id=eos), dict(strategy="beam", num_beams=3, eos_id=eos)):
+        dynamic = generate(model, images, prompts, max_new_tokens=8, return_scores=True, **kw)
+        compiled = generate(model, images, prompts, max_new_tokens=8, return_scores=True, compile=True, **kw)
+        assert generation._compiled_decode_last is not None  # the step did go through torch.compile
+        assert torch.equal(compiled.tokens, dynamic.tokens), kw
+        torch.testing.assert_close(compiled.scores, dynamic.scores, atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------- lengths, eos

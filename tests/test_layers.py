@@ -226,7 +226,13 @@ def test_decoder_mask_only_where_causality_is_not_enough():
     full = torch.ones(2, 4, dtype=torch.bool)
     right = torch.tensor([[True, True, False, False], [True, True, True, True]])
     left = torch.tensor([[False, True, True, True], [True, True, True, True]])
-    assert decoder_mask(full, cached=True) is None and decoder_mask(full, cached=False) is None
-    assert decoder_mask(right, cached=False) is None  # pads come after every real token
-    for keep, cached in ((right, True), (left, False), (left, True)):
-        torch.testing.assert_close(decoder_mask(keep, cached=cached), padding_mask(keep))
+    from mammut.layers import KVCache, StaticKVCache
+
+    cache = KVCache()
+    assert decoder_mask(full, cache=cache) is None and decoder_mask(full) is None
+    assert decoder_mask(right) is None  # pads come after every real token
+    for keep, c in ((right, cache), (left, None), (left, cache)):
+        torch.testing.assert_close(decoder_mask(keep, cache=c), padding_mask(keep))
+    # a static cache always gets the mask: its steps must not depend on keep's values
+    for keep in (full, right, left):
+        torch.testing.assert_close(decoder_mask(keep, cache=StaticKVCache(8)), padding_mask(keep))

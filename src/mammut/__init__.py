@@ -4,7 +4,7 @@ The library core imports only torch and einops.
 """
 
 from .encoders import VideoTubeConfig, VideoTubeViT, ViT, ViTConfig
-from .layers import KVCache
+from .layers import KVCache, StaticKVCache
 from .losses import (
     ContrastiveLoss,
     caption_loss,
@@ -49,6 +49,7 @@ __all__ = [
     "VideoTubeConfig",
     "VideoTubeViT",
     "KVCache",
+    "StaticKVCache",
     "ContrastiveLoss",
     "caption_loss",
     "focal_contrastive_loss",

@@ -24,6 +24,18 @@ How it runs:
   batch, and the loop stops as soon as all are done. Output rows are right-padded with
   ``pad_id`` after their ``eos_id``.
 
+Static cache and compiled steps (``static_cache=True``, ``compile=True``): the cache is a
+``StaticKVCache`` of ``capacity`` columns (prompt + new tokens, rounded up to a multiple of
+``STATIC_ROUND`` so captions of similar lengths share one compiled step) and every step after
+the prompt has the same shapes: one token per row, keys over all ``capacity`` columns (those
+not written yet masked out), and done rows stay in the batch (their outputs are discarded)
+instead of being dropped. ``compile=True`` runs that step through ``torch.compile``
+(``dynamic=False``): traced on the first call for a given model, batch and capacity, then
+reused for every token. Tokens and scores are those of the dynamic cache (greedy and beam
+search; logits equal up to float rounding); sampling draws random numbers for done rows too,
+so once a row is done the other rows' samples differ from the dynamic path's (still exact
+samples of the same distributions).
+
 Scores: a token's score is its log-probability under the processed distribution
 (repetition penalty, the ban on ``pad_id`` (never a training target, never generated unless
 it is also ``eos_id``), the min-length ban on eos and, when sampling, temperature, top-k and
@@ -42,14 +54,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers.kv_cache import KVCache
+from .layers.kv_cache import KVCache, StaticKVCache
 from .layers.masks import positions_from_mask
 
-__all__ = ["GenerationOutput", "generate", "caption", "select_context", "STRATEGIES"]
+__all__ = ["GenerationOutput", "generate", "caption", "select_context", "STRATEGIES", "STATIC_ROUND"]
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("greedy", "beam", "sample")
+STATIC_ROUND = 64  # a static cache's capacity is a multiple of this
 Context = Any  # a tensor, or a tuple / list / dict of them (batch as dim 0), or None
 PromptLike = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]] | None
 
@@ -213,34 +226,57 @@ class _Processor:
         return scores
 
 
+def _decode_last(model: nn.Module, text: torch.Tensor, context: Context, keep: torch.Tensor,
+                 positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """Logits ``(r, v)`` of the last of the tokens ``text`` ``(r, n)``."""
+    return model.decode(text, context, keep=keep, positions=positions, cache=cache)[:, -1]
+
+
+_compiled_decode_last: Any = None
+
+
+def _compiled_step() -> Any:
+    """``_decode_last`` through ``torch.compile`` (created once; dynamo keeps one graph per
+    model, batch and cache capacity)."""
+    global _compiled_decode_last
+    if _compiled_decode_last is None:
+        _compiled_decode_last = torch.compile(_decode_last, dynamic=False)
+    return _compiled_decode_last
+
+
 class _Rows:
-    """The active rows' growing sequences: ids and keep ``(r, p + n)`` preallocated, the
-    number of real tokens per row, the repetition-penalty mask and the KV cache."""
+    """The active rows' growing sequences: ids and keep ``(r, p + n)`` preallocated (``(r,
+    capacity)`` with a static cache), the number of real tokens per row, the
+    repetition-penalty mask and the KV cache."""
 
     def __init__(self, ids: torch.Tensor, keep: torch.Tensor, max_new: int, pad_id: int, *,
-                 vocab: int, track_seen: bool, use_cache: bool) -> None:
+                 vocab: int, track_seen: bool, use_cache: bool, static: bool = False, compiled: bool = False) -> None:
         r, p = ids.shape
         self.prompt_len, self.len = p, p
-        self.ids = torch.cat((ids, ids.new_full((r, max_new), pad_id)), dim=1)
-        self.keep = torch.cat((keep, keep.new_zeros(r, max_new)), dim=1)
+        width = -(-(p + max_new) // STATIC_ROUND) * STATIC_ROUND if static else p + max_new
+        self.ids = torch.cat((ids, ids.new_full((r, width - p), pad_id)), dim=1)
+        self.keep = torch.cat((keep, keep.new_zeros(r, width - p)), dim=1)
         self.count = keep.sum(dim=1)  # real tokens per row
         self.seen = None
         if track_seen:
             self.seen = torch.zeros(r, vocab, dtype=torch.bool, device=ids.device)
             self.seen.scatter_(1, ids, keep)  # real prompt tokens only (pad_id is never a real one)
-        self.cache = KVCache() if use_cache else None
+        self.static = static
+        self.cache = (StaticKVCache(width) if static else KVCache()) if use_cache else None
+        self.step = _compiled_step() if compiled else _decode_last
 
     def next_logits(self, model: nn.Module, context: Context) -> torch.Tensor:
         """Logits ``(r, v)`` for the next token of every active row."""
         n = self.len
-        keep = self.keep[:, :n]
-        if self.cache is None:
-            text, positions = self.ids[:, :n], positions_from_mask(keep)
-        elif n == self.prompt_len:  # first step: the whole prompt
-            text, positions = self.ids[:, :n], positions_from_mask(keep)
-        else:  # one new token at the position after the real tokens before it
-            text, positions = self.ids[:, n - 1:n], (self.count - 1).unsqueeze(1)
-        return model.decode(text, context, keep=keep, positions=positions, cache=self.cache)[:, -1]
+        if self.cache is None or n == self.prompt_len:  # no cache, or the first step: the whole prompt
+            keep = self.keep[:, :n]
+            return _decode_last(model, self.ids[:, :n], context, keep, positions_from_mask(keep), self.cache)
+        # one new token at the position after the real tokens before it
+        text, positions = self.ids[:, n - 1:n], (self.count - 1).unsqueeze(1)
+        if not self.static:
+            return self.step(model, text, context, self.keep[:, :n], positions, self.cache)
+        self.cache.at(n - 1, self.ids.device)  # type: ignore[union-attr]
+        return self.step(model, text, context, self.keep, positions, self.cache)
 
     def append(self, tokens: torch.Tensor) -> None:
         self.ids[:, self.len] = tokens
@@ -281,6 +317,8 @@ def _greedy_or_sample(model: nn.Module, context: Context, rows: _Rows, proc: _Pr
     all_logits = None
     lengths = torch.full((b,), max_new, dtype=torch.long, device=device)
     active = torch.arange(b, device=device)  # original row of each active row
+    # static shapes: done rows stay in the batch, ``live`` says which rows still count
+    live = torch.ones(b, dtype=torch.bool, device=device) if rows.static else None
     steps = 0
     for step in range(max_new):
         logits = rows.next_logits(model, context)
@@ -290,17 +328,28 @@ def _greedy_or_sample(model: nn.Module, context: Context, rows: _Rows, proc: _Pr
             chosen = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
         else:
             chosen = scores.argmax(dim=-1)
-        tokens[active, step] = chosen
-        token_scores[active, step] = logp.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        chosen_logp = logp.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        if live is not None:
+            tokens[:, step] = chosen.masked_fill(~live, pad_id)
+            token_scores[:, step] = chosen_logp.masked_fill(~live, 0.0)
+        else:
+            tokens[active, step] = chosen
+            token_scores[active, step] = chosen_logp
         if return_logits:
             if all_logits is None:
                 all_logits = logits.new_zeros(b, max_new, logits.shape[-1])
-            all_logits[active, step] = logits
+            all_logits[active, step] = logits if live is None else logits.masked_fill(~live[:, None], 0.0)
         steps = step + 1
         if step + 1 == max_new:
             break
         rows.append(chosen)
-        if eos_id is not None:
+        if eos_id is not None and live is not None:
+            done = (chosen == eos_id) & live
+            lengths = torch.where(done, step + 1, lengths)
+            live = live & ~done
+            if not bool(live.any()):
+                break
+        elif eos_id is not None:
             done = chosen == eos_id
             if bool(done.any()):
                 lengths[active[done]] = step + 1
@@ -332,10 +381,14 @@ def _beam_search(model: nn.Module, context: Context, rows: _Rows, proc: _Process
     beam_sum = torch.zeros(b, 1, device=device)  # running log-prob sums (items, beams so far)
     hist = torch.zeros(b, 0, device=device)  # per-token log-probs of the running beams (rows, steps)
     ranks = torch.arange(2 * k, device=device)
+    # static shapes: done images keep their rows, ``live`` says which images still count
+    live = torch.ones(b, dtype=torch.bool, device=device) if rows.static else None
 
     def add_finished(cand_score: torch.Tensor, cand_tokens: torch.Tensor, cand_logp: torch.Tensor, length: int) -> None:
         """Merge candidates ``(a, c)`` (scores, ``-inf`` = none) into the finished sets of ``items``."""
         a, c = cand_score.shape
+        if live is not None:  # done images take no more candidates
+            cand_score = cand_score.masked_fill(~live[:, None], -math.inf)
         pad = max_new - cand_tokens.shape[-1]
         cand_tokens = F.pad(cand_tokens, (0, pad), value=pad_id)
         cand_logp = F.pad(cand_logp, (0, pad))
@@ -398,7 +451,11 @@ def _beam_search(model: nn.Module, context: Context, rows: _Rows, proc: _Process
             best = beam_sum.max(dim=1).values
             bound = _normalise(best, max_new if length_penalty > 0 else length, length_penalty)
             done = full & (fin_score[items, -1] >= bound)
-        if bool(done.any()):
+        if live is not None:
+            live = live & ~done
+            if not bool(live.any()):
+                break
+        elif bool(done.any()):
             if bool(done.all()):
                 break
             keep_items = (~done).nonzero().squeeze(1)
@@ -439,6 +496,8 @@ def generate(
     pad_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    static_cache: bool = False,
+    compile: bool = False,
     return_scores: bool = False,
     return_logits: bool = False,
     **image_kwargs: Any,
@@ -463,6 +522,10 @@ def generate(
     eos_id, pad_id: default to ``model.config``'s; with no eos every row runs to
         ``max_new_tokens``.
     use_cache: ``False`` re-runs the whole sequence every step (for testing; same result).
+    static_cache: fixed shapes from step to step (see the module docstring); ``compile``: run
+        the step through ``torch.compile`` (implies ``static_cache``; the first call per
+        model, batch size and capacity traces and compiles it, seconds to a minute, later
+        calls reuse it). Same tokens as the default path.
 
     Returns new token ids ``(b, n)``, ``n <= max_new_tokens`` (the longest row), rows
     right-padded with ``pad_id`` after their eos; with ``return_scores`` / ``return_logits`` a
@@ -492,6 +555,12 @@ def generate(
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     if strategy != "sample" and (temperature != 1.0 or top_k is not None or top_p is not None):
         logger.warning("generate: temperature / top_k / top_p only apply to strategy='sample'; ignored for %r", strategy)
+    for name, flag in (("use_cache", use_cache), ("static_cache", static_cache), ("compile", compile)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    static_cache = static_cache or compile
+    if static_cache and not use_cache:
+        raise ValueError("static_cache / compile: need use_cache=True (they change how the cache is kept)")
     if strategy == "beam" and return_logits:
         raise ValueError("return_logits: not available with strategy='beam' (use 'greedy' or 'sample')")
     eos_id = cfg.eos_id if eos_id is None else eos_id
@@ -524,7 +593,8 @@ def generate(
                               repetition_penalty=repetition_penalty, eos_id=eos_id, pad_id=pad_id,
                               min_new_tokens=min_new_tokens)
             rows = _Rows(ids, keep, max_new_tokens, pad_id, vocab=num_tokens,
-                         track_seen=repetition_penalty != 1.0, use_cache=use_cache)
+                         track_seen=repetition_penalty != 1.0, use_cache=use_cache, static=static_cache,
+                         compiled=compile)
             if strategy == "beam":
                 out = _beam_search(model, context, rows, proc, num_beams=num_beams, max_new=max_new_tokens, eos_id=eos_id,
                                    pad_id=pad_id, length_penalty=length_penalty, early_stopping=early_stopping)

@@ -4,7 +4,7 @@ poolers are written."""
 from .attention import Attention, CrossAttention, attend
 from .blocks import CrossAttentionBlock, ParallelBlock, TransformerBlock
 from .feedforward import FeedForward
-from .kv_cache import KVCache
+from .kv_cache import KVCache, StaticKVCache
 from .linear import Linear, linear
 from .masks import causal_mask, combine_masks, decoder_mask, is_right_padded, padding_mask, positions_from_mask
 from .norms import LayerNorm, RMSNorm, make_norm
@@ -13,7 +13,7 @@ from .rotary import RotaryEmbedding, apply_rotary
 
 __all__ = [
     "Attention", "CrossAttention", "attend", "CrossAttentionBlock", "ParallelBlock", "TransformerBlock",
-    "FeedForward", "KVCache", "Linear", "linear", "causal_mask", "combine_masks", "decoder_mask", "is_right_padded", "padding_mask",
+    "FeedForward", "KVCache", "StaticKVCache", "Linear", "linear", "causal_mask", "combine_masks", "decoder_mask", "is_right_padded", "padding_mask",
     "positions_from_mask", "LayerNorm", "RMSNorm", "make_norm", "AttentionPooler", "masked_mean",
     "RotaryEmbedding", "apply_rotary",
 ]

@@ -7,6 +7,10 @@ values of the image tokens) are computed once and reused at every step.
 Self-attention entries live in buffers with spare room along the sequence (grown by doubling),
 so appending a step writes in place instead of copying everything cached so far; ``append``
 returns views of the filled part. (Tensors that require grad are concatenated as before.)
+
+``StaticKVCache`` keeps every shape fixed from step to step (buffers of a set capacity,
+written at a column held in a tensor), so a compiled decoding step is traced once and
+reused for every token (see ``generate(..., compile=True)``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "StaticKVCache"]
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -32,6 +36,8 @@ def _select(buffer: torch.Tensor, length: int, index: torch.Tensor) -> torch.Ten
 
 class KVCache:
     """Cache of ``(k, v)`` pairs, each ``(b, kv_heads, n, dim_head)``."""
+
+    static = False  # masks may depend on what is cached so far (see ``masks.decoder_mask``)
 
     def __init__(self) -> None:
         # layer -> (k buffer, v buffer, filled length); buffers are (b, g, capacity, d)
@@ -100,3 +106,57 @@ class KVCache:
 
     def __len__(self) -> int:
         return len(self._self) + len(self._cross)
+
+
+class StaticKVCache(KVCache):
+    """A cache whose shapes do not change from step to step, for compiled decoding.
+
+    Every self-attention entry is a ``(b, kv_heads, capacity, dim_head)`` buffer, allocated
+    on the first call (the prompt, which fills columns ``0 .. p-1`` and gets back just those).
+    Later calls take one token each and write it in place at column ``index`` (a ``(1,)``
+    long tensor the caller sets with :meth:`at` before the step, so no Python number changes
+    inside a compiled step) and return the whole buffers: columns not written yet hold
+    zeros, and the caller's key mask (``keep`` over all ``capacity`` columns) must exclude
+    them. Used that way, a step computes exactly what ``KVCache`` does, over a longer (masked)
+    key axis.
+    """
+
+    static = True
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity: expected an integer >= 1, got {capacity!r}")
+        self.capacity = capacity
+        self.index: torch.Tensor | None = None
+        self._column = 0
+
+    def at(self, column: int, device: torch.device | str | None = None) -> None:
+        """The next single-token call writes column ``column`` (``0 <= column < capacity``)."""
+        if not 0 <= column < self.capacity:
+            raise ValueError(f"column: expected an integer in [0, {self.capacity}) (capacity), got {column!r}")
+        self.index = torch.full((1,), column, dtype=torch.long, device=device)
+        self._column = column
+
+    def seq_len(self, layer: nn.Module) -> int:
+        return self._column if layer in self._self else 0
+
+    def append(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> KV:
+        entry = self._self.get(layer)
+        if entry is None:  # the prompt: columns 0 .. n-1
+            n = k.shape[-2]
+            if n > self.capacity:
+                raise ValueError(f"StaticKVCache: the prompt has {n} tokens, more than capacity={self.capacity}")
+            kb = k.new_zeros((*k.shape[:-2], self.capacity, k.shape[-1]))
+            vb = v.new_zeros((*v.shape[:-2], self.capacity, v.shape[-1]))
+            kb[..., :n, :] = k
+            vb[..., :n, :] = v
+            self._self[layer] = (kb, vb, self.capacity)
+            self._column = n
+            return k, v
+        if k.shape[-2] != 1 or self.index is None:
+            raise ValueError("StaticKVCache: after the prompt, one token per call, at the column set with at()")
+        kb, vb, _ = entry
+        kb.index_copy_(2, self.index, k)
+        vb.index_copy_(2, self.index, v)
+        return kb, vb

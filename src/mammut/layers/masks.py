@@ -48,10 +48,14 @@ def positions_from_mask(keep: torch.Tensor) -> torch.Tensor:
     return (keep.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def decoder_mask(keep: torch.Tensor, *, cached: bool) -> torch.Tensor | None:
+def decoder_mask(keep: torch.Tensor, *, cache: object = None) -> torch.Tensor | None:
     """Key-padding mask for a causal decoder, or ``None`` where causality alone suffices:
     no padding at all, or right padding without a cache (pads come after every real token).
-    keep: ``(b, cached + n)`` bool over the whole sequence so far."""
-    if bool(keep.all()) or (not cached and is_right_padded(keep)):
+    keep: ``(b, cached + n)`` bool over the whole sequence so far; ``cache``: the step's
+    ``KVCache`` or ``None``. A static cache (``cache.static``) always gets the mask, without
+    looking at ``keep``'s values: its shapes, not its contents, decide (compiled steps)."""
+    if getattr(cache, "static", False):
+        return padding_mask(keep)
+    if bool(keep.all()) or (cache is None and is_right_padded(keep)):
         return None
     return padding_mask(keep)

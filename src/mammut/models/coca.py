@@ -294,7 +294,7 @@ class CoCa(ModelBase):
             keep = text != self.config.pad_id
         if positions is None:
             positions = positions_from_mask(keep)[:, -text.shape[1]:]
-        mask = decoder_mask(keep, cached=cache is not None)
+        mask = decoder_mask(keep, cache=cache)
         x = self._embed_tokens(text, positions)
         for layer in self.unimodal_layers:
             x = layer(x, causal=True, mask=mask, positions=positions, cache=cache)
@@ -322,7 +322,7 @@ class CoCa(ModelBase):
         keep = text != cfg.pad_id
         if labels is None:
             feats, positions, keep, labels = feats[:, :-1], positions[:, :-1], keep[:, :-1], text[:, 1:]
-        mask = decoder_mask(keep, cached=False)
+        mask = decoder_mask(keep)
         cap = self.caption_loss_from_states(self._multimodal(feats, context, mask=mask, positions=positions), labels)
         con = self.contrastive(self._text_latents(cls_out), image_embeds)
         total = cfg.caption_loss_weight * cap + cfg.contrastive_loss_weight * con
@@ -349,5 +349,5 @@ class CoCa(ModelBase):
         if return_embeddings:
             return self._text_latents(cls_out), image_embeds
         keep = text != cfg.pad_id
-        mask = decoder_mask(keep, cached=False)
+        mask = decoder_mask(keep)
         return self.to_logits(self._multimodal(feats, context, mask=mask, positions=positions))

@@ -391,7 +391,7 @@ class FlamingoPaLM(ModelBase):
             keep = text != cfg.pad_id
         if positions is None:
             positions = positions_from_mask(keep)[:, -n:]
-        mask = decoder_mask(keep, cached=cache is not None)
+        mask = decoder_mask(keep, cache=cache)
         media_mask = media = None
         if context is not None:
             media, time_mask = (context, None) if torch.is_tensor(context) else context

@@ -237,7 +237,7 @@ class MaMMUT(ModelBase):
             keep = text != self.config.pad_id
         if positions is None:
             positions = positions_from_mask(keep)[:, -text.shape[1]:]
-        mask = decoder_mask(keep, cached=cache is not None)
+        mask = decoder_mask(keep, cache=cache)
         for i, layer in enumerate(self.layers[start:], start):
             if states is None or i > start:
                 x = layer.block(x, causal=True, mask=mask, positions=positions, cache=cache)
