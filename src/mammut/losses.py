@@ -145,27 +145,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         for start in range(0, hidden.shape[0], chunk):
             h, y, k = hidden[start:start + chunk], labels[start:start + chunk], keep[start:start + chunk]
-            logits = (h @ weight.t()).float()  # c v
+            # logits transposed, (v, c): weights on the left, the layout BLAS runs fastest here
+            # (256 x 256 x 8192 fp32 on CPU: ~185 against ~120 GFLOP/s for h @ weight.T)
+            logits = (weight @ h.t()).float()  # v c
             # log-sum-exp by hand: ATen's fused (log_)softmax / logsumexp run several times
             # slower than these in-place passes on CPU at a real vocabulary (measured 4-5x)
-            target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
-            top = logits.amax(dim=-1, keepdim=True)
-            sums = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(z - max)
-            lse = top.squeeze(1) + sums.squeeze(1).log()
+            target = logits.gather(0, y.clamp(min=0).unsqueeze(0)).squeeze(0)
+            top = logits.amax(dim=0, keepdim=True)
+            sums = logits.sub_(top).exp_().sum(dim=0, keepdim=True)  # logits now hold exp(z - max)
+            lse = top.squeeze(0) + sums.squeeze(0).log()
             total += torch.where(k, lse - target, 0.0).sum()
             if want_h or want_w:
-                w = k.to(logits.dtype).unsqueeze(1) / count
+                w = k.to(logits.dtype).unsqueeze(0) / count
                 g = logits.mul_(w / sums)  # softmax, weighted
-                g.scatter_add_(1, y.clamp(min=0).unsqueeze(1), -w)  # minus one-hot
-                g = g.to(hidden.dtype)
+                g.scatter_add_(0, y.clamp(min=0).unsqueeze(0), -w)  # minus one-hot
+                g = g.to(hidden.dtype)  # v c
                 if want_h:
-                    grad_h[start:start + chunk] = g @ weight
+                    torch.mm(g.t(), weight, out=grad_h[start:start + chunk])
                 if want_w and g.dtype == torch.float32:  # accumulate in place, no temporary
-                    torch.addmm(grad_w, g.t(), h, beta=1.0 if start else 0.0, out=grad_w)
+                    torch.addmm(grad_w, g, h, beta=1.0 if start else 0.0, out=grad_w)
                 elif want_w and start:
-                    grad_w.add_(g.t() @ h)
+                    grad_w.add_(g @ h)
                 elif want_w:
-                    grad_w.copy_(g.t() @ h)
+                    grad_w.copy_(g @ h)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype, ctx.done = weight.dtype, False
         return total / count
