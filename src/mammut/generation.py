@@ -31,7 +31,9 @@ the prompt has the same shapes: one token per row, keys over all ``capacity`` co
 not written yet masked out), and done rows stay in the batch (their outputs are discarded)
 instead of being dropped. ``compile=True`` runs that step through ``torch.compile``
 (``dynamic=False``): traced on the first call for a given model, batch and capacity, then
-reused for every token. Tokens and scores are those of the dynamic cache (greedy and beam
+reused for every token (torch keeps at most ``torch._dynamo.config.recompile_limit``, by
+default 8, such graphs per process, then runs the step eagerly with a warning). Tokens and
+scores are those of the dynamic cache (greedy and beam
 search; logits equal up to float rounding); sampling draws random numbers for done rows too,
 so once a row is done the other rows' samples differ from the dynamic path's (still exact
 samples of the same distributions).
@@ -240,6 +242,7 @@ def _compiled_step() -> Any:
     model, batch and cache capacity)."""
     global _compiled_decode_last
     if _compiled_decode_last is None:
+        logger.info("generate: compile=True, the decoding step compiles on its first call (seconds to a minute)")
         _compiled_decode_last = torch.compile(_decode_last, dynamic=False)
     return _compiled_decode_last
 
