@@ -33,10 +33,9 @@ instead of being dropped. ``compile=True`` runs that step through ``torch.compil
 (``dynamic=False``): traced on the first call for a given model, batch and capacity, then
 reused for every token (torch keeps at most ``torch._dynamo.config.recompile_limit``, by
 default 8, such graphs per process, then runs the step eagerly with a warning). Tokens and
-scores are those of the dynamic cache (greedy and beam
-search; logits equal up to float rounding); sampling draws random numbers for done rows too,
-so once a row is done the other rows' samples differ from the dynamic path's (still exact
-samples of the same distributions).
+scores are those of the dynamic cache (greedy and beam search; logits equal up to float
+rounding); sampling draws random numbers for done rows too, so once a row is done the other
+rows' samples differ from the dynamic path's (still exact samples of the same distributions).
 
 Scores: a token's score is its log-probability under the processed distribution
 (repetition penalty, the ban on ``pad_id`` (never a training target, never generated unless
