@@ -260,6 +260,45 @@ def test_static_cache_gives_the_dynamic_cache_results(kind):
     assert bool((generate(model, images, prompts, max_new_tokens=8, eos_id=eos) == 0).any()), "no row finished early"
 
 
+@pytest.mark.skipif("flamingo" not in KINDS, reason="needs mammut.models.flamingo")
+def test_static_cache_counts_generated_media_tokens():
+    """Flamingo's media masking reads whether each new token is real: with a static cache
+    the new token's column is the cache's, not ``keep``'s last one."""
+    model = build("flamingo")
+    images, prompts = inputs("flamingo")
+    beam = dict(strategy="beam", num_beams=4, max_new_tokens=8, eos_id=None, return_scores=True)
+    for media in range(4, VOCAB):  # a media token id that beam search then generates
+        if any(bool((p[1:] == media).any()) for p in prompts):
+            continue  # one media item per row: the prompt holds its one media token
+        model.config.media_token_id = media
+        with_media = [torch.cat((torch.tensor([media]), p[1:])) for p in prompts]
+        if bool((generate(model, images, with_media, **beam).tokens == media).any()):
+            break
+    else:
+        pytest.fail("no media token id is ever generated: the test needs one")
+    for kw in (beam, dict(beam, strategy="greedy")):
+        dynamic = generate(model, images, with_media, **kw)
+        static = generate(model, images, with_media, static_cache=True, **kw)
+        assert torch.equal(static.tokens, dynamic.tokens), (kw, media)
+        torch.testing.assert_close(static.token_scores, dynamic.token_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif("coca" not in KINDS, reason="needs mammut.models.coca")
+def test_static_cache_finished_rows_stop_counting_positions():
+    """A finished row kept in the batch must not run past learned positions (max_text_len)."""
+    model = build("coca_open_clip_style")  # learned positions, 76 of them
+    images, _ = inputs("coca_open_clip_style", b=2)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, VOCAB, (70,), generator=g), torch.randint(4, VOCAB, (2,), generator=g)]
+    for kw in (dict(), dict(strategy="beam", num_beams=1)):  # one beam: the image is done at its first eos
+        eos = int(generate(model, images, prompts, max_new_tokens=1, eos_id=None, **kw)[0, 0])  # row 0 ends at once
+        dynamic = generate(model, images, prompts, max_new_tokens=12, eos_id=eos, return_scores=True, **kw)
+        assert dynamic.tokens[0, 0] == eos and dynamic.tokens.shape[1] > 6
+        static = generate(model, images, prompts, max_new_tokens=12, eos_id=eos, return_scores=True, static_cache=True, **kw)
+        assert torch.equal(static.tokens, dynamic.tokens), kw
+        torch.testing.assert_close(static.scores, dynamic.scores, atol=1e-5, rtol=0)
+
+
 def test_static_cache_keeps_one_shape_per_step(monkeypatch):
     """Every step after the prompt sees the same shapes (what lets one compiled graph serve
     them all): one token per row, keys over the whole capacity, no row dropped."""

@@ -280,11 +280,13 @@ class _Rows:
         self.cache.at(n - 1, self.ids.device)  # type: ignore[union-attr]
         return self.step(model, text, context, self.keep, positions, self.cache)
 
-    def append(self, tokens: torch.Tensor) -> None:
+    def append(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> None:
+        """Append one token per row; ``live`` (static shapes: rows still generating) stops the
+        position count of finished rows, whose later tokens are discarded anyway."""
         self.ids[:, self.len] = tokens
         self.keep[:, self.len] = True
         self.len += 1
-        self.count = self.count + 1
+        self.count = self.count + (1 if live is None else live.long())
         if self.seen is not None:
             self.seen.scatter_(1, tokens.unsqueeze(1), True)
 
@@ -344,7 +346,7 @@ def _greedy_or_sample(model: nn.Module, context: Context, rows: _Rows, proc: _Pr
         steps = step + 1
         if step + 1 == max_new:
             break
-        rows.append(chosen)
+        rows.append(chosen, live)
         if eos_id is not None and live is not None:
             done = (chosen == eos_id) & live
             lengths = torch.where(done, step + 1, lengths)
@@ -444,7 +446,7 @@ def _beam_search(model: nn.Module, context: Context, rows: _Rows, proc: _Process
         if step == 0:  # split every image into k beams; its cross keys/values stay one copy
             context = select_context(context, next_rows)
         rows.select(next_rows, cross=False)
-        rows.append(next_tok)
+        rows.append(next_tok, None if live is None else live.repeat_interleave(next_rows.numel() // live.numel()))
         # images whose best possible running score cannot beat their k-th finished one are done
         full = torch.isfinite(fin_score[items, -1])
         if early_stopping:

@@ -81,6 +81,11 @@ class KVCache:
         self._self[layer] = (kb, vb, length)
         return kb[..., :length, :], vb[..., :length, :]
 
+    def new_keep(self, keep: torch.Tensor, n: int) -> torch.Tensor:
+        """The columns of ``keep`` (the real-token mask over the whole sequence, ``(b, cached +
+        n)``) that belong to this call's ``n`` new tokens: its last ``n``."""
+        return keep[:, keep.shape[1] - n:]
+
     def cross(self, layer: nn.Module, compute: Callable[[], KV]) -> KV:
         """Cross-attention keys/values of ``layer``, computed on first use only."""
         entry = self._cross.get(layer)
@@ -140,6 +145,15 @@ class StaticKVCache(KVCache):
 
     def seq_len(self, layer: nn.Module) -> int:
         return self._column if layer in self._self else 0
+
+    def new_keep(self, keep: torch.Tensor, n: int) -> torch.Tensor:
+        """After the prompt, ``keep`` spans the whole capacity: the new token's column is
+        ``index``, not the last one."""
+        if not self._self:  # the prompt: keep covers just its columns
+            return keep[:, keep.shape[1] - n:]
+        if n != 1 or self.index is None:
+            raise ValueError("StaticKVCache: after the prompt, one token per call, at the column set with at()")
+        return keep.index_select(1, self.index)
 
     def append(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> KV:
         entry = self._self.get(layer)

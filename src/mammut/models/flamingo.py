@@ -350,7 +350,8 @@ class FlamingoPaLM(ModelBase):
     def _media_index(self, text: torch.Tensor, keep: torch.Tensor, num_media: int, cache: KVCache | None) -> torch.Tensor:
         """1-based index of the last media item at or before each token, ``(b, n)``, counted
         over the whole sequence so far (the running count lives in ``cache.state``)."""
-        is_media = (text == self.config.media_token_id) & keep[:, -text.shape[1]:]
+        n = text.shape[1]
+        is_media = (text == self.config.media_token_id) & (keep[:, -n:] if cache is None else cache.new_keep(keep, n))
         index = is_media.long().cumsum(dim=-1)
         first = cache is None or _MEDIA_COUNT not in cache.state
         if not first:
