@@ -32,9 +32,9 @@ not written yet masked out), and done rows stay in the batch (their outputs are 
 instead of being dropped. ``compile=True`` runs that step through ``torch.compile``
 (``dynamic=False``): traced on the first call for a given model, batch and capacity, then
 reused for every token (torch keeps at most ``torch._dynamo.config.recompile_limit``, by
-default 8, such graphs per process, then runs the step eagerly with a warning). Tokens and
-scores are those of the dynamic cache (greedy and beam search; logits equal up to float
-rounding); sampling draws random numbers for done rows too, so once a row is done the other
+default 8, such graphs per process, then runs the step eagerly with a warning). Logits equal
+the dynamic cache's up to float rounding, hence the same tokens and scores unless two
+candidates tie within that rounding (greedy and beam search); sampling draws random numbers for done rows too, so once a row is done the other
 rows' samples differ from the dynamic path's (still exact samples of the same distributions).
 
 Scores: a token's score is its log-probability under the processed distribution
@@ -529,7 +529,7 @@ def generate(
     static_cache: fixed shapes from step to step (see the module docstring); ``compile``: run
         the step through ``torch.compile`` (implies ``static_cache``; the first call per
         model, batch size and capacity traces and compiles it, seconds to a minute, later
-        calls reuse it). Same tokens as the default path.
+        calls reuse it). Same tokens as the default path (up to float-rounding ties).
 
     Returns new token ids ``(b, n)``, ``n <= max_new_tokens`` (the longest row), rows
     right-padded with ``pad_id`` after their eos; with ``return_scores`` / ``return_logits`` a
