@@ -48,13 +48,22 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .generation_inputs import (
+    Context,
+    PromptLike,
+    check_float,
+    check_int,
+    check_token,
+    context_batch,
+    prepare_prompt,
+    select_context,
+)
 from .layers.kv_cache import KVCache, StaticKVCache
 from .layers.masks import positions_from_mask
 
@@ -64,8 +73,6 @@ logger = logging.getLogger(__name__)
 
 STRATEGIES = ("greedy", "beam", "sample")
 STATIC_ROUND = 64  # a static cache's capacity is a multiple of this
-Context = Any  # a tensor, or a tuple / list / dict of them (batch as dim 0), or None
-PromptLike = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]] | None
 
 
 class GenerationOutput(NamedTuple):
@@ -81,114 +88,6 @@ class GenerationOutput(NamedTuple):
     scores: torch.Tensor
     token_scores: torch.Tensor
     logits: torch.Tensor | None = None
-
-
-# ---------------------------------------------------------------------------- helpers
-def select_context(context: Context, index: torch.Tensor) -> Context:
-    """``index_select(0, index)`` on every tensor in ``context`` (tensor, tuple, list, dict
-    or ``None``; other leaves are returned unchanged)."""
-    if context is None:
-        return None
-    if torch.is_tensor(context):
-        return context.index_select(0, index)
-    if isinstance(context, Mapping):
-        return type(context)((k, select_context(v, index)) for k, v in context.items())
-    if isinstance(context, tuple):
-        items = [select_context(v, index) for v in context]
-        return type(context)(*items) if hasattr(context, "_fields") else tuple(items)
-    if isinstance(context, list):
-        return [select_context(v, index) for v in context]
-    return context
-
-
-def _context_batch(context: Context) -> int | None:
-    """Batch size of a context: dim 0 of its first tensor."""
-    if torch.is_tensor(context):
-        return context.shape[0] if context.ndim else None
-    values = context.values() if isinstance(context, Mapping) else context if isinstance(context, (tuple, list)) else ()
-    for v in values:
-        size = _context_batch(v)
-        if size is not None:
-            return size
-    return None
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    return value
-
-
-def _check_float(name: str, value: object, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (positive and value <= 0):
-        what = "a finite number > 0" if positive else "a finite number"
-        raise ValueError(f"{name}: expected {what}, got {value!r}")
-    return float(value)
-
-
-def _check_token(name: str, value: object, num_tokens: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_tokens:
-        raise ValueError(f"{name}: expected a token id in [0, {num_tokens}) (num_tokens), got {value!r}")
-    return value
-
-
-def _prompt_rows(prompt: PromptLike, pad_id: int) -> list[torch.Tensor]:
-    """Real token ids of each prompt row (1-D long tensors, CPU or not)."""
-    if torch.is_tensor(prompt):
-        if prompt.ndim != 2 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool or prompt.is_complex():
-            raise ValueError(f"prompt: expected an integer tensor (batch, length), got {prompt.dtype} of shape {tuple(prompt.shape)}")
-        if prompt.shape[1] == 0:
-            raise ValueError(f"prompt: expected at least one token per row, got shape {tuple(prompt.shape)}")
-        keep = prompt != pad_id
-        left = bool((keep[:, 1:] >= keep[:, :-1]).all())  # pads, then tokens
-        right = bool((keep[:, 1:] <= keep[:, :-1]).all())  # tokens, then pads
-        if not (left or right):
-            raise ValueError(f"prompt: expected rows padded with pad_id={pad_id} on one side only (right, as a tokenizer gives), "
-                             "got pad_id between real tokens")
-        return [row[k] for row, k in zip(prompt.long(), keep)]
-    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
-        raise TypeError(f"prompt: expected a LongTensor (batch, length), a list of 1-D tensors or a list of id lists, got {type(prompt).__name__}")
-    rows = []
-    for i, row in enumerate(prompt):
-        if torch.is_tensor(row):
-            if row.ndim != 1 or row.dtype.is_floating_point or row.dtype == torch.bool:
-                raise ValueError(f"prompt: row {i}: expected a 1-D integer tensor, got {row.dtype} of shape {tuple(row.shape)}")
-            rows.append(row.long())
-        elif isinstance(row, Sequence) and not isinstance(row, (str, bytes)) and all(isinstance(t, int) and not isinstance(t, bool) for t in row):
-            rows.append(torch.tensor(list(row), dtype=torch.long))
-        else:
-            raise TypeError(f"prompt: row {i}: expected a 1-D integer tensor or a list of ints, got {type(row).__name__}")
-    return rows
-
-
-def _prepare_prompt(
-    prompt: PromptLike, batch: int, *, pad_id: int, bos_id: int | None, num_tokens: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ids ``(b, p)`` left-padded with ``pad_id`` and keep ``(b, p)`` (True = real token)."""
-    if prompt is None:
-        if bos_id is None:
-            raise ValueError("prompt: no prompt given and model.config.bos_id is None; pass prompt= (e.g. the start token) "
-                             "or set bos_id in the model config")
-        ids = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
-        return ids, torch.ones_like(ids, dtype=torch.bool)
-    rows = _prompt_rows(prompt, pad_id)
-    if len(rows) != batch:
-        raise ValueError(f"prompt: expected {batch} rows (one per image), got {len(rows)}")
-    for i, row in enumerate(rows):
-        if row.numel() == 0:
-            raise ValueError(f"prompt: row {i} has no real token (only pad_id={pad_id}, or empty)")
-        lo, hi = int(row.min()), int(row.max())
-        if lo < 0 or hi >= num_tokens:
-            raise ValueError(f"prompt: row {i}: expected token ids in [0, {num_tokens}) (num_tokens), got values in [{lo}, {hi}]")
-        if bool((row == pad_id).any()):
-            raise ValueError(f"prompt: row {i} holds pad_id={pad_id} as a real token")
-    width = max(row.numel() for row in rows)
-    ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
-    keep = torch.zeros(batch, width, dtype=torch.bool, device=device)
-    for i, row in enumerate(rows):
-        ids[i, width - row.numel():] = row.to(device)
-        keep[i, width - row.numel():] = True
-    return ids, keep
 
 
 class _Processor:
@@ -543,16 +442,16 @@ def generate(
     # ---- arguments, all checked before any compute
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
-    min_new_tokens = _check_int("min_new_tokens", min_new_tokens, 0)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    min_new_tokens = check_int("min_new_tokens", min_new_tokens, 0)
     if min_new_tokens > max_new_tokens:
         raise ValueError(f"min_new_tokens: expected at most max_new_tokens={max_new_tokens}, got {min_new_tokens}")
-    num_beams = _check_int("num_beams", num_beams, 1)
-    length_penalty = _check_float("length_penalty", length_penalty, positive=False)
-    temperature = _check_float("temperature", temperature, positive=True)
-    repetition_penalty = _check_float("repetition_penalty", repetition_penalty, positive=True)
+    num_beams = check_int("num_beams", num_beams, 1)
+    length_penalty = check_float("length_penalty", length_penalty, positive=False)
+    temperature = check_float("temperature", temperature, positive=True)
+    repetition_penalty = check_float("repetition_penalty", repetition_penalty, positive=True)
     if top_k is not None:
-        top_k = _check_int("top_k", top_k, 1)
+        top_k = check_int("top_k", top_k, 1)
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -569,22 +468,22 @@ def generate(
         raise ValueError("return_logits: not available with strategy='beam' (use 'greedy' or 'sample')")
     eos_id = cfg.eos_id if eos_id is None else eos_id
     if eos_id is not None:
-        eos_id = _check_token("eos_id", eos_id, num_tokens)
-    pad_id = _check_token("pad_id", cfg.pad_id if pad_id is None else pad_id, num_tokens)
+        eos_id = check_token("eos_id", eos_id, num_tokens)
+    pad_id = check_token("pad_id", cfg.pad_id if pad_id is None else pad_id, num_tokens)
     bos_id = getattr(cfg, "bos_id", None)
     if prompt is None and bos_id is not None:
-        bos_id = _check_token("bos_id", bos_id, num_tokens)
+        bos_id = check_token("bos_id", bos_id, num_tokens)
     given = [name for name, x in (("images", images), ("image_tokens", image_tokens), ("context", context)) if x is not None]
     if len(given) != 1:
         raise ValueError(f"images / image_tokens / context: expected exactly one of them, got {given or 'none'}")
     if context is not None and image_kwargs:
         raise ValueError(f"{sorted(image_kwargs)}: image_context arguments given with a precomputed context=")
     source = images if images is not None else image_tokens if image_tokens is not None else context
-    batch = _context_batch(source)
+    batch = context_batch(source)
     if batch is None or batch < 1:
         raise ValueError(f"{given[0]}: expected a batch-first tensor (or tuple/dict of them) with at least one row")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    ids, keep = _prepare_prompt(prompt, batch, pad_id=pad_id, bos_id=bos_id, num_tokens=num_tokens, device=device)
+    ids, keep = prepare_prompt(prompt, batch, pad_id=pad_id, bos_id=bos_id, num_tokens=num_tokens, device=device)
 
     was_training = model.training
     model.eval()
