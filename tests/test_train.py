@@ -149,7 +149,7 @@ def _cli(run_dir: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -198,7 +198,13 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
             pytest.fail("fewer than 3 logged steps after 240 s")
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 143
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:  # a hang: make the child dump every thread's stack (faulthandler)
+        proc.send_signal(signal.SIGABRT)
+        stderr = proc.communicate(timeout=60)[1]
+        pytest.fail(f"no exit 120 s after SIGTERM; the child's stderr:\n{stderr[-6000:]}")
+    assert code == 143, proc.stderr.read()
     ckpt = latest_checkpoint(run_dir)
     assert ckpt is not None
     step = int(ckpt.name.split("_")[1])

@@ -154,7 +154,8 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        # only a flag: the handler interrupts the main thread anywhere, possibly inside a
+        # write to the same log stream, so the loop does the logging at the step boundary
         self._stop = True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -274,6 +275,7 @@ class Trainer:
                 if t.eval_every and self.step % t.eval_every == 0 and self.parallel != "fsdp":
                     self._run_eval(eval_fn, monitor)
                 if self._stop:
+                    log.warning("SIGTERM: saving a checkpoint after step %d, then stopping", self.step)
                     self.save()
                     log.warning("stopped by SIGTERM at step %d; resume with --resume", self.step)
                     return self._result(interrupted=True)
