@@ -350,16 +350,25 @@ def test_static_kv_cache_checks_its_use():
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("kind", ["mammut", "coca"])
-def test_compiled_steps_give_the_same_tokens(kind):
+def test_compiled_steps_give_the_same_tokens(kind, monkeypatch):
     from mammut import generation
 
+    calls = []
+    compiled_step = generation._compiled_step()  # the torch.compile wrapper
+
+    def counted(*args):
+        calls.append(1)
+        return compiled_step(*args)
+
+    monkeypatch.setattr(generation, "_compiled_step", lambda: counted)
     model = build(kind)
     images, prompts = inputs(kind)
     eos = _eos_hit_early(model, images, prompts)
     for kw in (dict(eos_id=eos), dict(strategy="beam", num_beams=3, eos_id=eos)):
         dynamic = generate(model, images, prompts, max_new_tokens=8, return_scores=True, **kw)
+        calls.clear()
         compiled = generate(model, images, prompts, max_new_tokens=8, return_scores=True, compile=True, **kw)
-        assert generation._compiled_decode_last is not None  # the step did go through torch.compile
+        assert len(calls) == compiled.tokens.shape[1] - 1  # every step after the prompt went through torch.compile
         assert torch.equal(compiled.tokens, dynamic.tokens), kw
         torch.testing.assert_close(compiled.scores, dynamic.scores, atol=1e-4, rtol=0)
 

@@ -73,25 +73,22 @@ def test_grad_accumulation_matches_whole_batch_for_token_mean(tmp_path):
     torch.testing.assert_close(torch.tensor(accum), torch.tensor(full), rtol=1e-4, atol=1e-5)
 
 
-def test_activation_checkpointing_keeps_the_losses(tmp_path):
-    args = ("--train.steps", "3", "--train.log_every", "1")
-    plain = Trainer(tiny(tmp_path / "a", *args))
-    checkpointed = Trainer(tiny(tmp_path / "b", *args, "--train.activation_checkpointing", "true"))
-    assert sorted(plain.model.state_dict()) == sorted(checkpointed.model.state_dict())  # names unchanged
-    torch.testing.assert_close(torch.tensor(checkpointed.fit().losses), torch.tensor(plain.fit().losses),
-                               rtol=1e-5, atol=1e-6)
+_HAS_CXX = bool(shutil.which("g++") or shutil.which("clang++"))
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_blocks_keep_the_losses(tmp_path):
-    """``train.compile`` (torch.compile per block, as ``benchmarks/train_step.py --compile``)."""
+@pytest.mark.parametrize("option, rtol, atol", [
+    ("activation_checkpointing", 1e-5, 1e-6),  # recompute each block in backward
+    # torch.compile per block, as ``benchmarks/train_step.py --compile``
+    pytest.param("compile", 1e-4, 1e-5, marks=[pytest.mark.slow, pytest.mark.skipif(
+        not _HAS_CXX, reason="torch.compile on CPU needs a C++ compiler")]),
+])
+def test_block_wrappers_keep_the_losses(tmp_path, option, rtol, atol):
+    """``train.activation_checkpointing`` / ``train.compile``: same parameter names, same losses."""
     args = ("--train.steps", "3", "--train.log_every", "1")
     plain = Trainer(tiny(tmp_path / "a", *args))
-    compiled = Trainer(tiny(tmp_path / "b", *args, "--train.compile", "true"))
-    assert sorted(plain.model.state_dict()) == sorted(compiled.model.state_dict())  # names unchanged
-    torch.testing.assert_close(torch.tensor(compiled.fit().losses), torch.tensor(plain.fit().losses),
-                               rtol=1e-4, atol=1e-5)
+    wrapped = Trainer(tiny(tmp_path / "b", *args, f"--train.{option}", "true"))
+    assert sorted(plain.model.state_dict()) == sorted(wrapped.model.state_dict())  # names unchanged
+    torch.testing.assert_close(torch.tensor(wrapped.fit().losses), torch.tensor(plain.fit().losses), rtol=rtol, atol=atol)
 
 
 def test_existing_run_needs_resume(tmp_path):

@@ -151,9 +151,12 @@ class StaticKVCache(KVCache):
         ``index``, not the last one."""
         if not self._self:  # the prompt: keep covers just its columns
             return keep[:, keep.shape[1] - n:]
+        self._check_step(n)
+        return keep.index_select(1, self.index)
+
+    def _check_step(self, n: int) -> None:
         if n != 1 or self.index is None:
             raise ValueError("StaticKVCache: after the prompt, one token per call, at the column set with at()")
-        return keep.index_select(1, self.index)
 
     def append(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> KV:
         entry = self._self.get(layer)
@@ -168,8 +171,7 @@ class StaticKVCache(KVCache):
             self._self[layer] = (kb, vb, self.capacity)
             self._column = n
             return k, v
-        if k.shape[-2] != 1 or self.index is None:
-            raise ValueError("StaticKVCache: after the prompt, one token per call, at the column set with at()")
+        self._check_step(k.shape[-2])
         kb, vb, _ = entry
         kb.index_copy_(2, self.index, k)
         vb.index_copy_(2, self.index, v)
