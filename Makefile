@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench wheel clean
 
 setup: $(STAMP)
 
@@ -29,5 +29,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 
+# dist/mammut_vl-<version>-py3-none-any.whl, offline (setuptools comes with the dev extra);
+# install it elsewhere with torch first: pip install torch && pip install "dist/mammut_vl-...whl[train]"
+wheel: $(STAMP)
+	$(BIN)/pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation --no-index -w dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info

@@ -1,7 +1,7 @@
 """The ``mammut`` command: train, eval, caption, embed, demo, config.
 
-    mammut train --config configs/tiny.yaml [--resume] [--train.steps 200 --optim.lr 3e-4 ...]
-    torchrun --nproc_per_node 2 -m mammut.cli train --config configs/tiny.yaml --train.parallel ddp
+    mammut train --config tiny [--resume] [--train.steps 200 --optim.lr 3e-4 ...]
+    torchrun --nproc_per_node 2 -m mammut.cli train --config tiny --train.parallel ddp
     mammut eval RUN_DIR [--checkpoint DIR] [--n 512]
     mammut caption IMAGE... --run RUN_DIR
     mammut embed --run RUN_DIR (--images IMAGE... | --texts TEXT...) --out emb.npy
@@ -35,32 +35,30 @@ def _setup_logging() -> None:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def _demo_config() -> Path:
-    for candidate in (Path("configs/demo.yaml"), Path(__file__).resolve().parents[2] / "configs" / "demo.yaml",
-                      Path(__file__).resolve().parent / "configs" / "demo.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError("configs/demo.yaml not found (run from the repository root)")
-
-
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="mammut", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"mammut {__version__} (distribution mammut-vl)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model from a config (add --section.key value overrides)")
-    t.add_argument("--config", required=True, help="YAML config file")
+    t.add_argument("--config", required=True, help="YAML config file, or a preset name (tiny, demo)")
     t.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
 
-    d = sub.add_parser("demo", help="train configs/demo.yaml, evaluate on held-out scenes, write the report")
-    d.add_argument("--config", default=None, help="default: configs/demo.yaml")
+    d = sub.add_parser("demo", help="train the demo preset, evaluate on held-out scenes, write the report")
+    d.add_argument("--config", default=None, help="default: the demo preset")
 
     c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) as YAML")
-    c.add_argument("--config", default=None, help="YAML config file (default: the built-in defaults)")
+    c.add_argument("--config", default=None, help="YAML config file or preset name (default: the built-in defaults)")
 
     e = sub.add_parser("eval", help="evaluate a run folder and write its report")
     e.add_argument("run", help="run folder (train.out_dir)")
     e.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the latest)")
-    e.add_argument("--n", type=int, default=None, help="held-out set size (default: eval.n of the run)")
+    e.add_argument("--n", type=int, default=None, help="evaluation set size in images (default: eval.n of the run)")
+    e.add_argument("--data", default=None,
+                   help="held-out csv/tsv file or shard pattern (default: the run's data.val_path; emoji runs: "
+                        "the built-in held-out split)")
     e.add_argument("--out", default=None, help="report folder (default: RUN/report)")
 
     k = sub.add_parser("caption", help="print greedy captions of image files")
@@ -89,15 +87,7 @@ def _train(config_path: str | Path, overrides: list[str], resume: bool) -> int:
     cfg = load_config(config_path, overrides)
     try:
         trainer = Trainer(cfg, resume=resume)
-        eval_fn = None
-        if cfg.train.eval_every and cfg.data.kind == "emoji" and trainer.info.is_main:
-            from .eval.evaluate import EmojiEval
-
-            ev = EmojiEval(cfg.data, cfg.eval.n)
-
-            def eval_fn(model, tokenizer, step):  # noqa: ARG001 - quick held-out retrieval
-                metrics, _ = ev(model, tokenizer, cfg.eval, quick=True)
-                return {k: v for k, v in metrics["retrieval"].items() if k.startswith(("i2t", "t2i"))}
+        eval_fn = _quick_eval(cfg) if cfg.train.eval_every and trainer.info.is_main else None
 
         result = trainer.fit(eval_fn=eval_fn)
     except NonFiniteLossError as exc:
@@ -122,6 +112,36 @@ def _train(config_path: str | Path, overrides: list[str], resume: bool) -> int:
     return 0
 
 
+def _quick_eval(cfg):
+    """Held-out retrieval every ``train.eval_every`` steps: the emoji held-out split, or the
+    first ``eval.n`` images of ``data.val_path``; None without held-out data (never training rows)."""
+    if cfg.data.kind == "emoji" and cfg.data.val_path is None:
+        from .eval.evaluate import EmojiEval
+
+        ev = EmojiEval(cfg.data, cfg.eval.n)
+
+        def emoji_fn(model, tokenizer, step):  # noqa: ARG001
+            metrics, _ = ev(model, tokenizer, cfg.eval, quick=True)
+            return {k: v for k, v in metrics["retrieval"].items() if k.startswith(("i2t", "t2i"))}
+
+        return emoji_fn
+    if cfg.data.val_path is None:
+        log.warning("train.eval_every: no data.val_path, so no held-out evaluation during training")
+        return None
+    from .eval.evaluate import evaluate_pairs
+    from .train.data import eval_pairs
+
+    pairs = eval_pairs(cfg.data, cfg.data.val_path, cfg.eval.n)
+
+    def pairs_fn(model, tokenizer, step):  # noqa: ARG001
+        metrics, _ = evaluate_pairs(model, tokenizer, pairs.images, pairs.captions, max_len=cfg.data.max_len,
+                                    batch_size=cfg.eval.batch_size, with_captions=False, truncate=True,
+                                    image_index=pairs.image_index)
+        return {k: v for k, v in metrics["retrieval"].items() if k.startswith(("i2t", "t2i"))}
+
+    return pairs_fn
+
+
 def _export(run_dir: Path) -> None:
     """``<run>/model``: the final weights as ``save_pretrained`` (config.json + safetensors) and
     the tokenizer, loadable with ``Model.from_pretrained`` (built from the last checkpoint, so it
@@ -140,9 +160,14 @@ def _export(run_dir: Path) -> None:
 def _print_summary(metrics: dict, report: Path) -> None:
     r = metrics.get("retrieval", {})
     cap = metrics.get("caption", {})
+    split = metrics.get("eval_split", {})
     lines = [f"report: {Path(report).resolve()}  (report.md, metrics.json, loss_curves.png, scenes.png)"]
+    if not split.get("held_out", True):
+        lines.append(f"NOT held-out: scored on training rows of {split.get('source')} "
+                     f"(set data.val_path or pass `mammut eval RUN --data FILE`)")
     if r:
-        lines.append(f"held-out retrieval (gallery {r.get('gallery_size')}): i2t R@1 {r.get('i2t_R@1', 0):.3f}, "
+        where = "held-out" if split.get("held_out", True) else "training-row"
+        lines.append(f"{where} retrieval (gallery {r.get('gallery_size')}): i2t R@1 {r.get('i2t_R@1', 0):.3f}, "
                      f"t2i R@1 {r.get('t2i_R@1', 0):.3f} (chance {r['chance']['R@1']:.4f})")
     if cap.get("emoji_acc_single") is not None:
         lines.append(f"greedy captions naming the emoji: {cap['emoji_acc_single']:.3f} (1-emoji scenes), "
@@ -164,9 +189,12 @@ def _load_images(paths: list[str], run) -> "torch.Tensor":  # noqa: F821
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"images: no such file {p}")
-        with Image.open(p) as img:
-            img.load()
-            out.append(tf(img))
+        try:
+            with Image.open(p) as img:
+                img.load()
+                out.append(tf(img))
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's ways of saying "not an image I can read"
+            raise ValueError(f"images: expected an image file, got {p} ({type(exc).__name__}: {exc})") from None
     return torch.stack(out)
 
 
@@ -208,6 +236,14 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error as one line; an OSError from the system as ``<reason>: <file>`` (no errno)."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.strerror.lower()}: {exc.filename}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -223,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             stamp = time.strftime("%Y%m%d-%H%M%S")
             overrides = ["--train.out_dir", f"runs/demo-{stamp}", *rest]
-            return _train(args.config or _demo_config(), overrides, resume=False)
+            return _train(args.config or "demo", overrides, resume=False)
         if args.command == "config":
             import yaml
 
@@ -234,17 +270,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from .eval.evaluate import evaluate_run
 
-            metrics, report = evaluate_run(args.run, checkpoint=args.checkpoint, n=args.n, out_dir=args.out)
+            data = args.data
+            if data is not None and "://" not in data and not data.startswith("pipe:"):
+                data = str(Path(data).expanduser().absolute())
+            metrics, report = evaluate_run(args.run, checkpoint=args.checkpoint, n=args.n, out_dir=args.out, data=data)
             _print_summary(metrics, report)
             return 0
         if args.command == "caption":
             return _caption(args)
         if args.command == "embed":
             return _embed(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:  # user errors and the machine's (disk full): one line
         if os.environ.get("MAMMUT_DEBUG"):
             raise
-        print(f"mammut {args.command}: error: {exc}", file=sys.stderr)
+        print(f"mammut {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     return 0
 

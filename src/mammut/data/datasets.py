@@ -1,22 +1,33 @@
 """Real image-text data: CSV/TSV files, WebDataset tar shards, image transforms and collation.
 
 * :class:`CsvImageText` follows open_clip's convention (columns ``filepath`` and ``title``).
+* :func:`expand_shards` turns a shard pattern (braces, globs, ``::``) into the shard list and
+  fails clearly when it matches no file.
 * :func:`webdataset_pipeline` reads ``{key}.jpg|png|...`` + ``{key}.txt`` shards with the
-  ``webdataset`` library, split over ranks and DataLoader workers.
+  ``webdataset`` library, split over ranks and DataLoader workers; its shuffling is a pure
+  function of ``(seed, epoch, rank, worker)``, so two runs read the same samples in the same order.
 * :func:`write_webdataset` writes such shards (used by tests and to export emoji scenes).
 
-Missing or corrupt samples are skipped and counted (and logged), never fatal.  Counters
-live in the process that reads the data, so with DataLoader workers each worker keeps
-its own count.
+Missing or corrupt samples are skipped and counted (and logged with their file and row, or
+shard and key), never fatal; errors that are not about the data (a bug in a transform, say)
+are raised.  Counters live in the process that reads the data, so with DataLoader workers
+each worker keeps its own count.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
+import hashlib
 import io
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import random
+import re
+import struct
+import tarfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +46,35 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
 _LOGGED_SKIPS = 20
+
+# What PIL (and its codecs) raise on a file that is not a readable image.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError,
+)
+# What counts as a bad *sample* (skipped and counted) while reading shards; anything else is a bug and raised.
+_DATA_ERRORS: tuple[type[BaseException], ...] = (*_DECODE_ERRORS, KeyError, tarfile.TarError)
+
+
+class ImageDecodeError(ValueError):
+    """An image file or blob that PIL cannot decode (the message says where it came from)."""
+
+
+def decode_image(source: str | Path | bytes, where: str | None = None) -> Image.Image:
+    """Decode an image file or its bytes to an RGB PIL image (transparency onto white).
+
+    Raises :class:`ImageDecodeError` naming ``where`` (default: the path) if it is not a
+    readable image; a missing file raises ``FileNotFoundError``.
+    """
+    label = where if where is not None else (str(source) if not isinstance(source, bytes) else "image bytes")
+    fp: Any = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
+    if isinstance(fp, Path) and not fp.is_file():
+        raise FileNotFoundError(f"{label}: no such image file {fp}")
+    try:
+        with Image.open(fp) as img:
+            img.load()
+            return ToRGB()(img)
+    except _DECODE_ERRORS as exn:
+        raise ImageDecodeError(f"{label}: not a readable image ({type(exn).__name__}: {exn})") from exn
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -93,6 +133,16 @@ def image_transform(
 # ----------------------------------------------------------------------------- CSV / TSV
 
 
+def _read_utf8(p: Path, name: str) -> str:
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a leading byte-order mark (Excel) is dropped
+    except UnicodeDecodeError as exn:
+        line = data.count(b"\n", 0, exn.start) + 1
+        raise ValueError(f"{name}: {p} is not UTF-8 text (byte 0x{data[exn.start]:02x} at offset {exn.start}, "
+                         f"line {line}); save it as UTF-8") from None
+
+
 class CsvImageText(Dataset):
     """Image-caption pairs listed in a CSV/TSV file (open_clip's ``filepath``/``title`` columns).
 
@@ -100,6 +150,12 @@ class CsvImageText(Dataset):
     Rows whose image file is missing are dropped at construction (``num_missing``);
     images that fail to decode are skipped at load time (``num_corrupt``) and the next
     good row is returned instead.  ``transform`` defaults to ``image_transform(image_size)``.
+    The file must be UTF-8 (a byte-order mark is allowed).
+
+    ``arg_names`` renames the arguments ``path``, ``img_key`` and ``caption_key`` in error
+    messages (the training code passes the config keys, e.g. ``{"path": "data.path"}``).
+    Sample ``i`` came from line ``rows[i]`` of the file (the header is line 1); :meth:`where`
+    formats that as ``FILE row N`` for messages.
     """
 
     def __init__(
@@ -111,10 +167,13 @@ class CsvImageText(Dataset):
         sep: str | None = None,
         transform: Callable[[Image.Image], Any] | None = None,
         image_size: int = 224,
+        arg_names: Mapping[str, str] | None = None,
     ) -> None:
-        p = Path(path)
+        names = {"path": "path", "img_key": "img_key", "caption_key": "caption_key", **(arg_names or {})}
+        p = Path(path).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(f"CSV file not found: {p}")
+            what = "is a folder, expected a .csv or .tsv file" if p.is_dir() else "no such file"
+            raise FileNotFoundError(f"{names['path']}: {what}: {p}")
         if sep is None:
             suffix = p.suffix.lower()
             if suffix == ".tsv":
@@ -122,29 +181,37 @@ class CsvImageText(Dataset):
             elif suffix == ".csv":
                 sep = ","
             else:
-                raise ValueError(f"cannot infer the separator from suffix {suffix!r} of {p}; pass sep=")
-        root = Path(image_root) if image_root is not None else p.parent
-        with p.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=sep)
-            columns = reader.fieldnames or []
-            for key, arg in ((img_key, "img_key"), (caption_key, "caption_key")):
-                if key not in columns:
-                    raise ValueError(f"{arg}={key!r} is not a column of {p}; columns are {columns}")
-            rows = [(row[img_key], row[caption_key]) for row in reader]
+                raise ValueError(f"{names['path']}: expected a .csv or .tsv file (the suffix gives the separator), "
+                                 f"got {p}")
+        root = Path(image_root).expanduser() if image_root is not None else p.parent
+        reader = csv.DictReader(io.StringIO(_read_utf8(p, names["path"]), newline=""), delimiter=sep)
+        columns = reader.fieldnames or []
+        for key, arg in ((img_key, "img_key"), (caption_key, "caption_key")):
+            if key not in columns:
+                raise ValueError(f"{names[arg]}={key!r} is not a column of {p}; columns are {columns}")
+        try:
+            rows = [(reader.line_num, row[img_key] or "", row[caption_key] or "") for row in reader]
+        except csv.Error as exn:
+            raise ValueError(f"{names['path']}: {p} row {reader.line_num} is not valid {'TSV' if sep == chr(9) else 'CSV'} "
+                             f"({exn})") from None
 
         self.path = p
         self.transform = transform if transform is not None else image_transform(image_size)
         self.samples: list[tuple[Path, str]] = []
+        self.rows: list[int] = []
         self.missing: list[Path] = []
-        for rel, caption in rows:
+        missing_rows: list[int] = []
+        for line, rel, caption in rows:
             fp = Path(rel) if Path(rel).is_absolute() else root / rel
-            if fp.is_file():
-                self.samples.append((fp, caption or ""))
+            if rel and fp.is_file():
+                self.samples.append((fp, caption))
+                self.rows.append(line)
             else:
                 self.missing.append(fp)
+                missing_rows.append(line)
         if self.missing:
-            log.warning("%s: %d of %d images are missing and were skipped (first: %s)",
-                        p, len(self.missing), len(rows), self.missing[0])
+            log.warning("%s: %d of %d images are missing and were skipped (first: %s row %d: %s)",
+                        p, len(self.missing), len(rows), p, missing_rows[0], self.missing[0])
         self._bad: set[int] = set()
         log.info("%s: %d image-text pairs", p, len(self.samples))
 
@@ -163,14 +230,28 @@ class CsvImageText(Dataset):
         """Missing plus corrupt."""
         return self.num_missing + self.num_corrupt
 
+    def where(self, i: int) -> str:
+        """``"FILE row N"``: where sample ``i`` is listed."""
+        return f"{self.path} row {self.rows[i]}"
+
+    def select(self, indices: Sequence[int]) -> None:
+        """Keep only samples ``indices`` (in that order), e.g. to drop over-long captions up front."""
+        if self._bad:
+            raise RuntimeError("select() must come before any sample is loaded")
+        n = len(self.samples)
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"indices must be in [0, {n}), got {bad[0]}")
+        self.samples = [self.samples[i] for i in indices]
+        self.rows = [self.rows[i] for i in indices]
+
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, i: int) -> tuple[Any, str]:
-        fp, caption = self.samples[i]
-        with Image.open(fp) as img:
-            img.load()
-            return self.transform(img), caption
+    def load_image(self, i: int) -> Image.Image:
+        """The RGB image of sample ``i``; :class:`ImageDecodeError` (naming file and row) if unreadable."""
+        fp = self.samples[i][0]
+        return decode_image(fp, where=f"{self.where(i)} ({fp})")
 
     def __getitem__(self, index: int) -> tuple[Any, str]:
         n = len(self.samples)
@@ -184,19 +265,127 @@ class CsvImageText(Dataset):
             if i in self._bad:
                 continue
             try:
-                return self._load(i)
-            except Exception as exn:  # noqa: BLE001 - any decode failure is a corrupt sample
+                image = self.load_image(i)
+            except (ImageDecodeError, FileNotFoundError) as exn:
                 self._bad.add(i)
-                log.warning("skipping corrupt image %s (%s: %s); %d corrupt so far",
-                            self.samples[i][0], type(exn).__name__, exn, len(self._bad))
+                log.warning("skipping corrupt image: %s; %d corrupt so far", exn, len(self._bad))
+                continue
+            return self.transform(image), self.samples[i][1]
         raise RuntimeError(f"no readable image in {self.path} ({len(self._bad)} corrupt)")
 
 
 # ----------------------------------------------------------------------------- WebDataset
 
+_REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or (bool(_REMOTE.match(url)) and not url.startswith("file://"))
+
+
+def expand_shards(pattern: str | Sequence[str | Path], key: str = "data.path") -> list[str]:
+    """The shard list of a pattern: braces (``data-{000..009}.tar``), globs (``data/*.tar``),
+    several patterns joined by ``::``, or an explicit list.
+
+    Local shards that do not exist are dropped with a warning (a partly downloaded set still
+    trains); remote URLs (``s3://``, ``https://``, ``pipe:``) are kept unchecked.  Raises
+    ``FileNotFoundError`` naming ``key`` (a config key or argument name) when no shard is left.
+    """
+    if isinstance(pattern, (str, Path)):
+        text = str(pattern).strip()
+        if not text:
+            raise ValueError(f"{key}: expected a shard file or pattern such as 'data-{{000..009}}.tar', got {pattern!r}")
+        candidates = wds.shardlists.expand_urls(text)
+    elif isinstance(pattern, Sequence) and all(isinstance(u, (str, Path)) for u in pattern):
+        text = None
+        candidates = [str(u) for u in pattern]
+    else:
+        raise TypeError(f"{key}: expected a shard pattern (str) or a list of shard paths, got {type(pattern).__name__}")
+    found: list[str] = []
+    absent: list[str] = []
+    folders: list[str] = []
+    for url in candidates:
+        if _is_remote(url):
+            found.append(url)
+            continue
+        local = url[len("file://"):] if url.startswith("file://") else url
+        local = str(Path(local).expanduser())
+        if glob.has_magic(local):
+            matches = sorted(m for m in glob.glob(local) if Path(m).is_file())
+            found += matches
+            if not matches:
+                absent.append(local)
+        elif Path(local).is_file():
+            found.append(local)
+        else:
+            (folders if Path(local).is_dir() else absent).append(local)
+    shown = repr(text) if text is not None else f"a list of {len(candidates)} paths"
+    if not found:
+        if folders:
+            hint = f"; {folders[0]} is a folder: give its shards, e.g. '{folders[0].rstrip('/')}/*.tar'"
+        elif not candidates:
+            hint = ""
+        else:
+            tried = absent[0] if len(absent) == 1 else f"{absent[0]} ... {absent[-1]}"
+            hint = f" ({len(absent)} tried: {tried}"
+            hint += f"; relative to {Path.cwd()})" if not Path(absent[0]).is_absolute() else ")"
+        raise FileNotFoundError(f"{key}: no shard matches {shown}{hint}")
+    if absent or folders:
+        log.warning("%s: %d of %d shards of %s do not exist and are left out (first: %s)",
+                    key, len(absent) + len(folders), len(candidates), shown, (absent + folders)[0])
+    return found
+
+
+def _seed_of(*parts: object) -> int:
+    """A 64-bit seed that is a pure function of ``parts`` (not of the process or Python's hash salt)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _pick(buf: list[Any], rng: random.Random) -> Any:
+    i = rng.randrange(len(buf))
+    buf[i], buf[-1] = buf[-1], buf[i]
+    return buf.pop()
+
+
+class _SeededShuffle:
+    """Buffer shuffle of a sample stream, seeded by ``(seed, epoch, rank, worker)`` when iterated.
+
+    Starts yielding after ``initial`` samples; the buffer then grows to ``bufsize``.
+    """
+
+    def __init__(self, bufsize: int, initial: int, seed: int, epoch: int, rank: int | None) -> None:
+        self.bufsize, self.initial = bufsize, max(1, min(initial, bufsize))
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+
+    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
+        rank = self.rank if self.rank is not None else wds.utils.pytorch_worker_info()[0]
+        rng = random.Random(_seed_of("samples", self.seed, self.epoch, rank, _worker()[0]))
+        buf: list[Any] = []
+        target = self.initial
+        for sample in src:
+            buf.append(sample)
+            if len(buf) >= target:
+                yield _pick(buf, rng)
+                target = min(target + 1, self.bufsize)
+        while buf:
+            yield _pick(buf, rng)
+
+
+def _where(sample: Mapping[str, Any]) -> str:
+    return f"shard {sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
+
 
 class SkipCounter:
-    """WebDataset exception handler: logs and counts the error, then skips the sample."""
+    """WebDataset exception handler: logs and counts a bad sample (or unreadable shard), then skips it.
+
+    Only data errors (unreadable files and images, missing parts) are skipped; any other
+    exception is a bug and is raised.
+    """
 
     def __init__(self, name: str = "webdataset") -> None:
         self.name = name
@@ -204,6 +393,8 @@ class SkipCounter:
         self.errors: list[str] = []
 
     def __call__(self, exn: BaseException) -> bool:
+        if not isinstance(exn, _DATA_ERRORS):
+            raise exn
         self.count += 1
         msg = f"{type(exn).__name__}: {exn}"
         if len(self.errors) < 100:
@@ -216,20 +407,66 @@ class SkipCounter:
         return f"SkipCounter(name={self.name!r}, count={self.count})"
 
 
-def _decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, str]:
-    """Raw webdataset sample -> (RGB PIL image, caption); raises on missing/corrupt parts."""
-    key = sample.get("__key__", "?")
-    image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if image_ext is None:
-        raise KeyError(f"sample {key!r} has no image ({'/'.join(IMAGE_EXTENSIONS)}); keys: {sorted(sample)}")
+class CaptionFilter:
+    """Pipeline stage dropping raw samples whose caption ``check(caption)`` rejects.
+
+    ``check`` returns ``None`` to keep the sample or a reason to drop it; each drop is
+    counted and logged as ``shard URL key KEY: reason``.  Samples without a readable caption
+    pass through (the decoding stage counts those).
+    """
+
+    def __init__(self, check: Callable[[str], str | None], name: str = "webdataset") -> None:
+        self.check, self.name = check, name
+        self.count = 0
+        self.examples: list[str] = []
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in src:
+            raw = sample.get("txt")
+            if raw is not None:
+                caption = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+                reason = self.check(caption.strip())
+                if reason is not None:
+                    self.count += 1
+                    where = _where(sample)
+                    if len(self.examples) < 100:
+                        self.examples.append(where)
+                    level = logging.WARNING if self.count <= _LOGGED_SKIPS else logging.DEBUG
+                    log.log(level, "%s: skipped %s: %s; %d skipped so far", self.name, where, reason, self.count)
+                    continue
+            yield sample
+
+    def __repr__(self) -> str:
+        return f"CaptionFilter(name={self.name!r}, count={self.count})"
+
+
+def image_of(sample: Mapping[str, Any]) -> tuple[str, bytes]:
+    """``(extension, bytes)`` of a raw webdataset sample's image; ``KeyError`` naming shard and key if none."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise KeyError(f"{_where(sample)} has no image ({'/'.join(IMAGE_EXTENSIONS)}); "
+                       f"parts: {sorted(k for k in sample if not k.startswith('__'))}")
+    return ext, sample[ext]
+
+
+def caption_of(sample: Mapping[str, Any]) -> str:
+    """The stripped ``txt`` caption of a raw webdataset sample; ``KeyError``/``ValueError`` naming shard and key."""
     if "txt" not in sample:
-        raise KeyError(f"sample {key!r} has no txt caption; keys: {sorted(sample)}")
-    with Image.open(io.BytesIO(sample[image_ext])) as img:
-        img.load()
-        rgb = ToRGB()(img)
+        raise KeyError(f"{_where(sample)} has no txt caption; parts: {sorted(k for k in sample if not k.startswith('__'))}")
     caption = sample["txt"]
-    caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
-    return rgb, caption.strip()
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError as exn:
+            raise ValueError(f"{_where(sample)}: the txt caption is not UTF-8 (byte offset {exn.start})") from None
+    return str(caption).strip()
+
+
+def _decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, str]:
+    """Raw webdataset sample -> (RGB PIL image, caption); raises naming shard and key on missing/corrupt parts."""
+    ext, data = image_of(sample)
+    caption = caption_of(sample)
+    return decode_image(data, where=f"{_where(sample)} ({ext})"), caption
 
 
 def _split_explicit(rank: int, world_size: int) -> Callable[[Iterable[Any]], Iterator[Any]]:
@@ -248,22 +485,30 @@ def webdataset_pipeline(
     rank: int | None = None,
     world_size: int | None = None,
     handler: SkipCounter | None = None,
+    *,
+    epoch: int = 0,
+    caption_check: Callable[[str], str | None] | None = None,
 ) -> wds.DataPipeline:
     """A WebDataset pipeline yielding ``(image, caption)`` from ``{key}.jpg|png`` + ``{key}.txt``.
 
     Args:
-        urls: shard paths/URLs, a list or a brace pattern (``"data-{000..009}.tar"``).
+        urls: shard paths/URLs, a list or a pattern (see :func:`expand_shards`; a pattern that
+            matches no file raises ``FileNotFoundError``).
         transform: applied to the RGB PIL image (default ``image_transform(224)``).
         shuffle: sample shuffle buffer size (0 = off); shards are shuffled too when > 0.
         resampled: draw shards with replacement forever (for step-based training).
-        seed: shuffling / resampling seed (same on every rank).
+        seed, epoch: the shard order is a pure function of ``(seed, epoch)`` (the same on every
+            rank), the sample shuffle of ``(seed, epoch, rank, worker)``: the same arguments give
+            the same stream in every run. Make a new pipeline per epoch with ``epoch`` counting up.
         rank, world_size: explicit node split; default uses ``wds.split_by_node``
             (torch.distributed or the RANK/WORLD_SIZE variables).
         handler: the :class:`SkipCounter` that counts skipped samples (created if None);
             also available as ``pipeline.skipped``.
+        caption_check: ``caption -> None`` (keep) or a reason to drop the sample (e.g. too many
+            tokens); drops are logged with shard and key and counted in ``pipeline.filtered``.
     """
     if isinstance(urls, str):
-        url_list: list[str] = wds.shardlists.expand_urls(urls)
+        url_list = expand_shards(urls, key="urls")
     elif isinstance(urls, Sequence) and all(isinstance(u, (str, Path)) for u in urls):
         url_list = [str(u) for u in urls]
     else:
@@ -283,20 +528,30 @@ def webdataset_pipeline(
 
     stages: list[Any] = []
     if resampled:
-        stages.append(wds.ResampledShards(url_list, seed=seed, deterministic=True))
+        def worker_seed() -> int:  # distinct per rank and worker, the same in every run
+            r = rank if rank is not None else wds.utils.pytorch_worker_info()[0]
+            return _seed_of("worker", r, _worker()[0]) & 0x7FFFFFFF
+
+        stages.append(wds.ResampledShards(url_list, seed=_seed_of("resampled", seed, epoch) & 0x7FFFFFFF,
+                                          worker_seed=worker_seed, deterministic=True))
     else:
-        stages.append(wds.SimpleShardList(url_list))
         if shuffle > 0:
-            stages.append(wds.detshuffle(bufsize=max(len(url_list), 1), initial=len(url_list), seed=seed))
+            url_list = list(url_list)
+            random.Random(_seed_of("shards", seed, epoch)).shuffle(url_list)
+        stages.append(wds.SimpleShardList(url_list))
         stages.append(_split_explicit(rank, world_size) if world_size is not None else wds.split_by_node)  # type: ignore[arg-type]
         stages.append(wds.split_by_worker)
     stages.append(wds.tarfile_to_samples(handler=counter))
+    filtered = CaptionFilter(caption_check) if caption_check is not None else None
+    if filtered is not None:
+        stages.append(filtered)
     if shuffle > 0:
-        stages.append(wds.shuffle(shuffle, initial=min(shuffle, 100)))
+        stages.append(_SeededShuffle(shuffle, min(shuffle, 100), seed, epoch, rank))
     stages.append(wds.map(_decode_sample, handler=counter))
-    stages.append(wds.map_tuple(tf, None, handler=counter))
+    stages.append(wds.map_tuple(tf, None))  # a failing transform is a bug, not a bad sample
     pipeline = wds.DataPipeline(*stages)
     pipeline.skipped = counter
+    pipeline.filtered = filtered
     return pipeline
 
 

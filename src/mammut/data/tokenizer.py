@@ -6,7 +6,8 @@
   their usual names (``[PAD]``, ``<pad>``, ``<s>``, ``</s>``, ``<|endoftext|>``, ...)
   or given explicitly.
 * :meth:`Tokenizer.encode` returns a right-padded ``LongTensor``; captions that do not
-  fit raise ``ValueError`` unless ``truncate=True`` is asked for explicitly.
+  fit raise ``ValueError`` unless ``truncate=True`` is asked for explicitly (the text is
+  cut, bos and eos are kept). :meth:`Tokenizer.num_tokens` tells which would not fit.
 """
 
 from __future__ import annotations
@@ -96,7 +97,11 @@ class Tokenizer:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {p}")
-        return cls(HFTokenizer.from_file(str(p)), pad=pad, bos=bos, eos=eos)
+        try:
+            hf = HFTokenizer.from_file(str(p))
+        except Exception as exn:  # noqa: BLE001 - `tokenizers` raises a bare Exception; re-raised with the file named
+            raise ValueError(f"{p} is not a readable tokenizer.json ({exn})") from exn
+        return cls(hf, pad=pad, bos=bos, eos=eos)
 
     def save(self, path: str | Path) -> Path:
         """Write ``tokenizer.json`` to ``path`` (parent folders created); returns the path."""
@@ -145,6 +150,18 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     # -- encode / decode --------------------------------------------------------------
+
+    def num_tokens(self, texts: Sequence[str], add_bos: bool = True, add_eos: bool = True) -> list[int]:
+        """Length of each text once encoded (with bos/eos as asked), before any truncation or padding.
+
+        ``encode(texts, max_len)`` fits without truncation exactly when every length is <= max_len.
+        """
+        texts = _check_texts(texts)
+        extra = int(add_bos) + int(add_eos)
+        out: list[int] = []
+        for start in range(0, len(texts), 8192):  # bounded memory for a whole training csv
+            out += [len(enc.ids) + extra for enc in self._tok.encode_batch(texts[start:start + 8192], add_special_tokens=False)]
+        return out
 
     def encode(
         self,

@@ -108,24 +108,51 @@ def _chance(ks: Sequence[int], gallery: int) -> dict[str, float]:
 
 def evaluate_pairs(model: nn.Module, tokenizer: Tokenizer, images: torch.Tensor, captions: Sequence[str], *,
                    max_len: int, batch_size: int = 128, max_new_tokens: int = 24, with_captions: bool = True,
-                   truncate: bool = False, ks: Sequence[int] = (1, 5, 10)) -> tuple[dict[str, Any], list[str]]:
-    """Retrieval both ways over 1:1 pairs and caption metrics; returns ``(metrics, generated)``."""
-    if len(images) != len(captions):
+                   truncate: bool = False, ks: Sequence[int] = (1, 5, 10),
+                   image_index: Sequence[int] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Retrieval both ways and caption metrics; returns ``(metrics, generated)``, one generated
+    caption per image.
+
+    Pairs are 1:1 unless ``image_index[j]`` names the image of caption ``j`` (several captions
+    per image): then an image->text hit is any of the image's captions, captions are scored
+    against all of the image's references, and identical caption texts count as one answer
+    (see :func:`retrieval_recall`)."""
+    if image_index is None and len(images) != len(captions):
         raise ValueError(f"captions: expected one per image ({len(images)}), got {len(captions)}")
+    index = list(range(len(images))) if image_index is None else [int(i) for i in image_index]
+    if len(index) != len(captions):
+        raise ValueError(f"captions: expected one per entry of image_index ({len(index)}), got {len(captions)}")
     t0 = time.perf_counter()
     img = embed_images(model, images, batch_size)
     txt = embed_texts(model, tokenizer, captions, max_len, batch_size, truncate=truncate)
-    rec = retrieval_recall(img, txt, ks=ks)
+    rec = retrieval_recall(img, txt, ks=ks, text_to_image=index, texts=list(captions))
+    shared = _texts_shared_by_images(captions, index)
     metrics: dict[str, Any] = {
-        "retrieval": {**rec, "gallery_size": len(images), "chance": _chance(ks, len(images))},
+        "retrieval": {**rec, "gallery_size": len(images), "n_texts": len(captions), "chance": _chance(ks, len(images)),
+                      "captions_per_image": len(captions) / max(len(images), 1),
+                      "texts_shared_by_images": shared,
+                      "protocol": "image->text: a hit if any caption of the image (or a caption with the same text) "
+                                  "ranks within k; text->image: a hit if its image (or any image with an identical "
+                                  "caption) ranks within k; ties count against the model"},
     }
     generated: list[str] = []
     if with_captions and callable(getattr(model, "generate", None)):
         generated = generate_captions(model, tokenizer, images, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        refs = [[c] for c in captions]
-        metrics["caption"] = {"bleu4": bleu4(generated, refs), "cider_d": cider_d(generated, refs), "n": len(generated)}
+        refs: list[list[str]] = [[] for _ in range(len(images))]
+        for j, i in enumerate(index):
+            refs[i].append(captions[j])
+        metrics["caption"] = {"bleu4": bleu4(generated, refs), "cider_d": cider_d(generated, refs), "n": len(generated),
+                              "references_per_image": len(captions) / max(len(images), 1)}
     metrics["eval_time_s"] = time.perf_counter() - t0
     return metrics, generated
+
+
+def _texts_shared_by_images(captions: Sequence[str], index: Sequence[int]) -> int:
+    """How many distinct caption texts belong to more than one image."""
+    owners: dict[str, set[int]] = {}
+    for text, i in zip(captions, index):
+        owners.setdefault(text, set()).add(i)
+    return sum(len(v) > 1 for v in owners.values())
 
 
 class EmojiEval:
@@ -206,28 +233,15 @@ def evaluate_emoji(model: nn.Module, tokenizer: Tokenizer, data_cfg: Any, eval_c
     return metrics, ev, generated
 
 
-def _eval_pairs_from_data(data_cfg: Any, n: int) -> tuple[torch.Tensor, list[str]]:
-    """The first ``n`` image-caption pairs of a csv/webdataset source (for non-emoji runs)."""
-    import itertools
-
-    from ..data.datasets import CsvImageText, image_transform, webdataset_pipeline
-
-    tf = image_transform(data_cfg.image_size, train=False, normalize=data_cfg.normalize)
-    if data_cfg.kind == "csv":
-        ds = CsvImageText(data_cfg.path, image_root=data_cfg.image_root, img_key=data_cfg.img_key,
-                          caption_key=data_cfg.caption_key, transform=tf)
-        items = [ds[i] for i in range(min(n, len(ds)))]
-    else:
-        items = list(itertools.islice(webdataset_pipeline(data_cfg.path, transform=tf), n))
-    if not items:
-        raise ValueError(f"data.path: no readable image-caption pairs in {data_cfg.path}")
-    return torch.stack([im for im, _ in items]), [c for _, c in items]
-
-
 def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, out_dir: Any = None,
-                 extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
+                 extra: dict[str, Any] | None = None, data: str | None = None) -> tuple[dict[str, Any], Any]:
     """Evaluate a run folder's latest (or given) checkpoint and write its report folder
-    (default ``<run>/report``). ``extra`` (timings) is merged into ``metrics.json``."""
+    (default ``<run>/report``). ``extra`` (timings) is merged into ``metrics.json``.
+
+    The evaluation data: ``data`` (a csv/tsv file or shard pattern) if given, else the run's
+    ``data.val_path``, else the emoji scenes' built-in held-out split. A csv/webdataset run
+    with neither is scored on the first rows of its *training* data, and ``metrics.json``
+    (``eval_split``) and the report say so plainly: those rows are never called held-out."""
     from pathlib import Path
 
     from ..train.build import load_run
@@ -237,14 +251,32 @@ def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, 
     run = load_run(run_dir, checkpoint)
     cfg = run.config
     eval_cfg = cfg.eval if n is None else dataclasses.replace(cfg.eval, n=n)
-    if cfg.data.kind == "emoji":
+    source = data or cfg.data.val_path
+    if source is None and cfg.data.kind == "emoji":
         metrics, ev, generated = evaluate_emoji(run.model, run.tokenizer, cfg.data, eval_cfg)
         images, truth = ev.held.images, ev.held.captions
+        split = {"name": "heldout", "source": "emoji scenes, held-out split (emoji pairs never seen in training)",
+                 "held_out": True}
     else:
-        images, truth = _eval_pairs_from_data(cfg.data, eval_cfg.n)
-        metrics, generated = evaluate_pairs(run.model, run.tokenizer, images, truth, max_len=cfg.data.max_len,
-                                            batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens,
-                                            truncate=cfg.data.truncate)
+        from ..train.data import eval_pairs
+
+        heldout = source is not None
+        path = source if heldout else cfg.data.path
+        pairs = eval_pairs(cfg.data, path, eval_cfg.n)
+        if not heldout:
+            log.warning("no validation data (data.val_path or --data): scoring the first %d images of the TRAINING "
+                        "data %s; these figures are not held-out", len(pairs.images), path)
+        metrics, generated = evaluate_pairs(run.model, run.tokenizer, pairs.images, pairs.captions,
+                                            max_len=cfg.data.max_len, batch_size=eval_cfg.batch_size,
+                                            max_new_tokens=eval_cfg.max_new_tokens, truncate=True,
+                                            image_index=pairs.image_index)
+        images = pairs.images
+        truth = _first_caption_per_image(pairs.captions, pairs.image_index, len(pairs.images))
+        split = {"name": "heldout" if heldout else "train", "source": str(path), "held_out": heldout,
+                 "n_images": len(pairs.images), "n_captions": len(pairs.captions), "skipped": pairs.skipped}
+        if not heldout:
+            split["note"] = ("TRAINING rows, not held-out: set data.val_path or pass `mammut eval RUN --data FILE` "
+                             "for a held-out evaluation")
     records = read_metrics(Path(run_dir) / "metrics.jsonl")
     train_recs = [r for r in records if r.get("kind", "train") == "train"]
     last = train_recs[-1] if train_recs else {}
@@ -255,7 +287,15 @@ def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, 
         "samples_per_s": (run.step * cfg.train.batch_size / last["train_time_s"]) if last.get("train_time_s") else None,
         "final_loss": last.get("loss"),
     }
-    metrics = {**summary, **(extra or {}), **metrics, "model": cfg.model}
+    metrics = {**summary, **(extra or {}), "eval_split": split, **metrics, "model": cfg.model}
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
     path = write_report(out, metrics, records, images, generated, truth, grid=eval_cfg.grid)
     return metrics, path
+
+
+def _first_caption_per_image(captions: Sequence[str], index: Sequence[int], n_images: int) -> list[str]:
+    first: list[str | None] = [None] * n_images
+    for text, i in zip(captions, index):
+        if first[i] is None:
+            first[i] = text
+    return [t or "" for t in first]

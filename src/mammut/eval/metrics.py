@@ -91,12 +91,17 @@ def retrieval_recall(
     text_to_image: torch.Tensor | Sequence[int] | None = None,
     normalize: bool = True,
     chunk_size: int = 1024,
+    texts: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Recall@k for image->text (``i2t_R@k``) and text->image (``t2i_R@k``), as fractions in [0, 1].
 
     Pairs are 1:1 (text j belongs to image j) unless ``text_to_image[j]`` gives the image
-    of text j (several captions per image).  An image counts as retrieved-correctly at k
-    if any of its captions ranks within the top k; ties rank against the correct item.
+    of text j (several captions per image, the COCO / Flickr30k protocol): an image counts as
+    retrieved correctly at k if any of its captions ranks within the top k, a text if its
+    image does. With ``texts`` (the caption strings), identical strings are one answer: a
+    caption whose text equals one of the image's captions is a hit for that image, and a text
+    shared by several images is answered by any of them (identical texts have identical
+    embeddings, so no ranking could tell them apart). Ties rank against the correct item.
     """
     img = _check_embeds(image_embeds, "image_embeds")
     txt = _check_embeds(text_embeds, "text_embeds")
@@ -116,22 +121,32 @@ def retrieval_recall(
             raise ValueError(f"text_to_image entries must be in [0, {n_img}), got range [{int(t2i.min())}, {int(t2i.max())}]")
         if torch.bincount(t2i, minlength=n_img).min() == 0:
             raise ValueError("every image needs at least one text in text_to_image")
+    if texts is not None:
+        if len(texts) != n_txt:
+            raise ValueError(f"texts: expected one string per text embedding ({n_txt}), got {len(texts)}")
+        ids: dict[str, int] = {}
+        answer = torch.tensor([ids.setdefault(t, len(ids)) for t in texts], dtype=torch.long)
+    else:
+        answer = torch.arange(n_txt)
+    # incidence (n_img, n_answers): image i has a caption with answer a
+    has = torch.zeros(n_img, int(answer.max()) + 1, dtype=torch.bool)
+    has[t2i, answer] = True
     if normalize:
         img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-    t2i = t2i.to(img.device)
+    has, answer = has.to(img.device), answer.to(img.device)
+
+    def rank(sim: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+        best = sim.masked_fill(~true, float("-inf")).amax(dim=1, keepdim=True)
+        return ((sim >= best) & ~true).sum(dim=1).cpu()
 
     i2t_rank = torch.empty(n_img, dtype=torch.long)
     for s in range(0, n_img, chunk_size):
         sim = img[s : s + chunk_size] @ txt.T  # (c, n_txt)
-        rows = torch.arange(s, s + sim.shape[0], device=img.device)
-        true = t2i[None, :] == rows[:, None]
-        best = sim.masked_fill(~true, float("-inf")).amax(dim=1, keepdim=True)
-        i2t_rank[s : s + sim.shape[0]] = ((sim >= best) & ~true).sum(dim=1).cpu()
+        i2t_rank[s : s + sim.shape[0]] = rank(sim, has[s : s + sim.shape[0]][:, answer])
     t2i_rank = torch.empty(n_txt, dtype=torch.long)
     for s in range(0, n_txt, chunk_size):
         sim = txt[s : s + chunk_size] @ img.T  # (c, n_img)
-        true = sim.gather(1, t2i[s : s + sim.shape[0], None])
-        t2i_rank[s : s + sim.shape[0]] = ((sim >= true).sum(dim=1) - 1).cpu()
+        t2i_rank[s : s + sim.shape[0]] = rank(sim, has[:, answer[s : s + sim.shape[0]]].T)
     out: dict[str, float] = {}
     for k in ks:
         out[f"i2t_R@{k}"] = (i2t_rank < k).float().mean().item()

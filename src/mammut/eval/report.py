@@ -96,7 +96,10 @@ def retrieval_table(metrics: dict[str, Any]) -> str:
     if not r:
         return ""
     ks = sorted(int(k.split("@")[1]) for k in r if k.startswith("i2t_R@"))
-    lines = [f"Held-out retrieval, gallery of {r['gallery_size']}", "",
+    split = metrics.get("eval_split", {"held_out": True})
+    label = "Held-out retrieval" if split.get("held_out") else "Retrieval on TRAINING rows (not held-out)"
+    texts = f", {r['n_texts']} captions" if r.get("n_texts", r["gallery_size"]) != r["gallery_size"] else ""
+    lines = [f"{label}, gallery of {r['gallery_size']} images{texts}", "",
              "| direction | " + " | ".join(f"R@{k}" for k in ks) + " |",
              "|---|" + "---|" * len(ks)]
     lines.append("| image -> text | " + " | ".join(f"{r[f'i2t_R@{k}']:.3f}" for k in ks) + " |")
@@ -130,8 +133,22 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], records: Sequence
                ("train time (s)", metrics.get("train_time_s")), ("wall time (s)", metrics.get("wall_time_s")),
                ("emoji in play", metrics.get("num_emoji"))]
     lines += [f"- {k}: {_fmt(v)}" for k, v in summary if v is not None] + [""]
+    split = metrics.get("eval_split")
+    if split:
+        if split.get("held_out"):
+            lines += [f"Evaluated on held-out data: {split.get('source')}.", ""]
+        else:
+            lines += [f"**Not held-out.** Evaluated on the first rows of the training data ({split.get('source')}): "
+                      f"{split.get('note', '')}.", ""]
     if table:
         lines += [table, ""]
+    r = metrics.get("retrieval") or {}
+    if r.get("protocol"):
+        lines += [f"Protocol: {r['protocol']}. Captions per image: {r.get('captions_per_image', 1):.2f}; "
+                  f"caption texts shared by several images: {r.get('texts_shared_by_images', 0)}.", ""]
+    elif r.get("skipped_duplicates") is not None:
+        lines += [f"Each gallery caption is distinct: {r['skipped_duplicates']} held-out scenes repeating an earlier "
+                  f"caption were skipped (identical texts cannot be told apart).", ""]
     cap = metrics.get("caption")
     if cap:
         lines += ["Greedy captions", "", "| metric | value |", "|---|---|"]
@@ -148,7 +165,8 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], records: Sequence
     if curves:
         lines += ["![loss curves](loss_curves.png)", ""]
     if scenes:
-        lines += ["Held-out scenes, G = generated (greedy), T = true caption:", "", "![scenes](scenes.png)", ""]
+        which = "Held-out images" if (split or {"held_out": True}).get("held_out") else "Training images (not held-out)"
+        lines += [f"{which}, G = generated (greedy), T = true caption:", "", "![scenes](scenes.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     log.info("report written to %s", out)
     return out

@@ -73,7 +73,10 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> RunFi
     if not cfg_path.is_file():
         raise FileNotFoundError(f"run_dir: expected a run folder with config.yaml, got {run}")
     cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
-    tokenizer = Tokenizer.from_file(cfg.data.tokenizer or run / "tokenizer.json")
+    # the run's own copy of its tokenizer (written at the start of training), so a run folder
+    # works from any directory and after a move; older runs fall back to data.tokenizer
+    own = run / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(own if own.is_file() or not cfg.data.tokenizer else cfg.data.tokenizer)
     ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run)
     if ckpt is None or not (ckpt / "model.safetensors").is_file():
         raise FileNotFoundError(f"run_dir: no checkpoint with model.safetensors under {run / 'checkpoints'}")

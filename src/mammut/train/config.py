@@ -35,6 +35,9 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "config_to_dict",
+    "list_presets",
+    "resolve_config_path",
+    "resolve_data_paths",
 ]
 
 
@@ -46,6 +49,7 @@ class ConfigError(ValueError):
 class DataConfig:
     kind: str = "emoji"  # emoji | csv | webdataset
     path: str | None = None  # csv/tsv file, or webdataset shard pattern ("data-{000..009}.tar")
+    val_path: str | None = None  # held-out csv/tsv file or shard pattern (kind from the suffix); emoji: built in
     image_root: str | None = None  # csv: folder that relative image paths start from
     img_key: str = "filepath"  # csv column of image paths
     caption_key: str = "title"  # csv column of captions
@@ -58,7 +62,7 @@ class DataConfig:
     tokenizer: str | None = None  # tokenizer.json; null = train a byte-level BPE on the captions
     vocab_size: int = 2048  # BPE size when training one
     max_len: int = 32  # caption tokens, BOS and EOS included
-    truncate: bool = False  # cut captions longer than max_len (else a clear error)
+    truncate: bool = True  # cut captions longer than max_len (EOS kept); false = skip such samples and count them
     num_workers: int = 0  # DataLoader worker processes
     shuffle_buffer: int = 1000  # webdataset sample shuffle buffer
 
@@ -86,6 +90,7 @@ class LoopConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads per process (0 = leave as is)
     seed: int = 0
+    dist_timeout: int = 600  # seconds a rank waits in a collective (init, all-reduce, barrier) before failing
     out_dir: str = "runs/run"
     log_every: int = 10  # steps between JSONL / TensorBoard records
     save_every: int = 200  # steps between checkpoints (0 = only at the end)
@@ -121,6 +126,7 @@ class RunConfig:
         positive = {
             "train.steps": self.train.steps, "train.batch_size": self.train.batch_size,
             "train.grad_accum": self.train.grad_accum, "train.log_every": self.train.log_every,
+            "train.dist_timeout": self.train.dist_timeout,
             "data.image_size": self.data.image_size, "data.max_len": self.data.max_len,
             "eval.n": self.eval.n, "eval.batch_size": self.eval.batch_size, "optim.lr": self.optim.lr,
         }
@@ -271,6 +277,10 @@ def check_model_section(section: dict[str, Any]) -> dict[str, Any]:
         cls = get_model_class(name)
     except ValueError:
         raise ConfigError(f"model.name: expected one of {list_models()}, got {name!r}") from None
+    if not callable(getattr(cls, "compute_losses", None)):
+        trainable = [m for m in list_models() if callable(getattr(get_model_class(m), "compute_losses", None))]
+        raise ConfigError(f"model.name: expected a model that `mammut train` can train ({', '.join(trainable)}), "
+                          f"got {name!r} (no image-text training objective yet; use it from Python)")
     config_class = getattr(cls, "config_class", None)
     out: dict[str, Any] = {"name": name}
     if config_class is None or not dataclasses.is_dataclass(config_class):
@@ -289,6 +299,13 @@ def check_model_section(section: dict[str, Any]) -> dict[str, Any]:
 
             vit = build_dataclass(ViTConfig, out[k], "model.vit")
             out[k] = {name: getattr(vit, name) for name in out[k]}
+    # the model's own value checks (choices, ranges), before any data or tokenizer work;
+    # fields filled from the tokenizer later (num_tokens, ids) keep their defaults here
+    try:
+        config_class(**{k: v for k, v in out.items() if k != "name" and v is not None})
+    except (TypeError, ValueError) as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith("model.") else f"model.{msg}") from None
     return out
 
 
@@ -353,23 +370,69 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     return RunConfig(model=model, **built)
 
 
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def list_presets() -> list[str]:
+    """Names of the configs shipped in the package (``mammut train --config NAME``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """A config file path, or the name of a packaged preset (``tiny``, ``demo``, ...)."""
+    p = Path(config)
+    if p.is_file():
+        return p
+    name = str(config)
+    if p.suffix == "" and "/" not in name and "\\" not in name:
+        preset = PRESET_DIR / f"{name}.yaml"
+        if preset.is_file():
+            return preset
+        raise FileNotFoundError(f"config: expected a YAML file or one of the presets {list_presets()}, got {name!r}")
+    raise FileNotFoundError(f"config: no such file {p} (presets: {', '.join(list_presets())})")
+
+
 def load_config(path: str | Path | None, overrides: dict[str, str] | list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or start from the defaults with ``path=None``), apply dotted
-    overrides and check everything."""
+    """Read a YAML config (a file or a preset name; ``None`` starts from the defaults), apply
+    dotted overrides and check everything."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config: no such file {p}")
-        with p.open() as f:
-            tree = yaml.safe_load(f) or {}
+        p = resolve_config_path(path)
+        try:
+            with p.open(encoding="utf-8") as f:
+                tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config: {p} is not valid YAML ({problem} at{where})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config: {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config: {p} must hold a mapping of sections, got {type(tree).__name__}")
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
-    return config_from_dict(tree)
+    cfg = config_from_dict(tree)
+    return dataclasses.replace(cfg, data=resolve_data_paths(cfg.data, Path.cwd()))
+
+
+DATA_PATH_KEYS: tuple[str, ...] = ("path", "val_path", "image_root", "tokenizer")
+
+
+def resolve_data_paths(data: DataConfig, base: Path) -> DataConfig:
+    """``data`` with its file paths made absolute against ``base`` (the working directory the
+    config was loaded in), so a run's ``config.yaml`` works from any directory. URLs
+    (``s3://``, ``pipe:``) and brace patterns are kept as written apart from the folder."""
+    changes = {}
+    for key in DATA_PATH_KEYS:
+        value = getattr(data, key)
+        if not value or "://" in value or value.startswith("pipe:"):
+            continue
+        p = Path(value).expanduser()
+        changes[key] = str(p if p.is_absolute() else (base / p).absolute())
+    return dataclasses.replace(data, **changes)
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -1,37 +1,68 @@
-"""Training data for the loop: the tokenizer and a deterministic stream of micro-batches.
+"""Training data for the loop: the tokenizer, a deterministic stream of micro-batches and the
+held-out pairs for evaluation.
 
 Global sample ``i`` of the run is a pure function of ``i`` (emoji scenes: the scene with that
 index; csv: a per-epoch seeded permutation), so the data position of a checkpoint is just the
-step, and a resumed run reads exactly what an uninterrupted one would have read.
+step, and a resumed run reads exactly what an uninterrupted one would have read. WebDataset
+shards are streamed; their shard order and sample shuffle are pure functions of
+``(train.seed, epoch, rank, worker)``, and a resumed run skips the samples already seen.
 
 Step ``s`` uses global samples ``[s*B, (s+1)*B)`` with ``B`` the global batch. Rank ``r`` of
 ``W`` takes the ``r``-th contiguous slice of ``B/W`` samples and splits it into ``grad_accum``
 micro-batches, so ``W`` ranks together see the same batch, in the same row order, as one
 process with the whole batch.
+
+Captions longer than ``data.max_len`` tokens: with ``data.truncate: true`` they are cut (EOS
+kept); with ``false`` the sample is skipped and counted, never fatal: csv rows are dropped
+when the source is built (so batches stay deterministic), webdataset samples in the stream
+(logged as ``shard URL key KEY``), and an emoji scene is replaced by one from a spare index range.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.datasets import CsvImageText, ImageTextCollate, image_transform, webdataset_pipeline
+from ..data.datasets import (
+    CsvImageText,
+    ImageDecodeError,
+    ImageTextCollate,
+    SkipCounter,
+    caption_of,
+    decode_image,
+    expand_shards,
+    image_of,
+    image_transform,
+    webdataset_pipeline,
+)
 from ..data.scenes import RELATIONS, EmojiScenes, make_caption
 from ..data.tokenizer import Tokenizer, train_bpe
+from .checkpointing import latest_checkpoint
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["emoji_dataset", "emoji_corpus", "build_tokenizer", "MicroBatches", "train_batches"]
+__all__ = [
+    "emoji_dataset", "emoji_corpus", "check_data", "build_tokenizer", "MicroBatches", "train_batches",
+    "expand_shards", "EvalPairs", "eval_pairs",
+]
 
 DATA_SEED = 0  # the emoji scenes' own seed; the held-out split is a different stream of it
+_EMOJI_SPARE = 1 << 48  # emoji: replacement scenes for over-long captions come from index _EMOJI_SPARE + 64*i + t
+_EMOJI_TRIES = 64
+_SHOWN = 5  # over-long rows named in the warning
 
 
 def emoji_dataset(cfg: DataConfig, split: str = "train") -> EmojiScenes:
@@ -52,19 +83,85 @@ def emoji_corpus(names: list[str], pairs: int = 4000, seed: int = 0) -> list[str
     return texts
 
 
-def _csv_dataset(cfg: DataConfig) -> CsvImageText:
+def _is_csv(path: str) -> bool:
+    return Path(path).suffix.lower() in (".csv", ".tsv")
+
+
+def _csv_dataset(cfg: DataConfig, path: str | None = None, key: str = "data.path") -> CsvImageText:
     return CsvImageText(
-        cfg.path, image_root=cfg.image_root, img_key=cfg.img_key, caption_key=cfg.caption_key,
+        path if path is not None else cfg.path,  # type: ignore[arg-type]
+        image_root=cfg.image_root, img_key=cfg.img_key, caption_key=cfg.caption_key,
         transform=image_transform(cfg.image_size, train=False, normalize=cfg.normalize),
+        arg_names={"path": key, "img_key": "data.img_key", "caption_key": "data.caption_key"},
     )
 
 
+def _check_source(path: str, key: str, csv: bool) -> None:
+    if csv:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"{key}: {'is a folder, expected a .csv or .tsv file' if p.is_dir() else 'no such file'}: {p}")
+    else:
+        expand_shards(path, key)
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Fail fast, before a model is built: ``data.path`` (csv file or shards) and ``data.val_path``
+    exist. Raises ``FileNotFoundError`` naming the key."""
+    if cfg.kind in ("csv", "webdataset"):
+        if not cfg.path:
+            raise ValueError(f"data.path: expected a file or shard pattern for data.kind={cfg.kind!r}, got null")
+        _check_source(cfg.path, "data.path", cfg.kind == "csv")
+    if cfg.val_path:
+        _check_source(cfg.val_path, "data.val_path", _is_csv(cfg.val_path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b) or a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
+def _run_copy_of_tokenizer(src: Path, saved: Path) -> Tokenizer:
+    """``data.tokenizer`` copied into the run folder (``<run>/tokenizer.json``) and loaded from there."""
+    if saved.is_file():
+        if not src.is_file():
+            log.info("data.tokenizer: %s is gone; using the run's copy %s", src, saved)
+            return Tokenizer.from_file(saved)
+        if _same_file(src, saved):
+            return Tokenizer.from_file(saved)
+        if latest_checkpoint(saved.parent) is not None:
+            log.warning("data.tokenizer: %s differs from the run's copy %s; resuming with the run's copy "
+                        "(the checkpoints were trained with it)", src, saved)
+            return Tokenizer.from_file(saved)
+        log.warning("data.tokenizer: replacing %s (no checkpoint yet) with %s", saved, src)
+    if not src.is_file():
+        raise FileNotFoundError(f"data.tokenizer: no such file {src}")
+    try:
+        Tokenizer.from_file(src)  # a bad file fails here, naming the original
+    except ValueError as exn:
+        raise ValueError(f"data.tokenizer: {exn}") from None
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_name(f".{saved.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, saved)
+    log.info("data.tokenizer: copied %s -> %s", src, saved)
+    return Tokenizer.from_file(saved)
+
+
 def build_tokenizer(cfg: DataConfig, run_dir: Path) -> Tokenizer:
-    """The run's tokenizer: ``data.tokenizer`` if given, else ``<run>/tokenizer.json`` if it
-    exists (resume), else a byte-level BPE trained on the training captions and saved there."""
+    """The run's tokenizer, always loaded from ``<run>/tokenizer.json`` so the run folder is self-contained.
+
+    ``data.tokenizer`` given: copied there (a resume keeps the run's copy, even when the original
+    was moved or changed); else the copy from an earlier start (resume); else a byte-level BPE
+    trained on the training captions and saved there. Checks the data paths first
+    (:func:`check_data`), so a wrong ``data.path`` fails before the model is built.
+    """
+    check_data(cfg)
+    saved = Path(run_dir) / "tokenizer.json"
     if cfg.tokenizer:
-        return Tokenizer.from_file(cfg.tokenizer)
-    saved = run_dir / "tokenizer.json"
+        return _run_copy_of_tokenizer(Path(cfg.tokenizer).expanduser(), saved)
     if saved.is_file():
         return Tokenizer.from_file(saved)
     if cfg.kind == "emoji":
@@ -78,20 +175,70 @@ def build_tokenizer(cfg: DataConfig, run_dir: Path) -> Tokenizer:
     return tok
 
 
-class _IndexedSource:
-    """Global sample index -> item with ``.image``/``.caption`` or ``(image, caption)``."""
+def _too_long(tokenizer: Tokenizer, max_len: int) -> Callable[[str], str | None]:
+    def check(caption: str) -> str | None:
+        n = tokenizer.num_tokens([caption])[0]
+        return None if n <= max_len else f"caption has {n} tokens > data.max_len={max_len} (data.truncate: false)"
 
-    def __init__(self, cfg: DataConfig, seed: int) -> None:
+    return check
+
+
+class _IndexedSource:
+    """Global sample index -> item with ``.image``/``.caption`` or ``(image, caption)``.
+
+    With ``tokenizer`` given (``data.truncate: false``), captions longer than ``data.max_len``
+    never come out: csv rows are dropped here, once; emoji scenes are replaced.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int, tokenizer: Tokenizer | None = None) -> None:
         self.kind = cfg.kind
         self.seed = seed
+        self.max_len = cfg.max_len
+        self.tokenizer = tokenizer
+        self.skipped_long = 0  # csv: rows dropped; emoji: scenes replaced (in this process)
         self.ds: Any = emoji_dataset(cfg) if cfg.kind == "emoji" else _csv_dataset(cfg)
-        if cfg.kind == "csv" and len(self.ds) == 0:
-            raise ValueError(f"data.path: {cfg.path} has no readable image-caption rows")
+        if cfg.kind == "csv":
+            if tokenizer is not None:
+                self._drop_long_rows(tokenizer)
+            if len(self.ds) == 0:
+                raise ValueError(f"data.path: {cfg.path} has no readable image-caption rows")
         self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _drop_long_rows(self, tokenizer: Tokenizer) -> None:
+        ds: CsvImageText = self.ds
+        lengths = tokenizer.num_tokens([caption for _, caption in ds.samples])
+        long = [j for j, n in enumerate(lengths) if n > self.max_len]
+        if not long:
+            return
+        shown = "; ".join(f"{ds.where(j)} ({lengths[j]} tokens)" for j in long[:_SHOWN])
+        more = f"; and {len(long) - _SHOWN} more" if len(long) > _SHOWN else ""
+        if len(long) == len(ds):
+            raise ValueError(f"data.max_len: all {len(ds)} captions of {ds.path} are longer than {self.max_len} tokens "
+                             f"(e.g. {shown}); raise data.max_len or set data.truncate: true")
+        log.warning("%s: skipped %d of %d rows whose caption is longer than data.max_len=%d tokens "
+                    "(data.truncate: false): %s%s", ds.path, len(long), len(ds), self.max_len, shown, more)
+        drop = set(long)
+        ds.select([j for j in range(len(ds)) if j not in drop])
+        self.skipped_long = len(long)
+
+    def _emoji(self, i: int) -> Any:
+        scene = self.ds.scene(i)
+        if self.tokenizer is None or self.tokenizer.num_tokens([scene.caption])[0] <= self.max_len:
+            return scene
+        for t in range(_EMOJI_TRIES):
+            alt = self.ds.scene(_EMOJI_SPARE + _EMOJI_TRIES * i + t)
+            if self.tokenizer.num_tokens([alt.caption])[0] <= self.max_len:
+                self.skipped_long += 1
+                level = logging.WARNING if self.skipped_long <= 20 else logging.DEBUG
+                log.log(level, "emoji scene %d: caption longer than data.max_len=%d tokens (data.truncate: false), "
+                        "replaced by scene %d; %d replaced so far", i, self.max_len, alt.index, self.skipped_long)
+                return alt
+        raise ValueError(f"data.max_len: {_EMOJI_TRIES + 1} emoji captions in a row are longer than {self.max_len} "
+                         f"tokens (e.g. {scene.caption!r}); raise data.max_len or set data.truncate: true")
 
     def __call__(self, i: int) -> Any:
         if self.kind == "emoji":
-            return self.ds.scene(i)
+            return self._emoji(i)
         n = len(self.ds)
         epoch, j = divmod(i, n)
         if self._perm is None or self._perm[0] != epoch:
@@ -126,39 +273,174 @@ class MicroBatches(Dataset):
         return self.collate([self.source(i) for i in self.indices(k)])
 
 
-def _webdataset_stream(cfg: DataConfig, seed: int, rank: int, world: int) -> Iterator[Any]:
+def _webdataset_stream(cfg: DataConfig, urls: list[str], seed: int, rank: int, world: int,
+                       caption_check: Callable[[str], str | None] | None) -> Iterator[Any]:
     tf = image_transform(cfg.image_size, train=False, normalize=cfg.normalize)
     for epoch in itertools.count():
         n = 0
-        pipe = webdataset_pipeline(cfg.path, transform=tf, shuffle=cfg.shuffle_buffer, seed=seed + epoch,
-                                   rank=rank, world_size=world)
+        pipe = webdataset_pipeline(urls, transform=tf, shuffle=cfg.shuffle_buffer, seed=seed, epoch=epoch,
+                                   rank=rank, world_size=world, caption_check=caption_check)
         for sample in pipe:
             n += 1
             yield sample
         if n == 0:
-            raise RuntimeError(f"data.path: no readable samples in {cfg.path} for rank {rank} (skipped {pipe.skipped.count})")
+            too_long = pipe.filtered.count if pipe.filtered is not None else 0
+            raise ValueError(
+                f"data.path: rank {rank} of {world} read no usable sample from the {len(urls)} shard(s) of {cfg.path} "
+                f"({pipe.skipped.count} unreadable, {too_long} over data.max_len; ranks need a shard each)"
+            )
 
 
-def train_batches(cfg: DataConfig, tokenizer: Tokenizer, *, batch_size: int, grad_accum: int, seed: int,
-                  rank: int, world_size: int, start_step: int, steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Yield, for steps ``start_step .. steps-1``, the list of ``grad_accum`` micro-batches
-    ``(images (m, 3, H, W), text (m, max_len))`` of this rank."""
-    collate = ImageTextCollate(tokenizer, cfg.max_len, truncate=cfg.truncate)
-    if cfg.kind == "webdataset":
-        # streamed: the data position is restored by skipping the samples already seen
-        micro = batch_size // (world_size * grad_accum)
-        stream = _webdataset_stream(cfg, seed, rank, world_size)
-        stream = itertools.islice(stream, start_step * micro * grad_accum, None)
-        for _ in range(start_step, steps):
-            yield [collate(list(itertools.islice(stream, micro))) for _ in range(grad_accum)]
-        return
-    ds = MicroBatches(_IndexedSource(cfg, seed), collate, batch_size, grad_accum, rank, world_size)
-    ks = range(start_step * grad_accum, steps * grad_accum)
-    if cfg.num_workers > 0:
-        loader: Any = DataLoader(ds, batch_size=None, sampler=ks, num_workers=cfg.num_workers,
+def _webdataset_batches(stream: Iterator[Any], collate: ImageTextCollate, micro: int, grad_accum: int,
+                        start_step: int, steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    # streamed: the data position is restored by skipping the samples already seen
+    stream = itertools.islice(stream, start_step * micro * grad_accum, None)
+    for _ in range(start_step, steps):
+        yield [collate(list(itertools.islice(stream, micro))) for _ in range(grad_accum)]
+
+
+def _indexed_batches(ds: MicroBatches, num_workers: int, start_step: int,
+                     steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    ks = range(start_step * ds.grad_accum, steps * ds.grad_accum)
+    if num_workers > 0:
+        loader: Any = DataLoader(ds, batch_size=None, sampler=ks, num_workers=num_workers,
                                  prefetch_factor=4, persistent_workers=False)
     else:
         loader = (ds[k] for k in ks)
     it = iter(loader)
     for _ in range(start_step, steps):
-        yield [next(it) for _ in range(grad_accum)]
+        yield [next(it) for _ in range(ds.grad_accum)]
+
+
+def train_batches(cfg: DataConfig, tokenizer: Tokenizer, *, batch_size: int, grad_accum: int, seed: int,
+                  rank: int, world_size: int, start_step: int, steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """An iterator over steps ``start_step .. steps-1``, each the list of ``grad_accum``
+    micro-batches ``(images (m, 3, H, W), text (m, max_len))`` of this rank.
+
+    The data source is opened (and checked) here, before the first step is asked for.
+    """
+    collate = ImageTextCollate(tokenizer, cfg.max_len, truncate=cfg.truncate)
+    if cfg.kind == "webdataset":
+        if batch_size % (world_size * grad_accum):
+            raise ValueError(f"train.batch_size: expected a multiple of world_size * grad_accum = "
+                             f"{world_size * grad_accum}, got {batch_size}")
+        urls = expand_shards(cfg.path, "data.path")  # type: ignore[arg-type]
+        check = None if cfg.truncate else _too_long(tokenizer, cfg.max_len)
+        micro = batch_size // (world_size * grad_accum)
+        stream = _webdataset_stream(cfg, urls, seed, rank, world_size, check)
+        return _webdataset_batches(stream, collate, micro, grad_accum, start_step, steps)
+    source = _IndexedSource(cfg, seed, tokenizer=None if cfg.truncate else tokenizer)
+    ds = MicroBatches(source, collate, batch_size, grad_accum, rank, world_size)
+    return _indexed_batches(ds, cfg.num_workers, start_step, steps)
+
+
+# ----------------------------------------------------------------------------- evaluation pairs
+
+
+@dataclasses.dataclass
+class EvalPairs:
+    """Held-out image-caption pairs; several captions may share one image.
+
+    ``images`` (n_images, 3, H, W) in the training (eval) transform; ``captions[j]`` describes
+    ``images[image_index[j]]``; ``sources[i]`` says where image ``i`` came from (csv: the image
+    file; shards: ``shard URL key KEY`` of its first sample); ``skipped`` counts the caption
+    rows / samples dropped because the image (or caption) was missing or unreadable.
+    """
+
+    images: torch.Tensor
+    captions: list[str]
+    image_index: list[int]
+    sources: list[str]
+    skipped: int
+
+    @property
+    def n_images(self) -> int:
+        return int(self.images.shape[0])
+
+
+class _PairCollector:
+    """Groups captions by image identity, keeping at most ``n`` images."""
+
+    def __init__(self, n: int | None, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.n, self.transform = n, transform
+        self.images: list[torch.Tensor] = []
+        self.sources: list[str] = []
+        self.captions: list[str] = []
+        self.image_index: list[int] = []
+        self.index: dict[Any, int] = {}
+        self.bad: set[Any] = set()
+        self.skipped = 0
+
+    def full(self) -> bool:
+        return self.n is not None and len(self.images) >= self.n
+
+    def add(self, ident: Any, caption: str, source: str, load: Callable[[], Any]) -> None:
+        if ident in self.bad:
+            self.skipped += 1
+            return
+        i = self.index.get(ident)
+        if i is None:
+            if self.full():
+                return
+            try:
+                image = load()
+            except (ImageDecodeError, FileNotFoundError) as exn:
+                self.bad.add(ident)
+                self.skipped += 1
+                log.warning("eval data: skipped an unreadable image: %s", exn)
+                return
+            i = self.index[ident] = len(self.images)
+            self.images.append(self.transform(image))
+            self.sources.append(source)
+        self.captions.append(caption)
+        self.image_index.append(i)
+
+
+def eval_pairs(cfg: DataConfig, path: str, n: int | None, *, key: str | None = None) -> EvalPairs:
+    """Image-caption pairs of a held-out csv/tsv file (by suffix) or webdataset shards (anything
+    else: a ``.tar`` or a pattern), read with the training columns / keys (``data.img_key``,
+    ``data.caption_key``, ``data.image_root``) and eval transform (``data.image_size``, ``data.normalize``).
+
+    Captions of the same image share one image: in a csv the same image file (path resolved),
+    in shards the same image bytes (a SHA-1 of them), whatever the sample keys. ``n`` keeps the
+    first ``n`` images in file order (``None``: all) with all their captions; shards are read in
+    order and stop at the first sample of image ``n + 1``. Missing / corrupt images are skipped
+    and counted (``skipped``). ``key`` names ``path`` in errors (default: ``data.val_path`` or
+    ``data.path`` when ``path`` is one of them, else ``path``).
+    """
+    if isinstance(n, bool) or (n is not None and (not isinstance(n, int) or n < 1)):
+        raise ValueError(f"n: expected None or an int >= 1, got {n!r}")
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ValueError(f"path: expected a csv/tsv file or shard pattern, got {path!r}")
+    path = str(path)
+    if key is None:
+        key = "data.val_path" if path == cfg.val_path else "data.path" if path == cfg.path else "path"
+    tf = image_transform(cfg.image_size, train=False, normalize=cfg.normalize)
+    pairs = _PairCollector(n, tf)
+    if _is_csv(path):
+        ds = _csv_dataset(cfg, path, key)
+        pairs.skipped += ds.num_missing
+        for i, (fp, caption) in enumerate(ds.samples):
+            pairs.add(fp.resolve(), caption, str(fp), lambda i=i: ds.load_image(i))
+    else:
+        counter = SkipCounter(name=f"{key} {path}")
+        raw = wds.DataPipeline(wds.SimpleShardList(expand_shards(path, key)), wds.tarfile_to_samples(handler=counter))
+        for sample in raw:
+            try:
+                ext, data = image_of(sample)
+                caption = caption_of(sample)
+            except (KeyError, ValueError) as exn:
+                pairs.skipped += 1
+                log.warning("eval data: skipped a sample: %s", exn)
+                continue
+            ident = hashlib.sha1(data).digest()
+            if pairs.full() and ident not in pairs.index and ident not in pairs.bad:
+                break
+            where = f"shard {sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
+            pairs.add(ident, caption, where, lambda data=data, where=where, ext=ext: decode_image(data, f"{where} ({ext})"))
+        pairs.skipped += counter.count
+    if not pairs.images:
+        raise ValueError(f"{key}: no readable image-caption pairs in {path} ({pairs.skipped} skipped)")
+    log.info("eval data %s: %d images, %d captions, %d skipped", path, len(pairs.images), len(pairs.captions),
+             pairs.skipped)
+    return EvalPairs(torch.stack(pairs.images), pairs.captions, pairs.image_index, pairs.sources, pairs.skipped)
