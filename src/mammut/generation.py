@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -61,11 +62,14 @@ from .generation_inputs import (
     check_int,
     check_token,
     context_batch,
+    context_tensors,
     prepare_prompt,
     select_context,
 )
+from .layers.dropout import Dropout, no_dropout
 from .layers.kv_cache import KVCache, StaticKVCache
 from .layers.masks import positions_from_mask
+from .models import _checks
 
 __all__ = ["GenerationOutput", "generate", "caption", "select_context", "STRATEGIES", "STATIC_ROUND"]
 
@@ -433,6 +437,20 @@ def generate(
     Returns new token ids ``(b, n)``, ``n <= max_new_tokens`` (the longest row), rows
     right-padded with ``pad_id`` after their eos; with ``return_scores`` / ``return_logits`` a
     ``GenerationOutput``.
+
+    Train / eval mode: ``generate`` never calls ``.train()`` / ``.eval()`` and changes no
+    module state, so it is safe on a model that other threads use (e.g. one being trained).
+    It always decodes without dropout: mammut's dropout, attention dropout, ViT patch dropout
+    and cropped positional embeddings stand down inside ``mammut.layers.no_dropout()``, a
+    switch local to the calling thread, so a model in train mode generates exactly what it
+    generates in eval mode, while a training step in another thread keeps its dropout.
+    Modules that are not mammut's (a timm / Hugging Face / vit-pytorch encoder, ``nn.Dropout``
+    or ``nn.BatchNorm`` of your own) cannot be switched that way: if any is in train mode it
+    keeps its train-mode behaviour and ``generate`` logs a warning naming it (once per model);
+    call ``model.eval()`` first for deterministic captions from such a model.
+
+    Inputs are checked once, before any compute: NaN or inf ``images`` / ``image_tokens`` /
+    ``context`` are a ``ValueError`` naming the argument and counting the bad values.
     """
     missing = [name for name in ("image_context", "decode", "config") if not hasattr(model, name)]
     if missing:
@@ -485,34 +503,80 @@ def generate(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids, keep = prepare_prompt(prompt, batch, pad_id=pad_id, bos_id=bos_id, num_tokens=num_tokens, device=device)
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            if context is None:
-                context = model.image_context(images=images, **image_kwargs) if images is not None else \
-                    model.image_context(image_tokens=image_tokens, **image_kwargs)
-            proc = _Processor(sample=strategy == "sample", temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, eos_id=eos_id, pad_id=pad_id,
-                              min_new_tokens=min_new_tokens)
-            rows = _Rows(ids, keep, max_new_tokens, pad_id, vocab=num_tokens,
-                         track_seen=repetition_penalty != 1.0, use_cache=use_cache, static=static_cache,
-                         compiled=compile)
-            if strategy == "beam":
-                out = _beam_search(model, context, rows, proc, num_beams=num_beams, max_new=max_new_tokens, eos_id=eos_id,
-                                   pad_id=pad_id, length_penalty=length_penalty, early_stopping=early_stopping)
-            else:
-                out = _greedy_or_sample(model, context, rows, proc, sample=strategy == "sample", max_new=max_new_tokens,
-                                        eos_id=eos_id, pad_id=pad_id, generator=generator, return_logits=return_logits,
-                                        length_penalty=length_penalty)
-    finally:
-        model.train(was_training)
+    if context is not None:  # images / image_tokens are checked by model.image_context
+        for tensor in context_tensors(context):
+            _checks.check_finite("context", tensor)
+    _warn_outside_no_dropout(model)
+
+    # the model's mode is left alone (other threads may be training it): mammut's dropout,
+    # attention dropout and patch dropout stand down in this thread only (see the docstring)
+    with no_dropout(), torch.inference_mode():
+        if context is None:  # NaN / inf pixels or tokens: a ValueError here, once, not per step
+            context = model.image_context(images=images, **image_kwargs) if images is not None else \
+                model.image_context(image_tokens=image_tokens, **image_kwargs)
+        proc = _Processor(sample=strategy == "sample", temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, eos_id=eos_id, pad_id=pad_id,
+                          min_new_tokens=min_new_tokens)
+        rows = _Rows(ids, keep, max_new_tokens, pad_id, vocab=num_tokens,
+                     track_seen=repetition_penalty != 1.0, use_cache=use_cache, static=static_cache,
+                     compiled=compile)
+        if strategy == "beam":
+            out = _beam_search(model, context, rows, proc, num_beams=num_beams, max_new=max_new_tokens, eos_id=eos_id,
+                               pad_id=pad_id, length_penalty=length_penalty, early_stopping=early_stopping)
+        else:
+            out = _greedy_or_sample(model, context, rows, proc, sample=strategy == "sample", max_new=max_new_tokens,
+                                    eos_id=eos_id, pad_id=pad_id, generator=generator, return_logits=return_logits,
+                                    length_penalty=length_penalty)
     return out if (return_scores or return_logits) else out.tokens
+
+
+# torch.nn modules whose forward depends on train mode (no_dropout() cannot reach them)
+_TORCH_MODE_DEPENDENT = (
+    nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+    nn.MultiheadAttention, nn.RNNBase,
+)
+_warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _outside_no_dropout(model: nn.Module) -> list[str]:
+    """Names of the modules in train mode that may still act at random (or update running
+    statistics) inside ``no_dropout()``: torch.nn dropout / batch norm / ... and any module
+    that is neither mammut's nor torch's (its descendants are not listed again)."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not module.training or any(name.startswith(f + ".") for f in found):
+            continue
+        if isinstance(module, Dropout) or any(c.__module__.startswith("mammut.") for c in type(module).__mro__):
+            continue  # mammut's (or a subclass of one): no_dropout() reaches it, its children are checked
+        if type(module).__module__.startswith("torch."):
+            if isinstance(module, _TORCH_MODE_DEPENDENT) and (
+                getattr(module, "p", None) or getattr(module, "dropout", None)
+                or getattr(module, "track_running_stats", False)
+            ):
+                found.append(name or type(module).__name__)
+            continue
+        found.append(name or type(module).__name__)  # a third-party module: its train mode is unknown to us
+    return found
+
+
+def _warn_outside_no_dropout(model: nn.Module) -> None:
+    if model in _warned:
+        return
+    found = _outside_no_dropout(model)
+    if found:
+        _warned.add(model)
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        logger.warning(
+            "generate: %s is in train mode and is not a mammut module, so generation cannot switch its "
+            "dropout / batch statistics off without changing the model; call model.eval() first for "
+            "deterministic decoding (warned once per model)", shown,
+        )
 
 
 def caption(model: nn.Module, images: torch.Tensor | None, tokenizer: Any, **kwargs: Any) -> list[str]:
     """Captions as strings: ``generate(model, images, **kwargs)`` then ``tokenizer.decode``
-    (any object with ``decode(ids (b, n)) -> list[str]``, e.g. ``mammut.data.tokenizer.Tokenizer``)."""
+    (any object with ``decode(ids (b, n)) -> list[str]``, e.g. ``mammut.data.tokenizer.Tokenizer``).
+    Like ``generate`` it leaves the model's train / eval mode alone and decodes without dropout."""
     if not callable(getattr(tokenizer, "decode", None)):
         raise TypeError(f"tokenizer: expected an object with decode(ids) -> list[str], got {type(tokenizer).__name__}")
     if kwargs.get("return_scores") or kwargs.get("return_logits"):

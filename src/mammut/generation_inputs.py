@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Context", "PromptLike", "select_context", "context_batch", "check_int", "check_float", "check_token",
+__all__ = ["Context", "PromptLike", "select_context", "context_batch", "context_tensors", "check_int", "check_float", "check_token",
            "prompt_rows", "prepare_prompt"]
 
 Context = Any  # a tensor, or a tuple / list / dict of them (batch as dim 0), or None
@@ -45,6 +45,14 @@ def context_batch(context: Context) -> int | None:
         if size is not None:
             return size
     return None
+
+
+def context_tensors(context: Context) -> list[torch.Tensor]:
+    """Every tensor in ``context`` (tensor, tuple, list, dict, nested)."""
+    if torch.is_tensor(context):
+        return [context]
+    values = context.values() if isinstance(context, Mapping) else context if isinstance(context, (tuple, list)) else ()
+    return [t for v in values for t in context_tensors(v)]
 
 
 def check_int(name: str, value: object, low: int) -> int:

@@ -1,6 +1,10 @@
 """Losses: symmetric softmax contrastive (CLIP), focal sigmoid contrastive (RO-ViT /
 MaMMUT), captioning cross-entropy, and the cross-rank feature gather.
 
+Caption labels are ids in ``[0, vocab)`` or ``IGNORE_INDEX`` (-100, Hugging Face's ignore
+index): a ``-100`` position counts exactly as a pad one, for nothing (no loss, no gradient,
+not in the token mean); any other label is a ``ValueError`` naming it, before any compute.
+
 Across ranks each rank scores its local rows against the gathered columns of every rank,
 with labels offset by ``rank * local_batch``; averaged over ranks (as DDP averages
 gradients) this equals the loss and gradients of one process holding the whole batch.
@@ -16,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "IGNORE_INDEX",
+    "check_labels",
     "gather_with_grad",
     "softmax_contrastive_loss",
     "focal_contrastive_loss",
@@ -24,6 +30,38 @@ __all__ = [
     "LogitScale",
     "ContrastiveLoss",
 ]
+
+
+IGNORE_INDEX = -100  # a label with no target (Hugging Face's, F.cross_entropy's default): ignored as pad
+
+
+def check_labels(labels: object, num_tokens: int, *, shape: tuple[int, ...] | None = None, name: str = "labels") -> None:
+    """``labels`` must be an integer tensor (of ``shape`` when given) of target ids in
+    ``[0, num_tokens)`` or ``IGNORE_INDEX`` (-100: no target there, exactly as pad). One host
+    sync; the bad values are gathered only on the error path."""
+    if not torch.is_tensor(labels) or labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
+        got = f"{type(labels).__name__} {getattr(labels, 'dtype', '')}"
+        raise TypeError(f"{name}: expected an integer tensor of target ids, got {got}")
+    if shape is not None and tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(labels.shape)}")
+    bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= num_tokens)
+    if bool(bad.any()):
+        values = labels[bad].unique()
+        shown = values[:8].tolist()
+        more = f" (and {values.numel() - 8} more)" if values.numel() > 8 else ""
+        raise ValueError(
+            f"{name}: expected target ids in [0, {num_tokens}) (num_tokens) or {IGNORE_INDEX} (ignored, as pad), "
+            f"got {int(bad.sum())} bad value(s): {shown}{more}"
+        )
+
+
+def _targets(labels: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """``labels`` as int64 with every position that has no target (``pad_id``, ``IGNORE_INDEX``)
+    set to ``IGNORE_INDEX``."""
+    y = labels.long()
+    if pad_id is not None and pad_id != IGNORE_INDEX:
+        y = y.masked_fill(y == pad_id, IGNORE_INDEX)
+    return y
 
 
 def _world() -> tuple[int, int]:
@@ -119,16 +157,25 @@ def focal_contrastive_loss(
 
 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor, *, pad_id: int | None = 0) -> torch.Tensor:
-    """Next-token cross-entropy, mean over non-pad label tokens. logits ``(b, n, v)``,
-    labels ``(b, n)``."""
+    """Next-token cross-entropy, mean over the label tokens that have a target. logits
+    ``(b, n, v)``, labels ``(b, n)`` ids in ``[0, v)`` or ``-100`` (``IGNORE_INDEX``); positions
+    labelled ``pad_id`` or ``-100`` count for nothing (no loss, no gradient, not in the mean).
+    ``pad_id=None``: only ``-100`` is ignored. Other labels are a ``ValueError``, before any
+    compute."""
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-    ignore = -100 if pad_id is None else pad_id
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore)
+    check_labels(labels, logits.shape[-1])
+    return _caption_loss(logits, labels, pad_id)
+
+
+def _caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """``caption_loss`` without the label checks (the caller made them)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), _targets(labels, pad_id).flatten(), ignore_index=IGNORE_INDEX)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T`` over rows whose label is not ``ignore``,
+    """Mean cross-entropy of ``hidden @ weight.T`` over rows whose label is not ``ignore``
+    (the only negative label it may get: the gather reads ignored rows at id 0, weighted 0),
     a few rows at a time: the ``(rows, vocab)`` logits never exist whole. The gradients are
     formed chunk by chunk in the forward (softmax minus one-hot needs only that chunk's
     logits) and scaled by the incoming gradient in the backward. Same matmuls, hence the same
@@ -196,28 +243,36 @@ def linear_caption_loss(
     """``caption_loss(hidden @ weight.T, labels)`` without materialising the logits.
 
     hidden ``(b, n, d)`` (the decoder's final, normed states), weight ``(v, d)`` (the output
-    projection, often tied to the token embedding), labels ``(b, n)``. ``chunk_size`` rows go
-    through at a time (default: about 2M logits, 8 MB in float32). Exactly the mean
-    next-token cross-entropy over non-pad labels, as ``caption_loss``; it saves the
-    ``(b*n, v)`` logits, their log-softmax and their gradient, the largest tensors of a
-    training step at a real vocabulary.
+    projection, often tied to the token embedding), labels ``(b, n)`` (ids in ``[0, v)``, or
+    ``-100``: ignored as ``pad_id`` is). ``chunk_size`` rows go through at a time (default:
+    about 2M logits, 8 MB in float32). Exactly the mean next-token cross-entropy over the
+    labels that have a target, as ``caption_loss``; it saves the ``(b*n, v)`` logits, their
+    log-softmax and their gradient, the largest tensors of a training step at a real
+    vocabulary.
     """
     if hidden.ndim != 3 or hidden.shape[:2] != labels.shape:
         raise ValueError(f"labels: expected shape {tuple(hidden.shape[:2])} (hidden's (b, n)), got {tuple(labels.shape)}")
     if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight: expected shape (vocab, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    check_labels(labels, weight.shape[0])
+    return _linear_caption_loss(hidden, weight, labels, pad_id, chunk_size)
+
+
+def _linear_caption_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pad_id: int | None, chunk_size: int | None = None
+) -> torch.Tensor:
+    """``linear_caption_loss`` without the checks (the caller made them)."""
     if chunk_size is None:
         chunk_size = max(16, (1 << 21) // weight.shape[0])
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
-    ignore = -100 if pad_id is None else pad_id
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
     h = hidden.flatten(0, 1)
     if dtype is not None and h.dtype != dtype:  # what autocast would run the output matmul in
         h = h.to(dtype)
     w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h, w, labels.flatten(), ignore, chunk_size)
+        return _LinearCrossEntropy.apply(h, w, _targets(labels, pad_id).flatten(), IGNORE_INDEX, chunk_size)
 
 
 class LogitScale(nn.Module):

@@ -10,6 +10,8 @@ Legend: ``b`` batch, ``c`` channels, ``g`` patch-grid side, ``n = g*g`` patch to
   the learned ``g x g`` positional grid is bilinearly upsampled (``cpe_upsample`` times),
   a random-resized-crop box is drawn per image (area ``cpe_scale``, aspect ``cpe_ratio``)
   and cropped-and-resized back to ``g x g``. At eval the full grid is used.
+- Both act only in train mode and outside ``mammut.layers.no_dropout()`` (which generation
+  enters: a model in train mode encodes images there as in eval mode, see ``layers.dropout``).
 - OpenAI CLIP style (open_clip's ``VisionTransformer``), all off by default:
   ``class_token`` (a learned token with its own positional embedding, prepended: the
   output is then ``(b, 1 + n, d)``, class token first; patch dropout never drops it),
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import TransformerBlock, make_norm
+from ..layers import TransformerBlock, make_norm, stochastic
 
 __all__ = ["ViTConfig", "ViT"]
 
@@ -101,7 +103,7 @@ class ViT(nn.Module):
     def positional_embedding(self, batch: int) -> torch.Tensor:
         """``(1 | b, n, d)``: the full grid, or per-image cropped grids while training."""
         cfg = self.config
-        if not (self.training and cfg.cropped_pos_emb):
+        if not (cfg.cropped_pos_emb and stochastic(self)):
             return self.pos_emb.flatten(2).transpose(1, 2)
         big = max(self.grid, round(self.grid * cfg.cpe_upsample))
         up = F.interpolate(self.pos_emb, size=(big, big), mode="bilinear", align_corners=False)
@@ -130,7 +132,7 @@ class ViT(nn.Module):
         self.check_images(images)
         x = self.to_patches(images).flatten(2).transpose(1, 2)  # b n d
         x = x + self.positional_embedding(x.shape[0]).to(x.dtype)
-        if self.training and self.config.patch_dropout > 0:
+        if self.config.patch_dropout > 0 and stochastic(self):
             b, n, d = x.shape
             keep = max(1, int(n * (1 - self.config.patch_dropout)))
             idx = torch.rand(b, n, device=x.device).topk(keep, dim=-1).indices.sort(dim=-1).values

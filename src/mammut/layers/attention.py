@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import stochastic
 from .kv_cache import KVCache
 from .linear import Linear
 from .masks import causal_mask, combine_masks
@@ -176,7 +177,7 @@ class Attention(nn.Module):
             q = q[:, :, -n:]
             if mask is not None and mask.shape[-2] > 1:
                 mask = mask[..., -n:, :]
-        out = attend(q, k, v, causal=causal, mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = attend(q, k, v, causal=causal, mask=mask, dropout_p=self.dropout if stochastic(self) else 0.0)
         return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
 
 
@@ -261,7 +262,7 @@ class CrossAttention(nn.Module):
         mask = None
         if context_mask is not None:
             mask = context_mask[:, None, None, :] if context_mask.ndim == 2 else context_mask[:, None]
-        out = attend(q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = attend(q, k, v, mask=mask, dropout_p=self.dropout if stochastic(self) else 0.0)
         if shared != b:
             out = out.view(shared, h, b // shared, n, d).transpose(1, 2).reshape(b, h, n, d)
         return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import Dropout
 from .linear import Linear
 
 __all__ = ["FeedForward"]
@@ -34,7 +35,7 @@ class FeedForward(nn.Module):
         self.activation = activation
         self.proj_in = Linear(dim, inner * (2 if activation == "swiglu" else 1), bias=bias)
         self.proj_out = Linear(inner, dim, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)  # stands down inside no_dropout() (generation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.proj_in(x)

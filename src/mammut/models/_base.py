@@ -24,18 +24,24 @@ class ModelBase(nn.Module):
 
     def image_tokens(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder tokens ``(b, m, image_dim)`` from pixels (through ``self.img_encoder``) or
-        given precomputed; checked against ``self.image_dim`` where the model sets it."""
+        given precomputed; checked against ``self.image_dim`` where the model sets it.
+
+        Every image entry point (training losses, ``forward``, ``embed_image``,
+        ``image_context`` hence generation) comes through here: NaN or inf pixels / tokens are
+        a ``ValueError`` before the encoder runs (one check per call, never per decoding step).
+        """
         from ..encoders import encode_images
-        from ._checks import check_image_batch
+        from . import _checks
 
         if (images is None) == (image_tokens is None):
             raise ValueError("images / image_tokens: expected exactly one of them")
         if image_tokens is not None:
-            check_image_batch(image_tokens)
+            _checks.check_image_batch(image_tokens)
             tokens = image_tokens
         elif getattr(self, "img_encoder", None) is None:
             raise ValueError("images: this model has no img_encoder; pass image_tokens= or build it with img_encoder= / vit=")
         else:
+            _checks.check_finite("images", images, "pixel values")
             tokens = encode_images(self.img_encoder, images)
         image_dim = getattr(self, "image_dim", None)
         if image_dim is not None and tokens.shape[-1] != image_dim:
@@ -52,14 +58,23 @@ class ModelBase(nn.Module):
         """Next-token loss of the decoder's final normed states ``(b, n, d)`` through
         ``self.to_logits``: without ever forming the ``(b, n, vocab)`` logits when it is a plain
         bias-free linear (``linear_caption_loss``), through the logits otherwise (e.g. an M2PT
-        pathway)."""
+        pathway). ``labels`` ``(b, n)``: ids in ``[0, num_tokens)``; ``pad_id`` and ``-100``
+        positions count for nothing."""
+        from ..losses import check_labels
+
+        check_labels(labels, self.config.num_tokens, shape=tuple(states.shape[:2]))
+        return self._caption_loss_from_states(states, labels)
+
+    def _caption_loss_from_states(self, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``caption_loss_from_states`` for labels already checked (``compute_losses`` checks
+        them before any compute: no second host sync)."""
         from ..layers import Linear
-        from ..losses import caption_loss, linear_caption_loss
+        from ..losses import _caption_loss, _linear_caption_loss
 
         head, pad_id = self.to_logits, self.config.pad_id
         if type(head) in (nn.Linear, Linear) and head.bias is None:
-            return linear_caption_loss(states, head.weight, labels, pad_id=pad_id)
-        return caption_loss(head(states), labels, pad_id=pad_id)
+            return _linear_caption_loss(states, head.weight, labels, pad_id)
+        return _caption_loss(head(states), labels, pad_id)
 
     @staticmethod
     def check_batch(text: torch.Tensor, tokens: torch.Tensor) -> None:

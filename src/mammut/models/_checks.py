@@ -6,7 +6,9 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["check_choice", "check_text", "check_image_batch"]
+from ..losses import IGNORE_INDEX, check_labels
+
+__all__ = ["IGNORE_INDEX", "check_choice", "check_text", "check_labels", "check_finite", "check_image_batch"]
 
 
 def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
@@ -24,9 +26,12 @@ def check_text(text: torch.Tensor, num_tokens: int, pad_id: int | None = None, *
         raise ValueError(f"text: expected shape (batch, length), got {tuple(text.shape)}")
     if text.shape[1] < min_len or text.shape[0] == 0:
         raise ValueError(f"text: expected at least {min_len} token(s) per row, got shape {tuple(text.shape)}")
-    lo, hi = int(text.min()), int(text.max())
+    lo, hi = torch.stack(torch.aminmax(text)).tolist()  # one host sync for both ends
     if lo < 0 or hi >= num_tokens:
-        raise ValueError(f"text: expected token ids in [0, {num_tokens}) (num_tokens), got values in [{lo}, {hi}]")
+        hint = ""
+        if bool((text == IGNORE_INDEX).any()):
+            hint = f" ({IGNORE_INDEX}, the ignore index, is for labels=, not for the input text)"
+        raise ValueError(f"text: expected token ids in [0, {num_tokens}) (num_tokens), got values in [{lo}, {hi}]{hint}")
     if pad_id is not None:
         empty = (text == pad_id).all(dim=1)
         if bool(empty.any()):
@@ -34,8 +39,22 @@ def check_text(text: torch.Tensor, num_tokens: int, pad_id: int | None = None, *
             raise ValueError(f"text: rows {rows} are empty (only pad_id={pad_id} tokens)")
 
 
-def check_image_batch(image_tokens: torch.Tensor) -> None:
+def check_finite(name: str, x: object, what: str = "values") -> None:
+    """A float tensor ``x`` must hold only finite numbers: ``ValueError`` naming ``name`` and
+    counting the NaN and inf entries otherwise. One host sync (counts only on the error path);
+    anything that is not a float tensor is left to the type checks."""
+    if not torch.is_tensor(x) or not (x.is_floating_point() or x.is_complex()):
+        return
+    if bool(torch.isfinite(x).all()):
+        return
+    nan = int(torch.isnan(x).sum())
+    inf = x.numel() - nan - int(torch.isfinite(x).sum())
+    raise ValueError(f"{name}: expected finite {what}, got {nan} NaN and {inf} inf")
+
+
+def check_image_batch(image_tokens: torch.Tensor, name: str = "image_tokens") -> None:
     if not torch.is_tensor(image_tokens) or not image_tokens.is_floating_point():
-        raise TypeError(f"image_tokens: expected a float tensor (b, m, d), got {type(image_tokens).__name__}")
+        raise TypeError(f"{name}: expected a float tensor (b, m, d), got {type(image_tokens).__name__}")
     if image_tokens.ndim != 3:
-        raise ValueError(f"image_tokens: expected shape (batch, tokens, dim), got {tuple(image_tokens.shape)}")
+        raise ValueError(f"{name}: expected shape (batch, tokens, dim), got {tuple(image_tokens.shape)}")
+    check_finite(name, image_tokens)

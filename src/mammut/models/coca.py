@@ -39,7 +39,7 @@ from ..layers.masks import decoder_mask, padding_mask, positions_from_mask
 from ..losses import ContrastiveLoss
 from . import register_model
 from ._base import ModelBase
-from ._checks import check_choice, check_text
+from ._checks import check_choice, check_labels, check_text
 from .mammut import LossOutput
 
 __all__ = ["CoCaConfig", "CoCa"]
@@ -310,11 +310,13 @@ class CoCa(ModelBase):
         labels: torch.Tensor | None = None,
     ) -> LossOutput:
         """Both losses from one unimodal pass. Without ``labels`` the decoder reads
-        ``text[:, :-1]`` and predicts ``text[:, 1:]``; the CLS always reads all of ``text``."""
+        ``text[:, :-1]`` and predicts ``text[:, 1:]``; the CLS always reads all of ``text``.
+        ``labels`` ``(b, n)`` (as ``text``): the target of each position of ``text``, an id in
+        ``[0, num_tokens)``, or ``pad_id`` / ``-100`` for none (ignored alike)."""
         cfg = self.config
         check_text(text, cfg.num_tokens, cfg.pad_id, min_len=1 if labels is not None else 2)
-        if labels is not None and labels.shape != text.shape:
-            raise ValueError(f"labels: expected shape {tuple(text.shape)} (as text), got {tuple(labels.shape)}")
+        if labels is not None:
+            check_labels(labels, cfg.num_tokens, shape=tuple(text.shape))
         tokens = self.image_tokens(images, image_tokens)
         self.check_batch(text, tokens)
         image_embeds, context = self.image_embed_and_context(tokens)
@@ -323,7 +325,7 @@ class CoCa(ModelBase):
         if labels is None:
             feats, positions, keep, labels = feats[:, :-1], positions[:, :-1], keep[:, :-1], text[:, 1:]
         mask = decoder_mask(keep)
-        cap = self.caption_loss_from_states(self._multimodal(feats, context, mask=mask, positions=positions), labels)
+        cap = self._caption_loss_from_states(self._multimodal(feats, context, mask=mask, positions=positions), labels)
         con = self.contrastive(self._text_latents(cls_out), image_embeds)
         total = cfg.caption_loss_weight * cap + cfg.contrastive_loss_weight * con
         return LossOutput(total, cap, con)

@@ -35,7 +35,7 @@ from ..layers.masks import decoder_mask, positions_from_mask
 from ..layers.perceiver import PerceiverResampler
 from . import register_model
 from ._base import ModelBase
-from ._checks import check_text
+from ._checks import check_finite, check_labels, check_text
 
 __all__ = [
     "FlamingoConfig",
@@ -303,17 +303,18 @@ class FlamingoPaLM(ModelBase):
         """Perceived media and its time mask, ``((b, t, L, d), (b, t) bool)``, from exactly one
         of images ``(b, t, c, h, w)``, videos ``(b, t, f, c, h, w)`` or encoder tokens
         ``image_embeds`` ``(b, t, m, e)`` (``image_tokens`` is an alias, for the decoder protocol)."""
+        embeds_name = "image_embeds"
         if image_tokens is not None:
             if image_embeds is not None:
                 raise ValueError("image_embeds / image_tokens: pass one of them (they are aliases)")
-            image_embeds = image_tokens
-        given = [name for name, x in (("images", images), ("videos", videos), ("image_embeds", image_embeds)) if x is not None]
+            image_embeds, embeds_name = image_tokens, "image_tokens"
+        given = [name for name, x in (("images", images), ("videos", videos), (embeds_name, image_embeds)) if x is not None]
         if len(given) != 1:
             raise ValueError(f"images / videos / image_embeds: expected exactly one of them, got {given or 'none'}")
-        for name, x, ndim, shape in (
-            ("images", images, 5, "(batch, media, channels, height, width)"),
-            ("videos", videos, 6, "(batch, media, frames, channels, height, width)"),
-            ("image_embeds", image_embeds, 4, "(batch, media, tokens, dim)"),
+        for name, x, ndim, shape, what in (
+            ("images", images, 5, "(batch, media, channels, height, width)", "pixel values"),
+            ("videos", videos, 6, "(batch, media, frames, channels, height, width)", "pixel values"),
+            (embeds_name, image_embeds, 4, "(batch, media, tokens, dim)", "values"),
         ):
             if x is None:
                 continue
@@ -322,6 +323,7 @@ class FlamingoPaLM(ModelBase):
             if x.ndim != ndim:
                 hint = " (one media item per row: add a media axis with .unsqueeze(1))" if x.ndim == ndim - 1 else ""
                 raise ValueError(f"{name}: expected a {ndim}-D tensor {shape}, got shape {tuple(x.shape)}{hint}")
+            check_finite(name, x, what)  # NaN / inf media: a clear error here, never NaN logits later
             b, t = x.shape[:2]
         if videos is not None and self.config.max_video_frames is None:
             raise ValueError("videos: this model has no frame embeddings; build it with max_video_frames=")
@@ -420,10 +422,14 @@ class FlamingoPaLM(ModelBase):
         return_loss: bool = False,
     ) -> torch.Tensor:
         """Logits ``(b, n, v)``, or with ``return_loss`` the next-token loss (scalar). Without
-        ``labels`` the loss reads ``text[:, :-1]`` and predicts ``text[:, 1:]``; pad and media
-        tokens are never targets."""
+        ``labels`` the loss reads ``text[:, :-1]`` and predicts ``text[:, 1:]``; with ``labels``
+        ``(b, n)`` (as ``text``) position i predicts ``labels[:, i]``. Pad, media and ``-100``
+        labels are never targets; other labels outside ``[0, num_tokens)`` are a ``ValueError``
+        before any compute."""
         cfg = self.config
         check_text(text, cfg.num_tokens, cfg.pad_id, min_len=2 if return_loss and labels is None else 1)
+        if return_loss and labels is not None:
+            check_labels(labels, cfg.num_tokens, shape=tuple(text.shape))
         context = None
         if images is not None or videos is not None or image_embeds is not None:
             context = self.image_context(images, image_embeds, videos=videos, time_mask=time_mask)
@@ -434,8 +440,6 @@ class FlamingoPaLM(ModelBase):
         if labels is None:
             inputs, labels = text[:, :-1], text[:, 1:]
         else:
-            if labels.shape != text.shape:
-                raise ValueError(f"labels: expected shape {tuple(text.shape)} (as text), got {tuple(labels.shape)}")
             inputs = text
         labels = labels.masked_fill(labels == cfg.media_token_id, cfg.pad_id)
-        return self.caption_loss_from_states(self.decode_hidden(inputs, context), labels)
+        return self._caption_loss_from_states(self.decode_hidden(inputs, context), labels)

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoders import ViT, ViTConfig
-from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, make_norm, masked_mean
+from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, make_norm, masked_mean, stochastic
 from ..layers.masks import decoder_mask, padding_mask, positions_from_mask
 from ..losses import ContrastiveLoss
 from . import register_model
 from ._base import ModelBase
-from ._checks import check_choice, check_text
+from ._checks import check_choice, check_labels, check_text
 
 __all__ = ["MaMMUTConfig", "MaMMUT", "LossOutput"]
 
@@ -277,9 +277,13 @@ class MaMMUT(ModelBase):
         labels: torch.Tensor | None = None,
     ) -> LossOutput:
         """Both passes and both losses. Without ``labels`` the captioning pass reads
-        ``text[:, :-1]`` and predicts ``text[:, 1:]``; the contrastive pass reads all of ``text``."""
+        ``text[:, :-1]`` and predicts ``text[:, 1:]``; the contrastive pass reads all of ``text``.
+        ``labels`` ``(b, n)`` (as ``text``): the target of each position of ``text``, an id in
+        ``[0, num_tokens)``, or ``pad_id`` / ``-100`` for none (ignored alike)."""
         cfg = self.config
         check_text(text, cfg.num_tokens, cfg.pad_id, min_len=1 if labels is not None else 2)
+        if labels is not None:
+            check_labels(labels, cfg.num_tokens, shape=tuple(text.shape))
         tokens = self.image_tokens(images, image_tokens)
         self.check_batch(text, tokens)
         if labels is None:
@@ -288,16 +292,16 @@ class MaMMUT(ModelBase):
             inputs = text
         image_embeds, context = self.image_embed_and_context(tokens)
 
-        if cfg.contrastive_pass == "causal" and (cfg.dropout == 0.0 or not self.training):
+        if cfg.contrastive_pass == "causal" and (cfg.dropout == 0.0 or not stochastic(self)):
             text_embeds, hidden = self._causal_passes(text, inputs, context)
             con = self.contrastive(text_embeds, image_embeds)
-            cap = self.caption_loss_from_states(hidden, labels)
+            cap = self._caption_loss_from_states(hidden, labels)
         elif self.training and cfg.shuffle_passes and bool(torch.randint(2, ()).item()):
-            cap = self.caption_loss_from_states(self.decode_hidden(inputs, context), labels)
+            cap = self._caption_loss_from_states(self.decode_hidden(inputs, context), labels)
             con = self.contrastive(self.embed_text(text), image_embeds)
         else:
             con = self.contrastive(self.embed_text(text), image_embeds)
-            cap = self.caption_loss_from_states(self.decode_hidden(inputs, context), labels)
+            cap = self._caption_loss_from_states(self.decode_hidden(inputs, context), labels)
         total = cfg.caption_loss_weight * cap + cfg.contrastive_loss_weight * con
         return LossOutput(total, cap, con)
 
