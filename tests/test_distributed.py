@@ -4,6 +4,7 @@ with rank-offset labels, and the caption loss is token-weighted across ranks."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mammut.train.checkpointing import verify_checkpoint
 from mammut.train.monitor import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.yaml")
+TINY = "tiny"  # the packaged preset
 ARGS = ["--train.steps", "6", "--train.log_every", "1", "--train.report", "false", "--train.threads", "1",
         "--train.progress", "false", "--train.tensorboard", "false"]
 
@@ -48,7 +50,12 @@ def test_two_ranks_match_one_process(parallel, single, tmp_path):
     assert len(losses) == len(single) == 6
     assert losses[-1] < losses[0]
     torch.testing.assert_close(losses, single, rtol=1e-4, atol=1e-5)
-    # every rank saved its RNG; the full weights load into one process (the export uses them)
+    # every rank saved its RNG (JSON, no pickle), listed with checksums in the manifest rank 0
+    # wrote last; the full weights load into one process (the export uses them)
     ckpt = run / "checkpoints" / "step_00000006"
-    assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
+    assert (ckpt / "rng_rank0.json").is_file() and (ckpt / "rng_rank1.json").is_file()
+    assert sorted(p.name for p in ckpt.glob("*.pt")) == ["optimizer.pt"]  # nothing else is pickled
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert {"model.safetensors", "optimizer.pt", "state.json", "rng_rank0.json", "rng_rank1.json"} == set(manifest["files"])
+    verify_checkpoint(ckpt)
     assert (run / "model" / "config.json").is_file()

@@ -22,7 +22,7 @@ from mammut.train.monitor import read_metrics
 from mammut.train.optim import lr_at, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = "tiny"  # the packaged preset
 
 
 def tiny(tmp_path: Path, *extra: str):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data.tokenizer import Tokenizer
 from ..models import get_model_class
-from .checkpointing import latest_checkpoint, load_weights
+from .checkpointing import latest_valid_checkpoint, load_weights, verify_checkpoint
 from .config import ConfigError, RunConfig, config_from_dict
 
 __all__ = ["resolve_model_config", "build_model", "load_run", "RunFiles"]
@@ -77,7 +77,12 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> RunFi
     # works from any directory and after a move; older runs fall back to data.tokenizer
     own = run / "tokenizer.json"
     tokenizer = Tokenizer.from_file(own if own.is_file() or not cfg.data.tokenizer else cfg.data.tokenizer)
-    ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run)
+    if checkpoint is not None:
+        ckpt: Path | None = Path(checkpoint)
+        if (ckpt / "manifest.json").is_file() or ckpt.name.startswith("step_"):
+            verify_checkpoint(ckpt)  # a flipped byte or a truncated file is an error, never loaded
+    else:
+        ckpt = latest_valid_checkpoint(run)  # the newest that verifies; corrupt ones are named in a warning
     if ckpt is None or not (ckpt / "model.safetensors").is_file():
         raise FileNotFoundError(f"run_dir: no checkpoint with model.safetensors under {run / 'checkpoints'}")
     model = build_model(cfg.model)

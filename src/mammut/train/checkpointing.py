@@ -3,35 +3,50 @@
 Layout of ``<run>/checkpoints/step_00000100/``::
 
     model.safetensors   full (unsharded) weights; tied weights stored once (see metadata)
-    optimizer.pt        full optimiser state keyed by parameter names
+    optimizer.pt        full optimiser state keyed by parameter names (tensors and plain
+                        containers only: loaded with ``torch.load(weights_only=True)``)
     state.json          step, samples seen (the data position), timings
-    rng_rank{r}.pt      torch / CUDA / numpy / python RNG states of rank r
+    rng_rank{r}.json    torch / CUDA / numpy / python RNG states of rank r (JSON, no pickle)
+    manifest.json       size and sha256 of every file above; written last
 
-A checkpoint is written into a ``.tmp-`` folder and renamed into place when complete, so a
-run killed at any moment leaves either the previous checkpoints or the new one, never half
-of one. Works for plain, DDP and FSDP2 models through ``torch.distributed.checkpoint``'s
-full state-dict helpers.
+A checkpoint is written into a ``.tmp-`` folder, every file and the folder are fsynced, and the
+folder is renamed into place when complete, so a run killed at any moment leaves either the
+previous checkpoints or the new one, never half of one. ``manifest.json`` lets
+:func:`verify_checkpoint` catch a file that was truncated or corrupted later;
+:func:`latest_valid_checkpoint` is the newest checkpoint that verifies. Nothing is ever
+unpickled beyond tensors and plain containers, so a crafted checkpoint cannot run code.
+
+Works for plain, DDP and FSDP2 models through ``torch.distributed.checkpoint``'s full
+state-dict helpers. A failed write (e.g. a full disk) raises :class:`CheckpointWriteError` on
+every rank and removes the partial ``.tmp-`` folder.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import errno
+import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .distributed import DistInfo, barrier
+from ..interop.checkpoint import CheckpointError
+from .distributed import DistInfo, all_ranks_ok, barrier
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +54,175 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
+    "latest_valid_checkpoint",
     "list_checkpoints",
+    "verify_checkpoint",
+    "atomic_write_text",
     "save_weights",
     "load_weights",
     "rng_state",
     "set_rng_state",
+    "CheckpointCorrupt",
+    "UnsafeCheckpointError",
+    "CheckpointWriteError",
+    "MANIFEST_NAME",
 ]
 
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "mammut-train-checkpoint"
+MANIFEST_VERSION = 1
+REQUIRED_FILES = ("model.safetensors", "state.json")
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_OS_ERROR_CODE = re.compile(r"os error (\d+)")
+_TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
+_FULL_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A training checkpoint whose files are missing, truncated, corrupt or unreadable; the
+    message names the file. A ``ValueError`` (via ``interop.checkpoint.CheckpointError``)."""
+
+
+class UnsafeCheckpointError(CheckpointCorrupt):
+    """A checkpoint file holds pickled objects other than tensors and plain containers: loading
+    it could run arbitrary code, so it is refused."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. ``ENOSPC``: no space left on device); the partial
+    ``.tmp-step_*`` folder was removed. ``str()`` is the one-line message naming the file
+    ("no space left on device while writing PATH"); ``errno`` is set and ``path`` is the file
+    (``filename`` stays ``None``: the message already names it)."""
+
+    def __init__(self, code: int | None, message: str, path: str | Path | None = None) -> None:
+        super().__init__(code, message)
+        self.path = None if path is None else str(path)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # pragma: no cover - some file systems refuse fsync on folders
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Replace ``path`` with ``text`` atomically: write a temporary file in the same folder,
+    fsync it, ``os.replace`` it onto ``path`` and fsync the folder. A failure or kill at any
+    moment leaves either the old file or the new one, never a mix; the temporary file never
+    survives an error."""
+    path = Path(path)
+    mode = path.stat().st_mode & 0o777 if path.is_file() else _new_file_mode()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding=encoding) as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:  # any interruption, KeyboardInterrupt included: never leave the temp file
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _RecordingWriter:
+    """A file object for ``torch.save`` that keeps the ``OSError`` of a failed write: torch
+    replaces it by ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError as exc:
+            if writer.error is not None:
+                raise writer.error from exc
+            raise
+
+
+def _write_error(exc: BaseException, path: Path) -> CheckpointWriteError | None:
+    """The one-line :class:`CheckpointWriteError` for an I/O error while writing ``path``: an
+    ``OSError``, safetensors' error that wraps one ("... (os error 28)"), or torch's
+    ``RuntimeError: [enforce fail at inline_container.cc] ...`` when it lost the ``OSError``
+    (then a full disk is told by the free space left). ``None`` if ``exc`` is not I/O."""
+    text = str(exc)
+    first = (text.splitlines() or [type(exc).__name__])[0]
+    code: int | None
+    if isinstance(exc, OSError):
+        code = exc.errno
+    elif isinstance(exc, SafetensorError) and (m := _OS_ERROR_CODE.search(text)):
+        code = int(m.group(1))
+    elif isinstance(exc, SafetensorError) and "I/O error" in text:
+        code = errno.EIO
+    elif isinstance(exc, RuntimeError) and any(k in text for k in _TORCH_WRITE_FAILURES):
+        try:
+            full = shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free < _FULL_BYTES
+        except OSError:
+            full = False
+        code = errno.ENOSPC if full else errno.EIO
+    else:
+        return None
+    if code == errno.ENOSPC:
+        return CheckpointWriteError(code, f"no space left on device while writing {path}", path)
+    if code == errno.EDQUOT:
+        return CheckpointWriteError(code, f"disk quota exceeded while writing {path}", path)
+    reason = os.strerror(code) if code is not None and not isinstance(exc, RuntimeError) else f"write failed ({first})"
+    return CheckpointWriteError(code, f"{reason[:1].lower()}{reason[1:]} while writing {path}", path)
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -87,6 +263,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, CUDA if initialised, numpy, python ``random``)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -101,11 +278,97 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().contiguous().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8).clone()
+
+
+def _rng_to_json(state: dict[str, Any]) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    out: dict[str, Any] = {
+        "format": 1,
+        "torch": _b64(state["torch"]),
+        "numpy": {"kind": str(kind), "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "internal": [int(v) for v in internal], "gauss_next": gauss_next},
+    }
+    if "cuda" in state:
+        out["cuda"] = [_b64(s) for s in state["cuda"]]
+    return out
+
+
+def _rng_from_json(data: Any, where: Path) -> dict[str, Any]:
+    try:
+        n, p = data["numpy"], data["python"]
+        state: dict[str, Any] = {
+            "torch": _unb64(data["torch"]),
+            "numpy": (str(n["kind"]), np.asarray(n["keys"], dtype=np.uint32), int(n["pos"]), int(n["has_gauss"]),
+                      float(n["cached_gaussian"])),
+            "python": (int(p["version"]), tuple(int(v) for v in p["internal"]),
+                       None if p["gauss_next"] is None else float(p["gauss_next"])),
+        }
+        if "cuda" in data:
+            state["cuda"] = [_unb64(s) for s in data["cuda"]]
+    except (KeyError, TypeError, ValueError, OverflowError, binascii.Error) as exc:
+        raise CheckpointCorrupt(f"{where}: not an RNG state written by mammut ({type(exc).__name__}: {exc})") from None
+    return state
+
+
+def _numpy_safe_globals() -> list[Any]:
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _safe_torch_load(path: Path, extra_globals: list[Any] | None = None) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only; anything else is
+    refused before it can run, with :class:`UnsafeCheckpointError` naming the file."""
+    try:
+        if extra_globals:
+            with torch.serialization.safe_globals(extra_globals):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((line.split("error:", 1)[1].strip() for line in str(exc).splitlines() if "WeightsUnpickler error:" in line),
+                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it holds pickled objects other than tensors and plain containers, and "
+            f"unpickling them could run arbitrary code ({detail}). Only resume from checkpoints written by mammut."
+        ) from None
+    except (RuntimeError, EOFError) as exc:  # a truncated or otherwise broken zip/pickle
+        raise CheckpointCorrupt(f"{path}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _load_rng(path: Path, rank: int, saved_world: Any) -> dict[str, Any]:
+    json_file = path / f"rng_rank{rank}.json"
+    legacy = path / f"rng_rank{rank}.pt"  # written before RNG states were JSON
+    if json_file.is_file():
+        try:
+            data = json.loads(json_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointCorrupt(f"{json_file}: corrupt JSON ({exc})") from None
+        return _rng_from_json(data, json_file)
+    if legacy.is_file():
+        state = _safe_torch_load(legacy, _numpy_safe_globals())
+        if not isinstance(state, dict) or not {"torch", "numpy", "python"} <= set(state):
+            raise CheckpointCorrupt(f"{legacy}: not an RNG state written by mammut")
+        return state
+    raise ValueError(f"resume: {path} was written by {saved_world} ranks and has no RNG state for rank {rank}")
+
+
 # --------------------------------------------------------------------------- folders
 
 
+def _step_of(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Checkpoint folders of a run (renamed into place, not yet verified), oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -114,8 +377,94 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint folder, *not* verified (see :func:`latest_valid_checkpoint`)."""
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    mf = path / MANIFEST_NAME
+    try:
+        doc = json.loads(mf.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointCorrupt(f"{mf}: corrupt manifest ({exc})") from None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str) for v in files.values()):
+        raise CheckpointCorrupt(f"{mf}: corrupt manifest (expected files: {{name: {{bytes, sha256}}}})")
+    if doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("version"), int) or doc["version"] > MANIFEST_VERSION:
+        raise CheckpointCorrupt(f"{mf}: expected format {MANIFEST_FORMAT!r} version <= {MANIFEST_VERSION}, "
+                                f"got {doc.get('format')!r} version {doc.get('version')!r}")
+    return files
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check a training checkpoint folder against its ``manifest.json`` (every file present,
+    of the recorded size and sha256); raises :class:`CheckpointCorrupt` naming the bad file.
+
+    A checkpoint without a manifest (written before checksums were added) is accepted with a
+    warning after a structural check (``state.json`` parses, the safetensors header reads):
+    refusing it would make runs started with an older mammut unresumable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointCorrupt(f"{path}: expected a checkpoint folder, got {'a file' if path.exists() else 'nothing'}")
+    for name in REQUIRED_FILES:
+        if not (path / name).is_file():
+            raise CheckpointCorrupt(f"{path / name}: missing")
+    if not (path / MANIFEST_NAME).is_file():
+        _check_structure(path)
+        log.warning("%s has no %s (written by an older mammut): its files cannot be verified", path, MANIFEST_NAME)
+        return
+    files = _read_manifest(path)
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointCorrupt(f"{path / MANIFEST_NAME}: does not list {name}")
+    for name, entry in files.items():
+        f = path / name
+        if Path(name).name != name:
+            raise CheckpointCorrupt(f"{path / MANIFEST_NAME}: expected plain file names, got {name!r}")
+        if not f.is_file():
+            raise CheckpointCorrupt(f"{f}: missing (listed in {MANIFEST_NAME})")
+        size = f.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointCorrupt(f"{f}: truncated or overwritten: {size} bytes, {MANIFEST_NAME} records {entry['bytes']}")
+        if _sha256(f) != entry["sha256"]:
+            raise CheckpointCorrupt(f"{f}: corrupt: sha256 differs from the one recorded in {MANIFEST_NAME}")
+
+
+def _check_structure(path: Path) -> None:
+    try:
+        json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointCorrupt(f"{path / 'state.json'}: corrupt JSON ({exc})") from None
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointCorrupt(f"{path / 'model.safetensors'}: unreadable ({exc})") from None
+
+
+def _select_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, CheckpointCorrupt]]]:
+    """The newest checkpoint that verifies, and the newer ones skipped with their errors."""
+    skipped: list[tuple[Path, CheckpointCorrupt]] = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointCorrupt as exc:
+            log.warning("skipping checkpoint %s: %s", ckpt.name, exc)
+            skipped.append((ckpt, exc))
+            continue
+        return ckpt, skipped
+    return None, skipped
+
+
+def latest_valid_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that passes :func:`verify_checkpoint` (``None`` if
+    none does); every newer one skipped is logged as a warning naming its bad file."""
+    return _select_checkpoint(run_dir)[0]
+
+
+# --------------------------------------------------------------------------- save / load
 
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
@@ -125,6 +474,38 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> t
     model_sd = get_model_state_dict(model, options=opts)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
     return model_sd, optim_sd
+
+
+class _Phase:
+    """One phase of a checkpoint save on every rank: I/O errors become
+    :class:`CheckpointWriteError`, and the ranks agree (one all-reduce) on whether every rank
+    succeeded, so a rank that failed never leaves the others waiting in a collective. On any
+    failure rank 0 removes the partial folder and every rank raises."""
+
+    def __init__(self, tmp: Path, info: DistInfo, what: str) -> None:
+        self.tmp, self.info, self.what = tmp, info, what
+        self.path: Path = tmp  # the file being written, for the message
+
+    def writing(self, path: Path) -> Path:
+        self.path = path
+        return path
+
+    def __enter__(self) -> _Phase:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        everyone_ok = all_ranks_ok(exc is None, f"checkpoint save ({self.what})")
+        if not everyone_ok and self.info.is_main:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if exc is not None:
+            err = _write_error(exc, self.path)
+            if err is not None:
+                raise err from exc
+            return False  # re-raise the original
+        if not everyone_ok:
+            raise CheckpointWriteError(errno.EIO, f"another rank failed while writing checkpoint {self.tmp} ({self.what}); "
+                                       f"see its error", self.tmp)
+        return False
 
 
 def save_checkpoint(
@@ -140,34 +521,56 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically (every rank must call this); returns its folder.
 
     ``model`` is the unwrapped model (plain or with FSDP2-sharded parameters); ``state`` is
-    the JSON-able loop state. Keeps the newest ``keep`` checkpoints (0 = all).
+    the JSON-able loop state. Keeps the newest ``keep`` checkpoints (0 = all). Raises
+    :class:`CheckpointWriteError` on every rank if any rank could not write its files (e.g.
+    "no space left on device while writing PATH"); the ``.tmp-`` folder is then removed.
     """
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
     model_sd, optim_sd = _state_dicts(model, optimizer)  # collective under FSDP
+
+    with _Phase(tmp, info, "preparing the folder") as phase:
+        if info.is_main:
+            phase.writing(root).mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a run killed while saving this step
+                shutil.rmtree(tmp)
+            phase.writing(tmp).mkdir()
+
+    with _Phase(tmp, info, "writing files") as phase:
+        rng_file = phase.writing(tmp / f"rng_rank{info.rank}.json")
+        rng_file.write_text(json.dumps(_rng_to_json(rng_state())), encoding="utf-8")
+        _fsync_file(rng_file)
+        if info.is_main:
+            weights = phase.writing(tmp / "model.safetensors")
+            save_weights(model_sd, weights, metadata)
+            _fsync_file(weights)
+            if optim_sd is not None:
+                optim_file = phase.writing(tmp / "optimizer.pt")
+                _torch_save(optim_sd, optim_file)
+                _fsync_file(optim_file)
+            state_file = phase.writing(tmp / "state.json")
+            atomic_write_text(state_file, json.dumps({"step": step, "world_size": info.world_size, **state}, indent=1))
+
+    with _Phase(tmp, info, "committing") as phase:
+        if info.is_main:
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                     for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
+            manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step,
+                        "world_size": info.world_size, "files": files}
+            atomic_write_text(phase.writing(tmp / MANIFEST_NAME), json.dumps(manifest, indent=1))  # fsyncs tmp too
+            if final.exists():  # re-saving a step (e.g. one moved aside as corrupt, then re-run)
+                shutil.rmtree(final)
+            phase.writing(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
     if info.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
-    torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
-    if info.is_main:
-        save_weights(model_sd, tmp / "model.safetensors", metadata)
-        if optim_sd is not None:
-            torch.save(optim_sd, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": info.world_size, **state}, indent=1))
-    barrier()
-    if info.is_main:
-        if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         if keep > 0:
-            for old in list_checkpoints(run_dir)[:-keep]:
+            older = [p for p in list_checkpoints(run_dir) if _step_of(p) < step]
+            for old in older[: max(len(older) - (keep - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
         log.info("saved checkpoint %s", final)
-    barrier()
+    barrier("checkpoint save (pruning)")
     return final
 
 
@@ -176,24 +579,36 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     info: DistInfo,
+    *,
+    verify: bool = True,
 ) -> dict[str, Any]:
-    """Restore weights, optimiser state and this rank's RNG; returns ``state.json``."""
+    """Restore weights, optimiser state and this rank's RNG; returns ``state.json``.
+
+    ``verify``: check the files against ``manifest.json`` first (:func:`verify_checkpoint`);
+    pass ``False`` only when that was just done (the Trainer verifies on rank 0). Files are
+    read with safetensors, JSON and ``torch.load(weights_only=True)`` only: a file holding
+    other pickled objects raises :class:`UnsafeCheckpointError` without running anything."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
+    if verify:
+        verify_checkpoint(path)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointCorrupt(f"{path / 'state.json'}: corrupt JSON ({exc})") from None
     opts = StateDictOptions(full_state_dict=True, strict=True)
-    weights = load_weights(path / "model.safetensors")
+    try:
+        weights = load_weights(path / "model.safetensors")
+    except SafetensorError as exc:
+        raise CheckpointCorrupt(f"{path / 'model.safetensors'}: unreadable ({exc})") from None
+    optim_sd = _safe_torch_load(path / "optimizer.pt") if optimizer is not None else None
+    rng = _load_rng(path, info.rank, state.get("world_size"))
     set_model_state_dict(model, weights, options=opts)
     if optimizer is not None:
-        optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
-    rng_file = path / f"rng_rank{info.rank}.pt"
-    if not rng_file.is_file():
-        saved_world = state.get("world_size")
-        raise ValueError(f"resume: {path} was written by {saved_world} ranks and has no RNG state for rank {info.rank}")
-    set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    set_rng_state(rng)
     if dist.is_available() and dist.is_initialized():
-        barrier()
+        barrier("loading a checkpoint")
     log.info("resumed from %s (step %d)", path, state["step"])
     return state

@@ -2,7 +2,8 @@
 the model (torchtitan style): the model file knows nothing about any of them.
 
 - ``init_distributed``: reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; gloo on CPU,
-  nccl on CUDA.
+  nccl on CUDA; ``timeout_s`` (``train.dist_timeout``) bounds every collective, and a
+  collective that times out raises :class:`DistTimeoutError` naming that key.
 - ``LossModule``: ``forward(text, images) -> model.compute_losses(...)``, so DDP/FSDP hooks run
   around the whole two-pass step (they only hook ``forward``).
 - ``apply_activation_checkpointing``: every shared transformer block recomputes its forward in
@@ -13,8 +14,12 @@ the model (torchtitan style): the model file knows nothing about any of them.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +34,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DistInfo",
+    "DistTimeoutError",
     "init_distributed",
+    "collective",
     "shutdown_distributed",
     "LossModule",
     "transformer_blocks",
@@ -39,6 +46,8 @@ __all__ = [
     "all_reduce_mean",
     "sync_replicated_grads",
     "barrier",
+    "all_ranks_ok",
+    "broadcast_int",
 ]
 
 BLOCK_TYPES: tuple[type[nn.Module], ...] = (ParallelBlock, TransformerBlock, CrossAttentionBlock)
@@ -60,11 +69,48 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1)."""
+class DistTimeoutError(TimeoutError):
+    """A collective (or joining the process group) did not complete within ``train.dist_timeout``:
+    another rank is hung, died, or is much slower. An ``OSError`` (``TimeoutError``) subclass."""
+
+
+_TIMEOUT_S: float | None = None  # the process group's timeout, for the messages
+_TIMEOUT_WORDS = re.compile(r"timed?[ _-]?out|timeout", re.IGNORECASE)
+
+
+def _timeout_error(what: str, exc: BaseException) -> DistTimeoutError:
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    limit = f"train.dist_timeout={_TIMEOUT_S:g} s" if _TIMEOUT_S is not None else "the process group's timeout"
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return DistTimeoutError(
+        f"rank {rank}: {what} did not complete within {limit}: another rank is hung, died or is far slower "
+        f"(torch: {first}). If steps or checkpoint saves legitimately take longer, raise train.dist_timeout.")
+
+
+@contextlib.contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Turn torch's timeout error inside the block (e.g. gloo's "Timed out waiting 3000ms for
+    recv operation") into a :class:`DistTimeoutError` naming ``train.dist_timeout``; other
+    errors pass unchanged."""
+    try:
+        yield
+    except RuntimeError as exc:  # DistBackendError / DistStoreError are RuntimeErrors
+        if _TIMEOUT_WORDS.search(str(exc)):
+            raise _timeout_error(what, exc) from exc
+        raise
+
+
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1).
+
+    ``timeout_s`` (``train.dist_timeout``): how long joining and every later collective may
+    wait for the other ranks before failing (``None``: torch's default)."""
+    global _TIMEOUT_S
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device: expected a usable device, got 'cuda' but CUDA is not available")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"train.dist_timeout: expected a positive number of seconds, got {timeout_s!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -74,8 +120,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        log.info("rank %d/%d joined the process group (%s)", rank, world, dist.get_backend())
+        kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        _TIMEOUT_S = timeout_s
+        with collective(f"joining the process group ({world} ranks)"):
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", **kwargs)
+        log.info("rank %d/%d joined the process group (%s, collective timeout %s)", rank, world, dist.get_backend(),
+                 f"{timeout_s:g} s" if timeout_s is not None else "torch default")
     return DistInfo(rank, world, local_rank, dev)
 
 
@@ -84,9 +134,39 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _flag_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier(what: str = "a barrier") -> None:
+    if _initialized():
+        with collective(what):
+            dist.barrier()
+
+
+def all_ranks_ok(ok: bool, what: str = "agreeing on an outcome") -> bool:
+    """True when ``ok`` is true on every rank (one small all-reduce; ``ok`` on one process).
+    Every rank must call it: a rank that failed says so instead of leaving the others waiting."""
+    if not _initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_flag_device())
+    with collective(what):
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def broadcast_int(value: int, what: str = "a broadcast") -> int:
+    """Rank 0's ``value`` on every rank (identity on one process)."""
+    if not _initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_flag_device())
+    with collective(what):
+        dist.broadcast(t, src=0)
+    return int(t.item())
 
 
 def sync_replicated_grads(module: nn.Module) -> None:
@@ -96,7 +176,8 @@ def sync_replicated_grads(module: nn.Module) -> None:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.stack([g.reshape(()) for g in grads])
-    dist.all_reduce(flat)
+    with collective("averaging replicated gradients"):
+        dist.all_reduce(flat)
     flat /= dist.get_world_size()
     for p, g in zip(params, flat):
         p.grad = g.reshape(p.shape).clone()
@@ -107,7 +188,8 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()):
         return x
     y = x.clone()
-    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    with collective("an all-reduce"):
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / dist.get_world_size()
 
 

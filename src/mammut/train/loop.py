@@ -5,6 +5,11 @@ Per optimiser step: the micro-batches of this rank go forward under autocast and
 ranks x micro-batches give exactly the token mean of the whole batch; the step's losses are
 averaged over ranks together with a "stop" flag (SIGTERM) and checked for NaN/inf *before*
 the optimiser steps; then clip, step, log, checkpoint.
+
+SIGTERM: the handler only sets ``_signal_received`` (never cleared). Every step all-reduces
+that flag into ``_stop_agreed`` and the loop stops *only* on the agreed value, so all ranks
+stop after the same step and save the same checkpoint together, whenever the signal arrives
+on whichever ranks (a flag read locally could change between the all-reduce and the check).
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -24,7 +31,14 @@ import torch
 import yaml
 
 from .build import build_model, resolve_model_config
-from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import (
+    CheckpointCorrupt,
+    _select_checkpoint,
+    atomic_write_text,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import ConfigError, RunConfig, config_to_dict
 from .data import build_tokenizer, train_batches
 from .distributed import (
@@ -33,6 +47,8 @@ from .distributed import (
     apply_activation_checkpointing,
     apply_compile,
     barrier,
+    broadcast_int,
+    collective,
     init_distributed,
     sync_replicated_grads,
     wrap_parallel,
@@ -85,16 +101,14 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False) -> None:
         self.cfg = cfg
         t = cfg.train
-        self.info: DistInfo = init_distributed(t.device)
+        self.info: DistInfo = init_distributed(t.device, timeout_s=t.dist_timeout)
         if t.threads:
             torch.set_num_threads(t.threads)
         self.run_dir = Path(t.out_dir)
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is not None and not resume:
+        if list_checkpoints(self.run_dir) and not resume:
             raise RunExistsError(f"train.out_dir: {self.run_dir} already holds checkpoints; "
                                  f"pass --resume to continue it or choose another --train.out_dir")
-        if resume and ckpt is None:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
+        ckpt = self._resume_checkpoint() if resume else None
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
@@ -112,7 +126,7 @@ class Trainer:
         self.model.train()
         if self.info.is_main:
             resolved = config_to_dict(dataclasses.replace(cfg, model=self.model_cfg))
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model %s: %.2fM parameters", self.model_cfg["name"], n_params / 1e6)
 
@@ -130,12 +144,46 @@ class Trainer:
         self.step = 0
         self.train_time = 0.0
         if resume and ckpt is not None:
-            state = load_checkpoint(ckpt, self.model, self.optimizer, self.info)
+            state = load_checkpoint(ckpt, self.model, self.optimizer, self.info, verify=False)  # verified above
             self.step, self.train_time = int(state["step"]), float(state.get("train_time_s", 0.0))
-        self._stop = False
+        self._signal_received = False  # set by the SIGTERM handler on this rank, never cleared
+        self._stop_agreed = False  # the all-reduced flag: the only thing the loop stops on
         self.losses: list[float] = []
 
     # ------------------------------------------------------------------ helpers
+    def _resume_checkpoint(self) -> Path | None:
+        """The newest checkpoint that verifies, chosen on rank 0 and broadcast (every rank
+        resumes from the same one). Newer ones that fail are moved aside to
+        ``checkpoints/corrupt-step_*`` (kept for inspection, out of the way of pruning and of
+        the next resume), each with a warning naming its bad file."""
+        NONE, NONE_VALID = -1, -2
+        step, problems = NONE, ""
+        if self.info.is_main:
+            chosen, skipped = _select_checkpoint(self.run_dir)
+            step = int(chosen.name.split("_")[1]) if chosen is not None else (NONE_VALID if skipped else NONE)
+            if chosen is not None:
+                for bad, exc in skipped:
+                    aside = bad.with_name(f"corrupt-{bad.name}")
+                    n = 1
+                    while aside.exists():
+                        aside, n = bad.with_name(f"corrupt-{bad.name}.{n}"), n + 1
+                    os.replace(bad, aside)
+                    log.warning("--resume: checkpoint %s failed verification (%s); moved it to %s and resuming "
+                                "from %s", bad, exc, aside.name, chosen.name)
+            elif skipped:
+                problems = "; ".join(str(exc) for _, exc in skipped)
+            for partial in (self.run_dir / "checkpoints").glob(".tmp-step_*"):  # saves cut short by a kill
+                shutil.rmtree(partial, ignore_errors=True)
+        step = broadcast_int(step, "choosing the checkpoint to resume from")
+        if step == NONE:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
+            return None
+        if step == NONE_VALID:
+            detail = problems if self.info.is_main else "see rank 0's log"
+            raise CheckpointCorrupt(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'} passes verification "
+                                    f"({detail}); restore one or start a new run in another train.out_dir")
+        return self.run_dir / "checkpoints" / f"step_{step:08d}"
+
     def _check_same_model(self) -> None:
         saved_path = self.run_dir / "config.yaml"
         if not saved_path.is_file():
@@ -155,8 +203,10 @@ class Trainer:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         # only a flag: the handler interrupts the main thread anywhere, possibly inside a
-        # write to the same log stream, so the loop does the logging at the step boundary
-        self._stop = True
+        # write to the same log stream, so the loop does the logging at the step boundary.
+        # Never cleared, and never read by the loop directly: it goes into the next step's
+        # all-reduce, and the loop stops on the agreed value only (see the module docstring).
+        self._signal_received = True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.train.precision == "bf16":
@@ -216,12 +266,12 @@ class Trainer:
                                   float(con.detach()) if con is not None else 0.0]) / n_micro
 
         # losses averaged over ranks, plus the stop flag: one small collective per step
-        packed = torch.cat([sums, torch.tensor([float(self._stop)])])
+        packed = torch.cat([sums, torch.tensor([float(self._signal_received)])])
         if self.info.distributed:
             torch.distributed.all_reduce(packed)
             packed[:3] /= self.info.world_size
         loss, cap_v, con_v = (float(v) for v in packed[:3])
-        self._stop = bool(packed[3] > 0)
+        self._stop_agreed = self._stop_agreed or bool(packed[3] > 0)
         values = {"loss": loss, "caption": cap_v, "contrastive": con_v}
         if not all(math.isfinite(v) for v in values.values()):
             self.optimizer.zero_grad(set_to_none=True)
@@ -245,10 +295,16 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, *, eval_fn: Any = None) -> TrainResult:
         """Train to ``train.steps``. ``eval_fn(model, tokenizer, step) -> dict`` runs every ``train.eval_every``
-        steps on rank 0 (eval mode, no grad; plain or DDP only)."""
+        steps on rank 0 (eval mode, no grad; plain or DDP only).
+
+        On SIGTERM (any rank) every rank stops after the same step, saves a checkpoint and
+        returns ``interrupted=True``; SIGTERM is then left ignored (``SIG_IGN``) as the process
+        is expected to exit, so a repeated signal cannot kill it half-way through its shutdown.
+        Otherwise the previous SIGTERM handler is restored."""
         cfg, t, info = self.cfg, self.cfg.train, self.info
         monitor = Monitor(self.run_dir, total_steps=t.steps, start_step=self.step, enabled=info.is_main,
-                          tensorboard=t.tensorboard, progress=t.progress)
+                          tensorboard=t.tensorboard, progress=t.progress, log_every=t.log_every,
+                          batch_size=t.batch_size)
         old_handler = None
         with contextlib.suppress(ValueError):  # not in the main thread: no handler
             old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -257,11 +313,13 @@ class Trainer:
                                 start_step=self.step, steps=t.steps)
         window_t, window_n, rate = 0.0, 0, 0.0
         start_step = self.step
+        stopped_by_signal = False
         try:
             while self.step < t.steps:
                 t0 = time.perf_counter()
                 micro = next(batches)
-                stats = self.train_step(micro)
+                with collective(f"training step {self.step + 1}"):
+                    stats = self.train_step(micro)
                 dt = time.perf_counter() - t0
                 self.train_time += dt
                 window_t, window_n = window_t + dt, window_n + t.batch_size
@@ -274,21 +332,30 @@ class Trainer:
                 monitor.progress(self.step, {"loss": stats["loss"], "lr": stats["lr"], "samples/s": rate})
                 if t.eval_every and self.step % t.eval_every == 0 and self.parallel != "fsdp":
                     self._run_eval(eval_fn, monitor)
-                if self._stop:
+                if self._stop_agreed:  # the all-reduced flag: every rank decides alike
+                    stopped_by_signal = True
                     log.warning("SIGTERM: saving a checkpoint after step %d, then stopping", self.step)
-                    self.save()
+                    self._save_once()
                     log.warning("stopped by SIGTERM at step %d; resume with --resume", self.step)
                     return self._result(interrupted=True)
                 if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
                     self.save()
-            last = latest_checkpoint(self.run_dir)
-            if last is None or last.name != f"step_{self.step:08d}":
-                self.save()
+            self._save_once()
             return self._result()
         finally:
             monitor.close()
-            if old_handler is not None:
+            if stopped_by_signal:
+                # the process is about to exit: a further SIGTERM (e.g. sent to every rank at
+                # slightly different moments) must not kill it half-way through its shutdown
+                with contextlib.suppress(ValueError):
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            elif old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
+
+    def _save_once(self) -> None:
+        """Save unless the newest checkpoint already is this step (e.g. a periodic save)."""
+        if not (self.run_dir / "checkpoints" / f"step_{self.step:08d}").is_dir():
+            self.save()
 
     def _run_eval(self, eval_fn: Any, monitor: Monitor) -> None:
         # every rank comes here (the barrier); rank 0 evaluates if it was given an eval_fn
