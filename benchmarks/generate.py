@@ -2,10 +2,16 @@
 search, with and without the KV cache) against open_clip 3.3.0's ``CoCa.generate`` at an
 equivalent size, measured in the same run (timings are interleaved round by round, so the
 ratios hold better than the absolute figures on a busy machine), plus the cost of one
-decoding step as the caption grows and the memory-bandwidth floor of a step.
+decoding step as the caption grows against the memory-bandwidth floor of a step, and the
+per-step overhead at a tiny size against Hugging Face ``transformers``' GPT-2.
 
     .venv/bin/python benchmarks/generate.py [--threads 2] [--repeats 3] [--beams 6]
-        [--parts table,steps,lengths] [--full] [--no-open-clip]
+        [--parts table,steps,lengths,tiny] [--full] [--no-open-clip]
+
+Parts: ``table`` (whole captions vs open_clip), ``steps`` (one step as the caption grows; the
+weight-read floor; eager greedy per step against that floor), ``lengths`` (whole captions of
+growing length), ``tiny`` (the tiny config below: cached vs recomputing at 64 new tokens,
+per-token time vs GPT-2 with its KV cache, ATen calls per step counted with torch.profiler).
 
 Reference config: image 128, patch 16, ViT 256 x 4 layers, 4 heads x 64; text width 256,
 4 heads x 64, vocab 8192; batch 4, 32 new tokens, fp32, ``torch.inference_mode()``.
@@ -24,6 +30,17 @@ Reference config: image 128, patch 16, ViT 256 x 4 layers, 4 heads x 64; text wi
 Both stop on eos id 2 (a random model practically never emits it, so every caption runs to 32
 tokens; the script prints the lengths). open_clip's CoCa leaves ``text_decoder.text_projection``
 at zero when built from a config, so it is initialised here (normal, std dim ** -0.5).
+Tiny config (``--parts tiny``): MaMMUT width 128, depth 4, cross-attention every 2, 4 heads x 32,
+vocab 8192, a 64 px image of 16 patches (ViT 128 x 2), batch 2, a prompt of 2 tokens, 64 new
+tokens (``min_new_tokens=64``: every row runs the full length), decoding from a precomputed
+image context (the image is encoded outside the timing, as GPT-2 has none); eager, and with
+``compile=True`` for reference (its first call, which compiles, is the warm-up). Against
+``GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=4, n_head=4, vocab_size=8192,
+n_positions=128))``, random init, ``generate(do_sample=False, use_cache=True,
+min_new_tokens=64, max_new_tokens=64)`` on the same prompt ids. GPT-2 has 4 blocks; ours has 4
+self-attention blocks and 2 cross-attention blocks (each with its feed-forward), as the
+reference config. ATen calls per step: calls made from Python (``top-level``) and all (nested
+included), from the difference between 17 and 1 new tokens, over 16.
 Note: with 2 threads on a machine whose cores are busy with other work, OpenMP threads wait
 on each other and fine-grained work (one token per step) suffers far more than big matmuls;
 compare with ``--threads 1`` when the load average is above the core count.
@@ -112,7 +129,7 @@ def main() -> None:
     p.add_argument("--beams", type=int, default=6)
     p.add_argument("--no-open-clip", action="store_true")
     p.add_argument("--full", action="store_true", help="also 512 new tokens without the cache (minutes)")
-    p.add_argument("--parts", default="table,steps,lengths", help="comma-separated subset of table,steps,lengths")
+    p.add_argument("--parts", default="table,steps,lengths,tiny", help="comma-separated subset of table,steps,lengths,tiny")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
@@ -151,9 +168,11 @@ def main() -> None:
             table(fns, args.repeats, args.threads, k, oc is not None)
         if "steps" in parts:
             steps(model, images, args.repeats)
-            floor(model, args.repeats)
+            per_step(model, images, floor(model, args.repeats), args.repeats)
         if "lengths" in parts:
             lengths(model, images, args.full)
+        if "tiny" in parts:
+            tiny(args.repeats)
 
 
 def table(fns: dict[str, Callable[[], object]], repeats: int, threads: int, k: int, with_open_clip: bool) -> None:
@@ -193,19 +212,19 @@ def steps(model: torch.nn.Module, images: torch.Tensor, repeats: int) -> None:
         print(f"{length:5d} {c * 1e3:8.2f} {u * 1e3:9.2f}")
 
 
-def floor(model: torch.nn.Module, repeats: int) -> None:
+def floor(model: torch.nn.Module, repeats: int) -> float:
     """What one cached step cannot go below at batch 4: one pass over the decoder's weight
     matrices (4 rows through each; cross-attention key/value projections excluded as they are
-    cached), about 33 MB of fp32 weights: with ``F.linear`` and with mammut's ``linear`` (the
-    weights-on-the-left product it takes for a few rows on CPU)."""
-    from mammut.layers import linear
-
+    cached), about 33 MB of fp32 weights, with ``F.linear`` and with the product taken the
+    other way round (``(W @ x.T).T``, weights on the left; what mammut's ``Linear`` did for a
+    few rows before ``F.linear`` became the faster one). Returns the faster, in seconds."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
              and (n.startswith("layers.") and not n.endswith("to_kv") or n == "to_logits")]
     mods = dict(model.named_modules())
     inputs = {n: torch.randn(BATCH, mods[n].in_features) for n in names}
     size = sum(mods[n].weight.numel() for n in names) * 4 / 1e6
-    for label, fn in (("F.linear", F.linear), ("mammut linear", linear)):
+    best = float("inf")
+    for label, fn in (("F.linear", F.linear), ("weights on the left", lambda x, w: (w @ x.t()).t().contiguous())):
         ts = []
         for _ in range(max(repeats, 5) + 1):
             t = time.perf_counter()
@@ -213,8 +232,94 @@ def floor(model: torch.nn.Module, repeats: int) -> None:
                 fn(inputs[n], mods[n].weight)
             ts.append(time.perf_counter() - t)
         sec = statistics.median(ts[1:])
+        best = min(best, sec)
         print(f"floor: the decoder's {len(names)} weight matrices ({size:.0f} MB) once at batch {BATCH}, {label}: "
               f"{sec * 1e3:.2f} ms ({size / 1e3 / sec:.1f} GB/s)")
+    return best
+
+
+def per_step(model: torch.nn.Module, images: torch.Tensor, floor_s: float, repeats: int) -> None:
+    """Eager greedy decoding per step against the weight-read floor: whole generations of 64
+    and of 1 new token (every row runs the full length), the difference over 63 (the image
+    encoding and the prompt step cancel out); interleaved rounds, medians."""
+    context = model.image_context(images)
+    n = 64
+
+    def gen(k: int) -> Callable[[], object]:
+        return lambda: model.generate(context=context, max_new_tokens=k, min_new_tokens=k, eos_id=None)
+
+    times = interleaved({"long": gen(n), "one": gen(1)}, max(repeats, 5))
+    sec = (times["long"] - times["one"]) / (n - 1)
+    print(f"eager greedy per step (batch {BATCH}, {n} new tokens, loop included): {sec * 1e3:.2f} ms = "
+          f"{sec / floor_s:.2f}x the floor (target <= 1.3x)")
+
+
+def aten_calls(fn: Callable[[], object], fn_one: Callable[[], object], steps: int) -> tuple[float, float]:
+    """ATen calls per decoding step: (made from Python, all including nested), from the
+    difference between a run of ``steps + 1`` new tokens and a run of 1."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def count(f: Callable[[], object]) -> tuple[int, int]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            f()
+        events = [e for e in prof.events() if e.name.startswith("aten::")]
+        top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+        return len(top), len(events)
+
+    (t1, a1), (tn, an) = count(fn_one), count(fn)
+    return (tn - t1) / steps, (an - a1) / steps
+
+
+def tiny(repeats: int) -> None:
+    """The tiny config (see the module docstring): cached vs recomputing, vs GPT-2, ATen calls."""
+    from mammut import MaMMUT
+
+    vocab, n, batch = 8192, 64, 2
+    torch.manual_seed(0)
+    model = MaMMUT(dim=128, num_tokens=vocab, depth=4, cross_attend_every=2, heads=4, dim_head=32, bos_id=BOS,
+                   eos_id=EOS, pad_id=PAD, vit=dict(image_size=64, patch_size=16, dim=128, depth=2, heads=4, dim_head=32)).eval()
+    images = torch.randn(batch, 3, 64, 64)
+    prompt = torch.randint(3, vocab, (batch, 2))
+    context = model.image_context(images)
+
+    def ours(k: int, **kw: object) -> Callable[[], object]:
+        return lambda: model.generate(context=context, prompt=prompt, max_new_tokens=k, min_new_tokens=k, **kw)
+
+    fns: dict[str, Callable[[], object]] = {"cached": ours(n), "recomputing (use_cache=False)": ours(n, use_cache=False),
+                                            "cached, compile=True": ours(n, compile=True)}
+    try:
+        import transformers
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        gpt = None
+        print("transformers not installed: GPT-2 skipped")
+    else:
+        transformers.logging.set_verbosity_error()
+        gpt = GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=4, n_head=4, vocab_size=vocab, n_positions=128)).eval()
+        ones = torch.ones_like(prompt)
+        fns[f"GPT-2 (transformers {transformers.__version__}), KV cache"] = lambda: gpt.generate(
+            prompt, attention_mask=ones, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+            pad_token_id=PAD, eos_token_id=EOS)
+    times = interleaved(fns, max(repeats, 7))
+    print(f"\ntiny config (width 128, depth 4, 4 heads x 32, vocab {vocab}), batch {batch}, prompt 2, {n} new tokens, "
+          f"{max(repeats, 7)} interleaved rounds (median):")
+    for name, sec in times.items():
+        print(f"  {name:44s} {sec * 1e3:8.1f} ms  {sec * 1e3 / n:6.3f} ms/token")
+    cached = times["cached"]
+    print(f"  cached vs recomputing: {times['recomputing (use_cache=False)'] / cached:.2f}x faster (target >= 4x); "
+          f"compiled: {times['recomputing (use_cache=False)'] / times['cached, compile=True']:.2f}x")
+    if gpt is not None:
+        hf = next(v for k, v in times.items() if k.startswith("GPT-2"))
+        print(f"  per token, GPT-2 / ours: {hf / cached:.2f} (target >= 1: ours no slower)")
+    top, total = aten_calls(ours(17), ours(1), 16)
+    print(f"  ATen calls per cached step: {top:.0f} from Python, {total:.0f} with nested calls")
+    if gpt is not None:
+        hf_top, hf_total = aten_calls(
+            lambda: gpt.generate(prompt, attention_mask=ones, max_new_tokens=17, min_new_tokens=17, do_sample=False,
+                                 pad_token_id=PAD, eos_token_id=EOS),
+            lambda: gpt.generate(prompt, attention_mask=ones, max_new_tokens=1, min_new_tokens=1, do_sample=False,
+                                 pad_token_id=PAD, eos_token_id=EOS), 16)
+        print(f"  ATen calls per GPT-2 step: {hf_top:.0f} from Python, {hf_total:.0f} with nested calls")
 
 
 def lengths(model: torch.nn.Module, images: torch.Tensor, full: bool) -> None:

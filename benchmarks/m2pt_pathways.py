@@ -34,7 +34,7 @@ from torch import nn
 
 from mammut import ViT
 from mammut.layers import TransformerBlock, make_norm
-from mammut.models.m2pt import add_pathways, merge_pathways, pathway_scales
+from mammut.transforms.m2pt import add_pathways, merge_pathways, pathway_scales
 
 NUM_CLASSES = 8
 NOISE = 0.35

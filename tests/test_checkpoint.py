@@ -1,4 +1,4 @@
-"""Checkpoints (mammut.interop.checkpoint): exact round trips for every registered model,
+"""Checkpoints (mammut.io.checkpoint): exact round trips for every registered model,
 clear errors for mismatched, truncated or corrupt checkpoints, atomic writes."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("safetensors")
 
-from mammut.interop.checkpoint import (  # noqa: E402
+from mammut.io.checkpoint import (  # noqa: E402
     CONFIG_NAME,
     FORMAT_VERSION,
     WEIGHTS_NAME,
@@ -266,7 +266,9 @@ def test_corrupt_config_json(saved, text, match):
 @pytest.mark.parametrize(
     "changes, match",
     [
-        (dict(dim="big"), r"config\.dim: expected int, got 'big'"),
+        (dict(dim="big"), r"config\.dim: expected an integer, got 'big'"),
+        (dict(dim="32"), r"config\.dim: expected an integer, got '32'"),  # strict JSON: no command-line text
+        (dict(dim_hed=16), r"config\.dim_hed: unknown key \(did you mean 'dim_head'\?\)"),
         (dict(cross_attend_layers="1,3"), r"config\.cross_attend_layers"),
         (dict(no_such_field=1), r"no_such_field"),
         (dict(contrastive_pass="sideways"), r"contrastive_pass"),

@@ -207,7 +207,7 @@ def test_tiny_model_overfits_a_fixed_batch(options):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    pytest.importorskip("mammut.interop.checkpoint")
+    pytest.importorskip("mammut.io.checkpoint")
     model = tiny(**OPEN_CLIP_STYLE)
     text, images = batch()
     model.save_pretrained(tmp_path)

@@ -109,7 +109,7 @@ def test_image_encoded_once_and_cross_kv_projected_once_per_layer(monkeypatch):
     model = build("mammut")
     images, prompts = inputs("mammut")
     calls = {"context": 0, "project": 0, "decode_rows": []}
-    image_context, decode, project = model.image_context, model.decode, CrossAttention.project_context
+    image_context, decode, project = model.image_context, model.decode_hidden, CrossAttention.project_context
 
     def count_context(*a, **kw):
         calls["context"] += 1
@@ -124,7 +124,7 @@ def test_image_encoded_once_and_cross_kv_projected_once_per_layer(monkeypatch):
         return project(self, context)
 
     monkeypatch.setattr(model, "image_context", count_context)
-    monkeypatch.setattr(model, "decode", count_decode)
+    monkeypatch.setattr(model, "decode_hidden", count_decode)
     monkeypatch.setattr(CrossAttention, "project_context", count_project)
     generate(model, images, prompts, strategy="beam", num_beams=4, max_new_tokens=5, eos_id=None)
     assert calls["context"] == 1
@@ -141,8 +141,8 @@ def test_finished_rows_leave_the_batch(monkeypatch):
     first = generate(model, images, prompts, max_new_tokens=6, eos_id=None)
     eos = int(first[1, 2])  # row 1 "ends" at its third token
     rows = []
-    decode = model.decode
-    monkeypatch.setattr(model, "decode", lambda text, *a, **kw: rows.append(text.shape[0]) or decode(text, *a, **kw))
+    decode = model.decode_hidden
+    monkeypatch.setattr(model, "decode_hidden", lambda text, *a, **kw: rows.append(text.shape[0]) or decode(text, *a, **kw))
     out = generate(model, images, prompts, max_new_tokens=6, eos_id=eos)
     stop = next(j for j in range(6) if out[1, j] == eos)
     assert out[1, stop + 1:].eq(0).all()
@@ -303,18 +303,19 @@ def test_static_cache_keeps_one_shape_per_step(monkeypatch):
     """Every step after the prompt sees the same shapes (what lets one compiled graph serve
     them all): one token per row, keys over the whole capacity, no row dropped."""
     from mammut import generation
+    from mammut.generation import api, batch
 
     model = build("mammut")
     images, prompts = inputs("mammut")
     eos = _eos_hit_early(model, images, prompts)
     shapes = []
-    real = generation._decode_last
+    real = batch.step_function(model)
 
     def spy(model, text, context, keep, positions, cache):
         shapes.append((tuple(text.shape), tuple(keep.shape), tuple(positions.shape)))
         return real(model, text, context, keep, positions, cache)
 
-    monkeypatch.setattr(generation, "_decode_last", spy)
+    monkeypatch.setattr(api, "step_function", lambda model: spy)
     out = generate(model, images, prompts, max_new_tokens=9, eos_id=eos, static_cache=True)
     capacity = generation.STATIC_ROUND
     assert shapes[0] == ((3, 4), (3, 4), (3, 4))  # the prompt, left-padded to 4 columns
@@ -351,16 +352,21 @@ def test_static_kv_cache_checks_its_use():
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("kind", ["mammut", "coca"])
 def test_compiled_steps_give_the_same_tokens(kind, monkeypatch):
-    from mammut import generation
+    from mammut.generation import compiled
 
     calls = []
-    compiled_step = generation._compiled_step()  # the torch.compile wrapper
+    compiled_step = compiled.compiled_step  # the per-model torch.compile wrapper
 
-    def counted(*args):
-        calls.append(1)
-        return compiled_step(*args)
+    def counting(model, fn):
+        step = compiled_step(model, fn)
 
-    monkeypatch.setattr(generation, "_compiled_step", lambda: counted)
+        def counted(*args):
+            calls.append(1)
+            return step(*args)
+
+        return counted
+
+    monkeypatch.setattr(compiled, "compiled_step", counting)
     model = build(kind)
     images, prompts = inputs(kind)
     eos = _eos_hit_early(model, images, prompts)

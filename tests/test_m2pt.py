@@ -8,7 +8,7 @@ from torch import nn
 
 from mammut import MaMMUT, ViT
 from mammut.layers import TransformerBlock
-from mammut.models.m2pt import (
+from mammut.transforms.m2pt import (
     CrossModalReparameterization,
     MPTransformerBlock,
     add_pathways,

@@ -8,8 +8,8 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
-from mammut.interop.clip_tokenizer import CLIPTokenizer  # noqa: E402
-from mammut.interop.open_clip import (  # noqa: E402
+from mammut.convert.clip_tokenizer import CLIPTokenizer  # noqa: E402
+from mammut.convert.open_clip import (  # noqa: E402
     coca_config_from_open_clip,
     coca_from_open_clip,
     convert_open_clip_coca_state_dict,
@@ -194,3 +194,44 @@ def test_tokenizer_matches_open_clip():
     with pytest.raises(ValueError, match="truncate"):
         tok(["word " * 100])
     assert tok(["word " * 100], truncate=True)[0, -1] == tok.eos_id
+
+
+def test_from_open_clip_is_looked_up_in_the_converter_registry():
+    """Model.from_open_clip is ModelBase's, and finds the converter registered for the model's
+    registry name in mammut.convert; a model without one says which models have one."""
+    import mammut.convert as convert
+    from mammut import MaMMUT
+
+    assert "from_open_clip" not in vars(CoCa) and convert.open_clip_converter("coca") is coca_from_open_clip
+    cfg = small_config("coca_ViT-B-32")
+    theirs = build_open_clip(cfg)
+    assert CoCa.from_open_clip(cfg, theirs, dtype=torch.float64).to_logits.weight.dtype == torch.float64
+    with pytest.raises(ValueError, match=r"expected a model with an open_clip converter \(coca\), got 'mammut'"):
+        MaMMUT.from_open_clip(cfg, theirs)
+
+
+def test_models_never_import_the_converters():
+    """One-way dependency: mammut.convert imports mammut.models; no import statement under
+    mammut.models names mammut.convert (ModelBase looks it up with importlib at call time)."""
+    import ast
+    from pathlib import Path
+
+    import mammut.models
+
+    def imported(path: Path, package: str) -> set[str]:
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
+                out.add(".".join(base + ([node.module] if node.module else [])))
+                out |= {f"{'.'.join(base + ([node.module] if node.module else []))}.{a.name}" for a in node.names}
+        return out
+
+    models_dir = Path(mammut.models.__file__).parent
+    for path in models_dir.glob("*.py"):
+        names = imported(path, "mammut.models")
+        assert not {n for n in names if n == "mammut.convert" or n.startswith("mammut.convert.")}, path.name
+    convert_dir = models_dir.parent / "convert"
+    assert "mammut.models.coca" in imported(convert_dir / "open_clip.py", "mammut.convert")

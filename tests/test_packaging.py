@@ -47,9 +47,9 @@ EXTRA_FOR = {
     "mammut.train": "train",
     "mammut.data": "train",
     "mammut.eval": "train",
-    "mammut.interop.checkpoint": "io",  # save_pretrained / load_pretrained: safetensors
-    "mammut.interop.open_clip": "interop",  # open_clip CoCa import
-    "mammut.interop.clip_tokenizer": "interop",
+    "mammut.tasks": "train",  # training tasks: data, objectives, evaluation
+    "mammut.io": "io",  # our checkpoint format (save_pretrained / load_pretrained): safetensors
+    "mammut.convert": "interop",  # converters of others' weights: open_clip CoCa, its tokenizer
     "mammut.encoders.external": "interop",  # timm / transformers / vit-pytorch adapters
 }
 
@@ -309,9 +309,9 @@ def test_the_core_is_the_import_closure_of_mammut():
     core = core_modules(imports)
     # sanity of the scan: what `import mammut` runs, and what it must not
     assert {"mammut", "mammut.layers.attention", "mammut.models.mammut", "mammut.generation",
-            "mammut.losses", "mammut.interop.checkpoint", "mammut.encoders.external"} <= core
+            "mammut.losses", "mammut.io.checkpoint", "mammut.encoders.external", "mammut.transforms.m2pt"} <= core
     assert not core & {"mammut.cli", "mammut.train.loop", "mammut.data.datasets", "mammut.eval.report",
-                       "mammut.interop.open_clip"}
+                       "mammut.convert", "mammut.convert.open_clip"}
     third = sorted({i.top for m in core for i in imports[m] if not i.lazy and third_party(i)})
     assert set(third) <= {"torch", "einops"}, third
     # the dynamic imports of the external-encoder adapters are seen

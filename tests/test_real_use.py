@@ -66,7 +66,7 @@ def test_presets_ship_with_the_package(tmp_path, monkeypatch):
     assert {"tiny", "demo"} <= set(list_presets())
     monkeypatch.chdir(tmp_path)  # nowhere near the checkout
     assert load_config("tiny").train.steps == 30 and load_config("demo").train.steps == 2400
-    with pytest.raises(FileNotFoundError, match=r"presets \['demo', 'tiny'\], got 'tinny'"):
+    with pytest.raises(FileNotFoundError, match=r"one of the presets \[.*'tiny'.*\], got 'tinny'"):
         load_config("tinny")
 
 
@@ -88,7 +88,7 @@ def test_version(capsys):
         (None, ["train", "--config", "tiny", "--model.contrastive_loss", "focall"],
          "model.contrastive_loss: expected one of ('focal', 'softmax'), got 'focall'"),
         (None, ["train", "--config", "tiny", "--model.name", "flamingo_palm"],
-         "model.name: expected a model that `mammut train` can train"),
+         "model.name: expected a model that trains on train.task='pretrain' (coca, mammut), got 'flamingo_palm'"),
         (None, ["config", "--config", "tiny", "--model.name", "flamingo_palm"], "model.name: expected a model"),
         (lambda d: (d / "x.png").write_text("not an image"), ["caption", "{d}/x.png", "--run", "{d}/run"],
          "images: expected an image file, got"),

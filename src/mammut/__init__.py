@@ -14,9 +14,9 @@ from .losses import (
 )
 from .models import create_model, get_model_class, list_models, register_model
 from .generation import GenerationOutput, caption, generate
-from .interop.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from .io.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .layers.perceiver import PerceiverResampler
-from .models.m2pt import CrossModalReparameterization, MPTransformerBlock, add_pathways, merge_pathways, pathway_scales
+from .transforms.m2pt import CrossModalReparameterization, MPTransformerBlock, add_pathways, merge_pathways, pathway_scales
 from .models.coca import CoCa, CoCaConfig
 from .models.flamingo import FlamingoConfig, FlamingoPaLM, GatedCrossAttentionBlock
 from .models.mammut import LossOutput, MaMMUT, MaMMUTConfig

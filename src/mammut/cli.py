@@ -87,9 +87,7 @@ def _train(config_path: str | Path, overrides: list[str], resume: bool) -> int:
     cfg = load_config(config_path, overrides)
     try:
         trainer = Trainer(cfg, resume=resume)
-        eval_fn = _quick_eval(cfg) if cfg.train.eval_every and trainer.info.is_main else None
-
-        result = trainer.fit(eval_fn=eval_fn)
+        result = trainer.fit()  # held-out figures every train.eval_every steps: the task's quick_eval
     except NonFiniteLossError as exc:
         log.error("%s", exc)
         print(f"mammut: {exc}", file=sys.stderr)
@@ -110,36 +108,6 @@ def _train(config_path: str | Path, overrides: list[str], resume: bool) -> int:
         else:
             print(f"run folder: {result.run_dir}")
     return 0
-
-
-def _quick_eval(cfg):
-    """Held-out retrieval every ``train.eval_every`` steps: the emoji held-out split, or the
-    first ``eval.n`` images of ``data.val_path``; None without held-out data (never training rows)."""
-    if cfg.data.kind == "emoji" and cfg.data.val_path is None:
-        from .eval.evaluate import EmojiEval
-
-        ev = EmojiEval(cfg.data, cfg.eval.n)
-
-        def emoji_fn(model, tokenizer, step):  # noqa: ARG001
-            metrics, _ = ev(model, tokenizer, cfg.eval, quick=True)
-            return {k: v for k, v in metrics["retrieval"].items() if k.startswith(("i2t", "t2i"))}
-
-        return emoji_fn
-    if cfg.data.val_path is None:
-        log.warning("train.eval_every: no data.val_path, so no held-out evaluation during training")
-        return None
-    from .eval.evaluate import evaluate_pairs
-    from .train.data import eval_pairs
-
-    pairs = eval_pairs(cfg.data, cfg.data.val_path, cfg.eval.n)
-
-    def pairs_fn(model, tokenizer, step):  # noqa: ARG001
-        metrics, _ = evaluate_pairs(model, tokenizer, pairs.images, pairs.captions, max_len=cfg.data.max_len,
-                                    batch_size=cfg.eval.batch_size, with_captions=False, truncate=True,
-                                    image_index=pairs.image_index)
-        return {k: v for k, v in metrics["retrieval"].items() if k.startswith(("i2t", "t2i"))}
-
-    return pairs_fn
 
 
 def _export(run_dir: Path) -> None:

@@ -1,7 +1,9 @@
 """Text tokenizer: a thin wrapper around Hugging Face ``tokenizers``.
 
 * :func:`train_bpe` trains a byte-level BPE on captions, with special tokens
-  ``[PAD]`` (id 0), ``[BOS]``, ``[EOS]``, ``[UNK]`` and ``[MASK]``.
+  ``[PAD]`` (id 0), ``[BOS]``, ``[EOS]``, ``[UNK]`` and ``[MASK]``, plus any
+  ``extra_special`` ones a task asks for (e.g. ``<image>``, where an interleaved text
+  holds an image), given the ids right after them.
 * :meth:`Tokenizer.from_file` loads any ``tokenizer.json``; pad/bos/eos are found by
   their usual names (``[PAD]``, ``<pad>``, ``<s>``, ``</s>``, ``<|endoftext|>``, ...)
   or given explicitly.
@@ -149,6 +151,14 @@ class Tokenizer:
         """Id of ``token`` or None."""
         return self._tok.token_to_id(token)
 
+    def special_id(self, token: str) -> int | None:
+        """Id of ``token`` if it is a special token of this vocabulary (one id that is never
+        split or merged, dropped by ``decode``), else None (absent, or an ordinary BPE piece)."""
+        for idx, added in self._tok.get_added_tokens_decoder().items():
+            if added.content == token and added.special:
+                return int(idx)
+        return None
+
     # -- encode / decode --------------------------------------------------------------
 
     def num_tokens(self, texts: Sequence[str], add_bos: bool = True, add_eos: bool = True) -> list[int]:
@@ -243,18 +253,25 @@ def train_bpe(
     path: str | Path | None = None,
     min_frequency: int = 2,
     special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    extra_special: Sequence[str] = (),
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer on ``texts``; optionally save it to ``path``.
 
     ``special_tokens`` get the first ids in order (default ``[PAD]``=0, ``[BOS]``=1,
-    ``[EOS]``=2, ``[UNK]``=3, ``[MASK]``=4).  The 256 byte symbols are always in the
-    vocabulary, so ``vocab_size`` must exceed ``256 + len(special_tokens)``.
+    ``[EOS]``=2, ``[UNK]``=3, ``[MASK]``=4); ``extra_special`` (e.g. ``("<image>",)``, what
+    a task's ``special_tokens`` asks for) the ids right after them, so the usual ids never
+    move. Each special token is one id that BPE never splits; ``decode`` drops them.  The 256
+    byte symbols are always in the vocabulary, so ``vocab_size`` must exceed
+    ``256 + len(special_tokens) + len(extra_special)``.
     """
     if isinstance(texts, str):
         raise TypeError("texts must be an iterable of strings, got a single str")
-    specials = list(special_tokens)
+    for arg, value in (("special_tokens", special_tokens), ("extra_special", extra_special)):
+        if isinstance(value, str):
+            raise TypeError(f"{arg} must be a sequence of token strings, got a single str {value!r} (wrap it in a tuple)")
+    specials = list(special_tokens) + list(extra_special)
     if not all(isinstance(s, str) and s for s in specials) or len(set(specials)) != len(specials):
-        raise ValueError(f"special_tokens must be distinct non-empty strings, got {specials!r}")
+        raise ValueError(f"special_tokens + extra_special must be distinct non-empty strings, got {specials!r}")
     floor = 256 + len(specials)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= floor:
         raise ValueError(f"vocab_size must be an int > {floor} (256 bytes + specials), got {vocab_size!r}")

@@ -33,6 +33,8 @@ __all__ = [
     "generate_captions",
     "evaluate_pairs",
     "evaluate_emoji",
+    "evaluate_image_text",
+    "evaluate_run",
     "EmojiEval",
 ]
 
@@ -233,27 +235,19 @@ def evaluate_emoji(model: nn.Module, tokenizer: Tokenizer, data_cfg: Any, eval_c
     return metrics, ev, generated
 
 
-def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, out_dir: Any = None,
-                 extra: dict[str, Any] | None = None, data: str | None = None) -> tuple[dict[str, Any], Any]:
-    """Evaluate a run folder's latest (or given) checkpoint and write its report folder
-    (default ``<run>/report``). ``extra`` (timings) is merged into ``metrics.json``.
+def evaluate_image_text(model: nn.Module, tokenizer: Tokenizer, cfg: Any, *, data: str | None = None,
+                        n: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``pretrain`` task's evaluation: ``(metrics, drawn)``, ``drawn`` holding the images,
+    generated and true captions the report draws.
 
-    The evaluation data: ``data`` (a csv/tsv file or shard pattern) if given, else the run's
-    ``data.val_path``, else the emoji scenes' built-in held-out split. A csv/webdataset run
-    with neither is scored on the first rows of its *training* data, and ``metrics.json``
-    (``eval_split``) and the report say so plainly: those rows are never called held-out."""
-    from pathlib import Path
-
-    from ..train.build import load_run
-    from ..train.monitor import read_metrics
-    from .report import write_report
-
-    run = load_run(run_dir, checkpoint)
-    cfg = run.config
+    The data: ``data`` (a csv/tsv file or shard pattern) if given, else ``data.val_path``, else
+    the emoji scenes' built-in held-out split. A csv/webdataset run with neither is scored on
+    the first rows of its *training* data, and ``metrics["eval_split"]`` says so plainly: those
+    rows are never called held-out."""
     eval_cfg = cfg.eval if n is None else dataclasses.replace(cfg.eval, n=n)
     source = data or cfg.data.val_path
     if source is None and cfg.data.kind == "emoji":
-        metrics, ev, generated = evaluate_emoji(run.model, run.tokenizer, cfg.data, eval_cfg)
+        metrics, ev, generated = evaluate_emoji(model, tokenizer, cfg.data, eval_cfg)
         images, truth = ev.held.images, ev.held.captions
         split = {"name": "heldout", "source": "emoji scenes, held-out split (emoji pairs never seen in training)",
                  "held_out": True}
@@ -266,7 +260,7 @@ def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, 
         if not heldout:
             log.warning("no validation data (data.val_path or --data): scoring the first %d images of the TRAINING "
                         "data %s; these figures are not held-out", len(pairs.images), path)
-        metrics, generated = evaluate_pairs(run.model, run.tokenizer, pairs.images, pairs.captions,
+        metrics, generated = evaluate_pairs(model, tokenizer, pairs.images, pairs.captions,
                                             max_len=cfg.data.max_len, batch_size=eval_cfg.batch_size,
                                             max_new_tokens=eval_cfg.max_new_tokens, truncate=True,
                                             image_index=pairs.image_index)
@@ -277,19 +271,39 @@ def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, 
         if not heldout:
             split["note"] = ("TRAINING rows, not held-out: set data.val_path or pass `mammut eval RUN --data FILE` "
                              "for a held-out evaluation")
+    return {"eval_split": split, **metrics}, {"images": images, "generated": generated, "truth": truth}
+
+
+def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, out_dir: Any = None,
+                 extra: dict[str, Any] | None = None, data: str | None = None) -> tuple[dict[str, Any], Any]:
+    """Evaluate a run folder's latest (or given) checkpoint with its task's evaluation
+    (``mammut.tasks``) and write its report folder (default ``<run>/report``). ``extra``
+    (timings) is merged into ``metrics.json``; ``data`` replaces the run's held-out data."""
+    from pathlib import Path
+
+    from ..tasks import get_task
+    from ..train.build import load_run
+    from ..train.monitor import read_metrics
+    from .report import write_report
+
+    run = load_run(run_dir, checkpoint)
+    cfg = run.config
+    task = get_task(cfg.train.task)(cfg)
+    metrics, drawn = task.evaluate(run.model, run.tokenizer, data=data, n=n)
     records = read_metrics(Path(run_dir) / "metrics.jsonl")
     train_recs = [r for r in records if r.get("kind", "train") == "train"]
     last = train_recs[-1] if train_recs else {}
     summary = {
-        "run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "steps": run.step,
+        "run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "steps": run.step, "task": cfg.train.task,
         "batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
         "train_time_s": last.get("train_time_s"),
         "samples_per_s": (run.step * cfg.train.batch_size / last["train_time_s"]) if last.get("train_time_s") else None,
         "final_loss": last.get("loss"),
     }
-    metrics = {**summary, **(extra or {}), "eval_split": split, **metrics, "model": cfg.model}
+    metrics = {**summary, **(extra or {}), **metrics, "model": cfg.model}
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
-    path = write_report(out, metrics, records, images, generated, truth, grid=eval_cfg.grid)
+    path = write_report(out, metrics, records, drawn.get("images"), drawn.get("generated", ()), drawn.get("truth", ()),
+                        grid=cfg.eval.grid, sections=drawn.get("sections", ()))
     return metrics, path
 
 

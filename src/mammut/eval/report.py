@@ -118,8 +118,9 @@ def _fmt(v: Any) -> str:
 
 def write_report(out_dir: str | Path, metrics: dict[str, Any], records: Sequence[dict[str, Any]] = (),
                  images: torch.Tensor | None = None, generated: Sequence[str] = (), truth: Sequence[str] = (),
-                 grid: int = 16) -> Path:
-    """Write the report folder; returns its path."""
+                 grid: int = 16, sections: Sequence[str] = ()) -> Path:
+    """Write the report folder; returns its path. ``sections``: extra markdown a task adds
+    (e.g. a VQA accuracy table), placed after the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -140,6 +141,8 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], records: Sequence
         else:
             lines += [f"**Not held-out.** Evaluated on the first rows of the training data ({split.get('source')}): "
                       f"{split.get('note', '')}.", ""]
+    for section in sections:
+        lines += [section.rstrip(), ""]
     if table:
         lines += [table, ""]
     r = metrics.get("retrieval") or {}

@@ -4,6 +4,15 @@ Legend: ``b`` batch, ``n`` query tokens, ``m`` context (key) tokens, ``h`` query
 ``g`` key/value heads (``g`` divides ``h``: multi-query when ``g == 1``), ``d`` head size.
 Masks are bool, ``True`` = may attend, broadcastable to ``(b, h, n, m)`` (see ``masks.py``).
 A query row with no key it may attend to gets an exact zero output, never NaN.
+
+Kernels: SDPA's fused kernels, except on CPU where explicit matmuls + softmax are faster when
+gradients flow through short sequences and in bf16/fp16 (see ``_sdpa``).
+
+Decoding with a ``KVCache`` and no autograd takes a leaner path with the same values: the
+fused projection's output stays in its ``(b, n, heads, d)`` layout, queries and keys are
+rotated in place by tables built once per call for all layers, keys and values go into the
+cache in one copy, and a one-token query reads the cache in one SDPA call with the key mask
+as an additive bias built once per call for all layers.
 """
 
 from __future__ import annotations
@@ -15,9 +24,9 @@ from torch import nn
 from .dropout import stochastic
 from .kv_cache import KVCache
 from .linear import Linear
-from .masks import causal_mask, combine_masks
+from .masks import additive_mask, causal_mask, combine_masks
 from .norms import make_norm
-from .rotary import RotaryEmbedding, apply_rotary
+from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_
 
 __all__ = ["attend", "Attention", "CrossAttention"]
 
@@ -26,6 +35,7 @@ _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 # on CPU, attention with at most this many scores per head runs as explicit matmuls + softmax
+# when gradients flow (training)
 _CPU_EXPLICIT_MAX_SCORES = 1 << 16
 
 
@@ -38,14 +48,18 @@ def _sdpa(
     is_causal: bool = False,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``, except on CPU for short sequences (at most
-    ``_CPU_EXPLICIT_MAX_SCORES`` scores per head) and in bf16/fp16 (autocast), where the fused
-    CPU kernel is slower than explicit matmuls + softmax (fp32, forward + backward: 64-token
-    self-attention 1.1-1.9x, 257 pooler queries 1.5x, 64 x 256 cross-attention about even;
-    bf16: about 4x); see ``_explicit_attention``.
+    """``F.scaled_dot_product_attention`` (``attn_mask`` bool or additive), except on CPU in
+    bf16/fp16 (autocast) and, when gradients flow, for short sequences (at most
+    ``_CPU_EXPLICIT_MAX_SCORES`` scores per head): there the fused CPU kernel's forward +
+    backward is slower than explicit matmuls + softmax (``_explicit_attention``; measured in
+    ``benchmarks/train_step.py``). Without gradients (evaluation, embedding, generation) the
+    fused kernel is the faster at every size (``benchmarks/embed.py``, ``benchmarks/generate.py``).
     Grouped-query k/v (fewer heads than q) are shared without copies."""
     n, m = q.shape[-2], k.shape[-2]
-    if q.device.type == "cpu" and (q.dtype in (torch.bfloat16, torch.float16) or n * m <= _CPU_EXPLICIT_MAX_SCORES):
+    if q.device.type == "cpu" and (
+        q.dtype in (torch.bfloat16, torch.float16)
+        or (n * m <= _CPU_EXPLICIT_MAX_SCORES and (q.requires_grad or k.requires_grad or v.requires_grad))
+    ):
         return _explicit_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
     if q.shape[1] == k.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
@@ -79,11 +93,38 @@ def _explicit_attention(
         attn_mask = causal_mask(n, m, q.device)
     if attn_mask is not None:
         mask = attn_mask.unflatten(1, (g, r)) if attn_mask.shape[1] == h else attn_mask.unsqueeze(2)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = scores.softmax(dim=-1) if scores.dtype == torch.float32 else scores.float().softmax(dim=-1).to(v.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p)
     return (probs.view(b, g, r * n, m) @ v).view(b, h, n, d)
+
+
+def _mask_parts(mask: torch.Tensor, dtype: torch.dtype, *, read: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A key mask ``(b, 1, 1, m)`` for one query per row as (an additive bias of ``dtype``,
+    rows with no key allowed to attend anywhere; the ``(b, 1, 1)`` factor that zeroes those
+    rows' outputs, or ``None`` when every row has a key). ``read``: whether the mask's values
+    may be read on the host to skip the factor (on CPU, outside compiled or captured steps)."""
+    has_key = mask.any(dim=-1, keepdim=True)
+    if read and bool(has_key.all()):
+        return additive_mask(mask, dtype), None
+    return additive_mask(mask | ~has_key, dtype), has_key.reshape(has_key.shape[0], 1, 1).to(dtype)
+
+
+def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: tuple | None) -> torch.Tensor:
+    """One query per row: q ``(b, h, 1, d)`` (any strides), k/v ``(b, g, m, d)`` ->
+    ``(b, 1, h * d)``; ``parts``: ``_mask_parts`` of the key mask, or ``None``. The same values
+    as ``attend`` for one query, in one kernel call."""
+    b, h, _, d = q.shape
+    out = _sdpa(q, k, v, attn_mask=None if parts is None else parts[0]).reshape(b, 1, h * d)
+    return out if parts is None or parts[1] is None else out * parts[1]
+
+
+def _heads(t: torch.Tensor, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> torch.Tensor:
+    """A strided view of a fused projection's contiguous output ``t`` (heads picked out,
+    reordered) in one call, instead of slicing, viewing and permuting; ``offset`` counts from
+    ``t``'s own storage offset (given)."""
+    return t.as_strided(shape, strides, offset)
 
 
 def attend(
@@ -160,6 +201,8 @@ class Attention(nn.Module):
         as key/value), e.g. when only a final CLS token is read."""
         b, n, _ = x.shape
         h, g, d = self.heads, self.kv_heads, self.dim_head
+        if cache is not None and only_last is None and not torch.is_grad_enabled() and not (self.dropout and stochastic(self)):
+            return self._cached(x, causal, mask, positions, cache)
         # split, not slicing: a slice's backward zero-fills the whole tensor once per slice
         qk, v = self.to_qkv(x).view(b, n, h + 2 * g, d).split((h + g, g), dim=2)
         if self.rotary is not None:
@@ -178,6 +221,43 @@ class Attention(nn.Module):
             if mask is not None and mask.shape[-2] > 1:
                 mask = mask[..., -n:, :]
         out = attend(q, k, v, causal=causal, mask=mask, dropout_p=self.dropout if stochastic(self) else 0.0)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
+
+    def _cached(
+        self, x: torch.Tensor, causal: bool, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: KVCache
+    ) -> torch.Tensor:
+        """``forward`` with a cache and no autograd (decoding): the same values, fewer kernels.
+        The projection's output ``(b, n, H, d)`` (``H = h + 2g`` heads: queries, keys, values)
+        is used in place: rotated, then read through strided views."""
+        b, n, _ = x.shape
+        h, g, d = self.heads, self.kv_heads, self.dim_head
+        big = h + 2 * g
+        qkv = self.to_qkv(x)
+        if torch.compiler.is_compiling():  # plain views (dynamo does not trace storage offsets; inductor fuses them)
+            heads = qkv.view(b, n, big, d)
+            qk, kv_heads, q = heads[:, :, : h + g], heads[:, :, h:], heads[:, :, :h].transpose(1, 2)
+            kv = kv_heads.reshape(b, n, 2, g, d).permute(2, 0, 3, 1, 4)
+        else:  # the same views, one call each
+            if not qkv.is_contiguous():
+                qkv = qkv.contiguous()
+            at = qkv.storage_offset()
+            qk = _heads(qkv, (b, n, h + g, d), (n * big * d, big * d, d, 1), at)
+            kv = _heads(qkv, (2, b, g, n, d), (g * d, n * big * d, d, big * d, 1), at + h * d)  # keys, values
+            q = _heads(qkv, (b, h, n, d), (n * big * d, d, big * d, 1), at)
+        if self.rotary is not None:
+            if positions is None:
+                start = cache.seq_len(self)
+                positions = torch.arange(start, start + n, device=x.device)
+            rotary = self.rotary
+            cos, sin = cache.per_call(f"rotary {d} {rotary.theta}", positions, lambda: rotary.tables(positions))
+            apply_rotary_(qk, cos, sin)  # queries and keys at once, in place (q and kv see it)
+        k, v = cache.append_kv(self, kv)  # keys and values together: one copy into the cache
+        if n == 1 and (mask is None or mask.shape[1] == 1):  # one query: it sees every cached key
+            dtype, read = q.dtype, mask is not None and mask.device.type == "cpu" and not cache.static
+            parts = None if mask is None else \
+                cache.per_call(f"mask {dtype}", mask, lambda: _mask_parts(mask, dtype, read=read))
+            return self.to_out(_one_query(q, k, v, parts))
+        out = attend(q, k, v, causal=causal, mask=mask)
         return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
 
 
@@ -238,6 +318,11 @@ class CrossAttention(nn.Module):
     ) -> torch.Tensor:
         b, n, _ = x.shape
         h, d = self.heads, self.dim_head
+        if cache is not None and n == 1 and context_mask is None and not torch.is_grad_enabled() \
+                and not (self.dropout and stochastic(self)):
+            k, v = cache.cross(self, lambda: self.project_context(context))
+            if k.shape[0] == b:  # one query per row against its own image (beams share: below)
+                return self.to_out(_one_query(self.to_q(x).view(b, 1, h, d).transpose(1, 2), k, v, None))
         q = self.to_q(x).view(b, n, h, d).transpose(1, 2)
         if b == 1 and context.shape[0] > 1 and cache is None:  # shared queries
             b = context.shape[0]

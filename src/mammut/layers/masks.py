@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["causal_mask", "padding_mask", "combine_masks", "is_right_padded", "positions_from_mask", "decoder_mask"]
+__all__ = ["causal_mask", "padding_mask", "combine_masks", "is_right_padded", "positions_from_mask", "decoder_mask", "additive_mask"]
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> torch.Tensor:
@@ -53,9 +53,17 @@ def decoder_mask(keep: torch.Tensor, *, cache: object = None) -> torch.Tensor | 
     no padding at all, or right padding without a cache (pads come after every real token).
     keep: ``(b, cached + n)`` bool over the whole sequence so far; ``cache``: the step's
     ``KVCache`` or ``None``. A static cache (``cache.static``) always gets the mask, without
-    looking at ``keep``'s values: its shapes, not its contents, decide (compiled steps)."""
-    if getattr(cache, "static", False):
+    looking at ``keep``'s values: its shapes, not its contents, decide (compiled steps). So
+    does any cache off the CPU: reading ``keep`` there would wait for the device at every
+    step (the mask of an all-real ``keep`` changes no value)."""
+    if getattr(cache, "static", False) or (cache is not None and keep.device.type != "cpu"):
         return padding_mask(keep)
     if bool(keep.all()) or (cache is None and is_right_padded(keep)):
         return None
     return padding_mask(keep)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A bool mask (``True`` = may attend) as a bias to add to attention scores: 0 where
+    allowed, ``-inf`` elsewhere (same shape)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))

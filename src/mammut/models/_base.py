@@ -1,7 +1,9 @@
 """Base class of every mammut model: a config dataclass plus checkpoint methods.
 
-The checkpoint code lives in ``mammut.interop.checkpoint`` and is imported only when used,
-so ``import mammut`` needs nothing beyond torch and einops.
+The checkpoint code lives in ``mammut.io.checkpoint`` and is imported only when used, so
+``import mammut`` needs nothing beyond torch and einops. ``from_open_clip`` looks its converter
+up in ``mammut.convert`` at call time (``importlib``): converters import models, models never
+import converters.
 """
 
 from __future__ import annotations
@@ -76,6 +78,32 @@ class ModelBase(nn.Module):
             return _linear_caption_loss(states, head.weight, labels, pad_id)
         return _caption_loss(head(states), labels, pad_id)
 
+    def caption_loss(self, text: torch.Tensor, images: Any = None, *, labels: torch.Tensor | None = None,
+                     token_share: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token loss of the decoder reading ``images`` (the contract's captioning
+        objective, shared by every decoder; tasks ``vqa`` and ``interleaved`` use it).
+
+        Without ``labels`` the decoder reads ``text[:, :-1]`` and predicts ``text[:, 1:]``; with
+        ``labels`` ``(b, n)`` position i predicts ``labels[:, i]`` (``-100`` / pad: no target, e.g.
+        a VQA question). ``token_share`` weights the token mean (``mammut.tasks.token_shares``)."""
+        from ._checks import check_labels, check_text
+
+        cfg = self.config
+        check_text(text, cfg.num_tokens, cfg.pad_id, min_len=1 if labels is not None else 2)
+        if labels is not None:
+            check_labels(labels, cfg.num_tokens, shape=tuple(text.shape))
+        context = self.image_context(images) if images is not None else None
+        if labels is None:
+            inputs, labels = text[:, :-1], text[:, 1:]
+        else:
+            inputs = text
+        loss = self._caption_loss_from_states(self.decode_hidden(inputs, context), self.caption_targets(labels))
+        return loss if token_share is None else loss.float() * token_share.to(loss.device)
+
+    def caption_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Targets the captioning loss may train (a model masks special tokens here)."""
+        return labels
+
     @staticmethod
     def check_batch(text: torch.Tensor, tokens: torch.Tensor) -> None:
         if tokens.shape[0] != text.shape[0]:
@@ -86,16 +114,31 @@ class ModelBase(nn.Module):
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
         """Write ``config.json`` and ``model.safetensors`` to ``directory``."""
-        from ..interop.checkpoint import save_pretrained
+        from ..io.checkpoint import save_pretrained
 
         return save_pretrained(self, directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> "ModelBase":
         """Load a model written by ``save_pretrained`` (no network)."""
-        from ..interop.checkpoint import load_pretrained
+        from ..io.checkpoint import load_pretrained
 
         return load_pretrained(directory, model_class=cls, **kwargs)
+
+    @classmethod
+    def from_open_clip(cls, name_or_config: Any, state_dict_or_path: Any, **kwargs: Any) -> "ModelBase":
+        """This model holding open_clip weights, converted exactly (nothing is downloaded).
+
+        ``name_or_config``: an open_clip model name (CoCa: ``"coca_ViT-B-32"``, ``"coca_ViT-L-14"``,
+        read from the installed open_clip) or an open_clip config dict; ``state_dict_or_path``: a
+        state dict, a checkpoint file or an open_clip model; ``kwargs``: the converter's options
+        (e.g. ``dtype=``). The converter is the one ``mammut.convert.OPEN_CLIP_CONVERTERS``
+        registers under this model's registry name (CoCa:
+        ``mammut.convert.open_clip.coca_from_open_clip``); it needs the ``interop`` extra."""
+        import importlib
+
+        convert = importlib.import_module("mammut.convert")
+        return convert.open_clip_converter(getattr(cls, "model_name", None))(name_or_config, state_dict_or_path, **kwargs)
 
     def generate(self, images: torch.Tensor | None = None, prompt: Any = None, **kwargs: Any) -> Any:
         """New token ids ``(b, n)`` for ``images`` (decoder models only); see

@@ -27,7 +27,7 @@ contrastive 1; the paper uses caption 2, contrastive 1) and the temperature, ini
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +125,13 @@ class MultimodalLayer(nn.Module):
         )
 
 
-@register_model("coca")
+@register_model(
+    "coca",
+    tiny=dict(dim=64, num_tokens=300, unimodal_depth=1, multimodal_depth=1, heads=2, dim_head=32, bos_id=1, eos_id=2,
+              pad_id=0, num_img_queries=8, vit=dict(image_size=32, patch_size=8, dim=64, depth=2, heads=2, dim_head=32)),
+    block_types=(ParallelBlock, TransformerBlock, CrossAttentionBlock),
+    tasks=("pretrain", "vqa"),
+)
 class CoCa(ModelBase):
     """CoCa. ``CoCa(dim=..., img_encoder=vit, image_dim=..., num_tokens=..., unimodal_depth=...,
     multimodal_depth=..., dim_head=..., heads=..., caption_loss_weight=..., contrastive_loss_weight=...)``
@@ -179,15 +185,6 @@ class CoCa(ModelBase):
 
         self.contrastive = ContrastiveLoss("softmax", init_scale=cfg.logit_scale_init)
 
-    @classmethod
-    def from_open_clip(cls, model_name: str | Mapping[str, Any], state_dict_or_path: Any, **kwargs: Any) -> "CoCa":
-        """Import open_clip CoCa weights (``"coca_ViT-B-32"``, ``"coca_ViT-L-14"`` or an open_clip
-        config dict); ``state_dict_or_path`` is a state dict, a checkpoint file or an open_clip
-        model. See ``mammut.interop.open_clip.coca_from_open_clip``."""
-        from ..interop.open_clip import coca_from_open_clip
-
-        return coca_from_open_clip(model_name, state_dict_or_path, **kwargs)
-
     # ------------------------------------------------------------------ image side
     def image_embed_and_context(self, tokens: torch.Tensor, *, context: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens ``(b, m, image_dim)`` -> (normalised embedding ``(b, l)``, context ``(b, q, d)``
@@ -209,9 +206,10 @@ class CoCa(ModelBase):
         return self.image_embed_and_context(self.image_tokens(images, image_tokens), context=False)[0]
 
     # ------------------------------------------------------------------ text side
-    def _learned_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """Learned position embeddings ``(b, n, d)`` (with a clear error past the table)."""
-        top = int(positions.max())
+    def _learned_positions(self, positions: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """Learned position embeddings ``(b, n, d)`` (with a clear error past the table;
+        ``check=False``: the caller has checked, no host read)."""
+        top = int(positions.max()) if check else 0
         if top >= self.pos_emb.shape[0]:
             raise ValueError(
                 f"text: expected at most {self.config.max_text_len} tokens (max_text_len, learned positions; "
@@ -219,9 +217,15 @@ class CoCa(ModelBase):
             )
         return self.pos_emb[positions]
 
-    def _embed_tokens(self, text: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _embed_tokens(self, text: torch.Tensor, positions: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         x = self.token_emb(text)
-        return x if self.pos_emb is None else x + self._learned_positions(positions)
+        return x if self.pos_emb is None else x + self._learned_positions(positions, check=check)
+
+    def decode_positions(self) -> int | None:
+        """How many positions the decoder can embed (learned positions: the table's rows),
+        ``None`` without a limit (rotary). ``generate`` checks it once, before decoding: the
+        cached steps after the prompt do not read positions back from the device."""
+        return None if self.pos_emb is None else self.pos_emb.shape[0]
 
     def _unimodal(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unimodal pass with the CLS: text ``(b, n)`` -> (token features ``(b, n, d)``,
@@ -290,12 +294,15 @@ class CoCa(ModelBase):
         ``keep`` ``(b, cached + n)`` marks real tokens over the whole sequence so far (default:
         ``text != pad_id``); ``positions`` ``(b, n)`` default to real-token counts.
         """
+        first = cache is None or len(cache) == 0  # later cached steps: positions checked by the caller
+        if cache is not None:
+            cache.begin_call()  # layers share this call's rotary tables and key mask
         if keep is None:
             keep = text != self.config.pad_id
         if positions is None:
             positions = positions_from_mask(keep)[:, -text.shape[1]:]
         mask = decoder_mask(keep, cache=cache)
-        x = self._embed_tokens(text, positions)
+        x = self._embed_tokens(text, positions, check=first)
         for layer in self.unimodal_layers:
             x = layer(x, causal=True, mask=mask, positions=positions, cache=cache)
         return self._multimodal(x, context, mask=mask, positions=positions, cache=cache)
@@ -308,8 +315,10 @@ class CoCa(ModelBase):
         *,
         image_tokens: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        token_share: torch.Tensor | None = None,
     ) -> LossOutput:
-        """Both losses from one unimodal pass. Without ``labels`` the decoder reads
+        """Both losses from one unimodal pass (``token_share``: the caption loss's weight, see
+        ``mammut.tasks.token_shares``). Without ``labels`` the decoder reads
         ``text[:, :-1]`` and predicts ``text[:, 1:]``; the CLS always reads all of ``text``.
         ``labels`` ``(b, n)`` (as ``text``): the target of each position of ``text``, an id in
         ``[0, num_tokens)``, or ``pad_id`` / ``-100`` for none (ignored alike)."""
@@ -327,6 +336,8 @@ class CoCa(ModelBase):
         mask = decoder_mask(keep)
         cap = self._caption_loss_from_states(self._multimodal(feats, context, mask=mask, positions=positions), labels)
         con = self.contrastive(self._text_latents(cls_out), image_embeds)
+        if token_share is not None:
+            cap = cap.float() * token_share.to(cap.device)
         total = cfg.caption_loss_weight * cap + cfg.contrastive_loss_weight * con
         return LossOutput(total, cap, con)
 

@@ -32,7 +32,8 @@ from torch import nn
 from ..encoders import ViT, ViTConfig, encode_images
 from ..layers import CrossAttention, FeedForward, KVCache, Linear, ParallelBlock, make_norm
 from ..layers.masks import decoder_mask, positions_from_mask
-from ..layers.perceiver import PerceiverResampler
+from ..layers.blocks import TransformerBlock
+from ..layers.perceiver import PerceiverLayer, PerceiverResampler
 from . import register_model
 from ._base import ModelBase
 from ._checks import check_finite, check_labels, check_text
@@ -222,7 +223,15 @@ class FlamingoLayer(nn.Module):
         )
 
 
-@register_model("flamingo_palm")
+@register_model(
+    "flamingo_palm",
+    tiny=dict(num_tokens=300, dim=64, depth=2, heads=2, dim_head=32, media_token_id=3, cross_attn_every=1,
+              perceiver_num_latents=4, perceiver_depth=1, num_time_embeds=4, pad_id=0, bos_id=1, eos_id=2,
+              vit=dict(image_size=32, patch_size=8, dim=64, depth=2, heads=2, dim_head=32)),
+    block_types=(ParallelBlock, GatedCrossAttentionBlock, PerceiverLayer, TransformerBlock),
+    tasks=("vqa", "interleaved"),
+    media=True,
+)
 class FlamingoPaLM(ModelBase):
     """Flamingo on a PaLM-style LM. ``FlamingoPaLM(num_tokens=..., dim=..., depth=...,
     img_encoder=vit, media_token_id=3, ...)`` as in the seed README, or
@@ -359,7 +368,7 @@ class FlamingoPaLM(ModelBase):
         if not first:
             index = index + cache.state[_MEDIA_COUNT].unsqueeze(-1)
         if cache is not None:
-            cache.state[_MEDIA_COUNT] = index[:, -1]
+            cache.set_state(_MEDIA_COUNT, index[:, -1])  # in place in a static cache (CUDA graphs)
         if first:  # user-given text (or a prompt): every media token needs its media item
             most = int(index[:, -1].max()) if index.numel() else 0
             if most > num_media:
@@ -390,6 +399,8 @@ class FlamingoPaLM(ModelBase):
         """
         cfg = self.config
         b, n = text.shape
+        if cache is not None:
+            cache.begin_call()  # layers share this call's rotary tables and key mask
         if keep is None:
             keep = text != cfg.pad_id
         if positions is None:
@@ -441,5 +452,8 @@ class FlamingoPaLM(ModelBase):
             inputs, labels = text[:, :-1], text[:, 1:]
         else:
             inputs = text
-        labels = labels.masked_fill(labels == cfg.media_token_id, cfg.pad_id)
-        return self._caption_loss_from_states(self.decode_hidden(inputs, context), labels)
+        return self._caption_loss_from_states(self.decode_hidden(inputs, context), self.caption_targets(labels))
+
+    def caption_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Media tokens are never targets (they mark where an image sits)."""
+        return labels.masked_fill(labels == self.config.media_token_id, self.config.pad_id)

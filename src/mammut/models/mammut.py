@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoders import ViT, ViTConfig
-from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, make_norm, masked_mean, stochastic
+from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, make_norm, masked_mean
+from ..layers.blocks import TransformerBlock
+from ..layers.dropout import stochastic
 from ..layers.masks import decoder_mask, padding_mask, positions_from_mask
 from ..losses import ContrastiveLoss
 from . import register_model
@@ -110,7 +112,13 @@ class DecoderLayer(nn.Module):
         self.cross = CrossAttentionBlock(cfg.dim, parallel_ff=True, **kw) if cross else None
 
 
-@register_model("mammut")
+@register_model(
+    "mammut",
+    tiny=dict(dim=64, num_tokens=300, depth=2, heads=2, dim_head=32, bos_id=1, eos_id=2, pad_id=0,
+              vit=dict(image_size=32, patch_size=8, dim=64, depth=2, heads=2, dim_head=32)),
+    block_types=(ParallelBlock, CrossAttentionBlock, TransformerBlock),
+    tasks=("pretrain", "vqa"),
+)
 class MaMMUT(ModelBase):
     """MaMMUT. ``MaMMUT(dim=..., img_encoder=vit, image_dim=..., num_tokens=..., depth=...)``
     as in the seed README, or ``MaMMUT(MaMMUTConfig(...))``.
@@ -232,6 +240,8 @@ class MaMMUT(ModelBase):
         ``states`` ``(b, n, d)``: the output of layer ``start``'s self-attention block
         (0-indexed), computed elsewhere; decoding resumes from there (see ``_causal_passes``).
         """
+        if cache is not None:
+            cache.begin_call()  # layers share this call's rotary tables and key mask
         x = self.token_emb(text) if states is None else states
         if keep is None:
             keep = text != self.config.pad_id
@@ -275,8 +285,10 @@ class MaMMUT(ModelBase):
         *,
         image_tokens: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        token_share: torch.Tensor | None = None,
     ) -> LossOutput:
-        """Both passes and both losses. Without ``labels`` the captioning pass reads
+        """Both passes and both losses (``token_share``: the caption loss's weight, see
+        ``mammut.tasks.token_shares``; the caption part returned is weighted by it). Without ``labels`` the captioning pass reads
         ``text[:, :-1]`` and predicts ``text[:, 1:]``; the contrastive pass reads all of ``text``.
         ``labels`` ``(b, n)`` (as ``text``): the target of each position of ``text``, an id in
         ``[0, num_tokens)``, or ``pad_id`` / ``-100`` for none (ignored alike)."""
@@ -302,6 +314,8 @@ class MaMMUT(ModelBase):
         else:
             con = self.contrastive(self.embed_text(text), image_embeds)
             cap = self._caption_loss_from_states(self.decode_hidden(inputs, context), labels)
+        if token_share is not None:
+            cap = cap.float() * token_share.to(cap.device)
         total = cfg.caption_loss_weight * cap + cfg.contrastive_loss_weight * con
         return LossOutput(total, cap, con)
 

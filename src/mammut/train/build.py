@@ -18,7 +18,9 @@ from ..models import get_model_class
 from .checkpointing import latest_valid_checkpoint, load_weights, verify_checkpoint
 from .config import ConfigError, RunConfig, config_from_dict
 
-__all__ = ["resolve_model_config", "build_model", "load_run", "RunFiles"]
+__all__ = ["resolve_model_config", "build_model", "load_run", "RunFiles", "MEDIA_TOKEN"]
+
+MEDIA_TOKEN = "<image>"  # where an image sits in an interleaved text (FlamingoPaLM's media_token_id)
 
 
 def resolve_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -27,9 +29,10 @@ def resolve_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]
     model = dict(cfg.model)
     cls = get_model_class(model["name"])
     fields = {f.name for f in dataclasses.fields(cls.config_class)} if dataclasses.is_dataclass(getattr(cls, "config_class", None)) else set()
-    fill = {"num_tokens": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    fill = {"num_tokens": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+            "media_token_id": tokenizer.token_to_id(MEDIA_TOKEN)}
     for key, value in fill.items():
-        if key in fields and model.get(key) is None:
+        if key in fields and model.get(key) is None and value is not None:
             model[key] = value
     if model.get("num_tokens") is not None and model["num_tokens"] < tokenizer.vocab_size:
         raise ConfigError(f"model.num_tokens: expected >= the tokenizer's {tokenizer.vocab_size} ids, got {model['num_tokens']}")

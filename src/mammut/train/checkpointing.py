@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,6 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +43,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..interop.checkpoint import CheckpointError
+from ..io.atomic import atomic_write_text, fsync_dir, fsync_file, sha256_file
+from ..io.checkpoint import CheckpointError
 from .distributed import DistInfo, all_ranks_ok, barrier
 
 log = logging.getLogger(__name__)
@@ -81,7 +80,7 @@ _FULL_BYTES = 1 << 20  # less free space than this after a failed write: the dis
 
 class CheckpointCorrupt(CheckpointError):
     """A training checkpoint whose files are missing, truncated, corrupt or unreadable; the
-    message names the file. A ``ValueError`` (via ``interop.checkpoint.CheckpointError``)."""
+    message names the file. A ``ValueError`` (via ``mammut.io.CheckpointError``)."""
 
 
 class UnsafeCheckpointError(CheckpointCorrupt):
@@ -104,61 +103,7 @@ class CheckpointWriteError(OSError):
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # pragma: no cover - some file systems refuse fsync on folders
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _new_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
-    """Replace ``path`` with ``text`` atomically: write a temporary file in the same folder,
-    fsync it, ``os.replace`` it onto ``path`` and fsync the folder. A failure or kill at any
-    moment leaves either the old file or the new one, never a mix; the temporary file never
-    survives an error."""
-    path = Path(path)
-    mode = path.stat().st_mode & 0o777 if path.is_file() else _new_file_mode()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding=encoding) as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:  # any interruption, KeyboardInterrupt included: never leave the temp file
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# atomic writes, fsync and sha256: mammut.io.atomic (atomic_write_text is re-exported here)
 
 
 class _RecordingWriter:
@@ -428,7 +373,7 @@ def verify_checkpoint(path: str | Path) -> None:
         size = f.stat().st_size
         if size != entry["bytes"]:
             raise CheckpointCorrupt(f"{f}: truncated or overwritten: {size} bytes, {MANIFEST_NAME} records {entry['bytes']}")
-        if _sha256(f) != entry["sha256"]:
+        if sha256_file(f) != entry["sha256"]:
             raise CheckpointCorrupt(f"{f}: corrupt: sha256 differs from the one recorded in {MANIFEST_NAME}")
 
 
@@ -540,21 +485,21 @@ def save_checkpoint(
     with _Phase(tmp, info, "writing files") as phase:
         rng_file = phase.writing(tmp / f"rng_rank{info.rank}.json")
         rng_file.write_text(json.dumps(_rng_to_json(rng_state())), encoding="utf-8")
-        _fsync_file(rng_file)
+        fsync_file(rng_file)
         if info.is_main:
             weights = phase.writing(tmp / "model.safetensors")
             save_weights(model_sd, weights, metadata)
-            _fsync_file(weights)
+            fsync_file(weights)
             if optim_sd is not None:
                 optim_file = phase.writing(tmp / "optimizer.pt")
                 _torch_save(optim_sd, optim_file)
-                _fsync_file(optim_file)
+                fsync_file(optim_file)
             state_file = phase.writing(tmp / "state.json")
             atomic_write_text(state_file, json.dumps({"step": step, "world_size": info.world_size, **state}, indent=1))
 
     with _Phase(tmp, info, "committing") as phase:
         if info.is_main:
-            files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
             manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step,
                         "world_size": info.world_size, "files": files}
@@ -563,7 +508,7 @@ def save_checkpoint(
                 shutil.rmtree(final)
             phase.writing(final)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
     if info.is_main:
         if keep > 0:
             older = [p for p in list_checkpoints(run_dir) if _step_of(p) < step]
@@ -606,7 +551,10 @@ def load_checkpoint(
     rng = _load_rng(path, info.rank, state.get("world_size"))
     set_model_state_dict(model, weights, options=opts)
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+        # not strict: parameters a task never trains (a contrastive head under a captioning
+        # loss) have no AdamW state yet; the model's weights stay strict
+        set_optimizer_state_dict(model, optimizer, optim_sd,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
     set_rng_state(rng)
     if dist.is_available() and dist.is_initialized():
         barrier("loading a checkpoint")

@@ -16,14 +16,14 @@ naming the dotted key, what was expected and what was given, before anything is 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..io import coerce as _coerce
 
 __all__ = [
     "ConfigError",
@@ -89,6 +89,8 @@ class LoopConfig:
     parallel: str = "auto"  # auto | none | ddp | fsdp (auto: ddp when launched by torchrun)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads per process (0 = leave as is)
+    task: str = "pretrain"  # pretrain | vqa | interleaved (mammut.tasks); the model must support it
+    init_from: str | None = None  # start from this run's (or save_pretrained folder's) weights, model and tokenizer
     seed: int = 0
     dist_timeout: int = 600  # seconds a rank waits in a collective (init, all-reduce, barrier) before failing
     out_dir: str = "runs/run"
@@ -163,107 +165,25 @@ def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------- type checking
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+# one coercer for run configs and checkpoint configs: mammut.io.coerce (here with ConfigError,
+# and command-line strings read as YAML)
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against annotation ``tp`` (converting strings from the command line)
     and return it; raise :class:`ConfigError` naming ``key`` otherwise."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        out = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict or tp is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return build_dataclass(tp, value, key)
-    return value
-
-
-def _unknown(key: str, name: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{key}: unknown key{hint}; valid keys: {', '.join(sorted(valid))}")
+    return _coerce.coerce(value, tp, key, error=ConfigError, parse_text=yaml.safe_load)
 
 
 def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
     """Instantiate dataclass ``cls`` from ``values`` after checking every key and type."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in names:
-            raise _unknown(key, str(name), names)
-        kwargs[name] = coerce(value, hints[name], key)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{prefix}: {exc}") from exc
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r}: expected a dataclass")
+    return coerce(values, cls, prefix)
+
+
+def _unknown(key: str, name: str, valid: list[str]) -> ConfigError:
+    return ConfigError(_coerce.unknown_key_message(key, name, valid))
 
 
 def check_model_section(section: dict[str, Any]) -> dict[str, Any]:
@@ -277,10 +197,6 @@ def check_model_section(section: dict[str, Any]) -> dict[str, Any]:
         cls = get_model_class(name)
     except ValueError:
         raise ConfigError(f"model.name: expected one of {list_models()}, got {name!r}") from None
-    if not callable(getattr(cls, "compute_losses", None)):
-        trainable = [m for m in list_models() if callable(getattr(get_model_class(m), "compute_losses", None))]
-        raise ConfigError(f"model.name: expected a model that `mammut train` can train ({', '.join(trainable)}), "
-                          f"got {name!r} (no image-text training objective yet; use it from Python)")
     config_class = getattr(cls, "config_class", None)
     out: dict[str, Any] = {"name": name}
     if config_class is None or not dataclasses.is_dataclass(config_class):
@@ -365,9 +281,41 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         sections[name] = value
+    name, task = sections.get("model", {}).get("name", "mammut"), sections.get("train", {}).get("task", "pretrain")
+    if isinstance(name, str) and isinstance(task, str):  # an impossible pair first, before the model's own keys
+        _check_model_task(name, task)
     model = check_model_section({"name": "mammut", **sections.get("model", {})})
     built = {name: build_dataclass(cls, sections.get(name, {}), name) for name, cls in SECTIONS.items()}
-    return RunConfig(model=model, **built)
+    cfg = RunConfig(model=model, **built)
+    check_task(cfg)
+    return cfg
+
+
+def _check_model_task(name: str, task: str) -> None:
+    from ..models import get_model_spec, list_models
+    from ..tasks import list_tasks
+
+    if task not in list_tasks():
+        raise ConfigError(f"train.task: expected one of {list_tasks()}, got {task!r}")
+    if name not in list_models():
+        return  # check_model_section names the valid models
+    spec = get_model_spec(name)
+    if task not in spec.tasks:
+        able = list_models(task)
+        raise ConfigError(f"model.name: expected a model that trains on train.task={task!r} ({', '.join(able) or 'none'}), "
+                          f"got {spec.name!r} (its tasks: {', '.join(spec.tasks) or 'none'})")
+
+
+def check_task(cfg: RunConfig) -> None:
+    """The model must train on ``train.task`` (its registry spec says so) and the task must
+    read ``data.kind``: an impossible combination is refused before any work."""
+    from ..tasks import get_task
+
+    task = cfg.train.task
+    _check_model_task(cfg.model["name"], task)
+    kinds = get_task(task).data_kinds
+    if cfg.data.kind not in kinds:
+        raise ConfigError(f"data.kind: train.task={task!r} reads {' or '.join(kinds)}, got {cfg.data.kind!r}")
 
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -415,7 +363,10 @@ def load_config(path: str | Path | None, overrides: dict[str, str] | list[str] |
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
     cfg = config_from_dict(tree)
-    return dataclasses.replace(cfg, data=resolve_data_paths(cfg.data, Path.cwd()))
+    train = cfg.train
+    if train.init_from and "://" not in train.init_from:
+        train = dataclasses.replace(train, init_from=str(Path(train.init_from).expanduser().absolute()))
+    return dataclasses.replace(cfg, data=resolve_data_paths(cfg.data, Path.cwd()), train=train)
 
 
 DATA_PATH_KEYS: tuple[str, ...] = ("path", "val_path", "image_root", "tokenizer")

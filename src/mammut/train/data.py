@@ -26,7 +26,7 @@ import itertools
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,28 +150,37 @@ def _run_copy_of_tokenizer(src: Path, saved: Path) -> Tokenizer:
     return Tokenizer.from_file(saved)
 
 
-def build_tokenizer(cfg: DataConfig, run_dir: Path) -> Tokenizer:
+def build_tokenizer(cfg: DataConfig, run_dir: Path, extra_texts: list[str] | None = None,
+                    special_tokens: Sequence[str] = ()) -> Tokenizer:
     """The run's tokenizer, always loaded from ``<run>/tokenizer.json`` so the run folder is self-contained.
 
     ``data.tokenizer`` given: copied there (a resume keeps the run's copy, even when the original
     was moved or changed); else the copy from an earlier start (resume); else a byte-level BPE
-    trained on the training captions and saved there. Checks the data paths first
+    trained on the training captions (plus ``extra_texts``, e.g. a task's questions) with the
+    task's ``special_tokens`` (e.g. ``<image>``) and saved there. A given tokenizer without one of
+    the ``special_tokens`` is an error naming ``data.tokenizer``. Checks the data paths first
     (:func:`check_data`), so a wrong ``data.path`` fails before the model is built.
     """
     check_data(cfg)
     saved = Path(run_dir) / "tokenizer.json"
     if cfg.tokenizer:
-        return _run_copy_of_tokenizer(Path(cfg.tokenizer).expanduser(), saved)
-    if saved.is_file():
-        return Tokenizer.from_file(saved)
-    if cfg.kind == "emoji":
-        texts = emoji_corpus(emoji_dataset(cfg).class_names())
-    elif cfg.kind == "csv":
-        texts = [caption for _, caption in _csv_dataset(cfg).samples]
+        tok = _run_copy_of_tokenizer(Path(cfg.tokenizer).expanduser(), saved)
+    elif saved.is_file():
+        tok = Tokenizer.from_file(saved)
     else:
-        raise ValueError("data.tokenizer: expected a tokenizer.json for data.kind='webdataset', got null")
-    tok = train_bpe(texts, vocab_size=cfg.vocab_size, path=saved, min_frequency=1)
-    log.info("trained a %d-token BPE on %d captions -> %s", tok.vocab_size, len(texts), saved)
+        if cfg.kind == "emoji":
+            texts = emoji_corpus(emoji_dataset(cfg).class_names())
+        elif cfg.kind == "csv":
+            texts = [caption for _, caption in _csv_dataset(cfg).samples]
+        else:
+            raise ValueError("data.tokenizer: expected a tokenizer.json for data.kind='webdataset', got null")
+        texts = texts + list(extra_texts or [])
+        tok = train_bpe(texts, vocab_size=cfg.vocab_size, path=saved, min_frequency=1, extra_special=tuple(special_tokens))
+        log.info("trained a %d-token BPE on %d captions -> %s", tok.vocab_size, len(texts), saved)
+    missing = [t for t in special_tokens if tok.special_id(t) is None]
+    if missing:
+        raise ValueError(f"data.tokenizer: expected a tokenizer with the special token(s) {missing} that the task needs, "
+                         f"got {cfg.tokenizer or saved} without them; leave data.tokenizer null to train one with them")
     return tok
 
 

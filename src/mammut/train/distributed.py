@@ -194,24 +194,25 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 class LossModule(nn.Module):
-    """``forward(text, images)`` -> the model's ``compute_losses`` output (e.g. ``LossOutput``)."""
+    """``forward(batch) -> task.loss(model, batch)`` (named losses), so DDP/FSDP hooks run
+    around the whole objective (they only hook ``forward``)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, task: Any) -> None:
         super().__init__()
-        if not callable(getattr(model, "compute_losses", None)):
-            raise TypeError(f"model: expected a model with compute_losses(text, images), got {type(model).__name__}")
         self.model = model
+        self.task = task
 
-    def forward(self, text: torch.Tensor, images: torch.Tensor) -> Any:
-        return self.model.compute_losses(text, images)
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.task.loss(self.model, batch)
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The shared transformer blocks inside ``model`` (outermost only), in module order."""
+def transformer_blocks(model: nn.Module, block_types: tuple[type[nn.Module], ...] = BLOCK_TYPES) -> list[nn.Module]:
+    """The blocks of ``block_types`` inside ``model`` (outermost only), in module order. The
+    Trainer passes the model's registry spec (``ModelSpec.block_types``)."""
     found: list[nn.Module] = []
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, BLOCK_TYPES) and id(module) not in seen:
+        if isinstance(module, block_types) and id(module) not in seen:
             found.append(module)
             seen.update(id(m) for m in module.modules())
     return found
@@ -226,25 +227,26 @@ def _checkpointed(forward):
     return run
 
 
-def apply_activation_checkpointing(model: nn.Module) -> int:
+def apply_activation_checkpointing(model: nn.Module, block_types: tuple[type[nn.Module], ...] = BLOCK_TYPES) -> int:
     """Recompute every block's activations in backward; returns how many blocks."""
-    blocks = transformer_blocks(model)
+    blocks = transformer_blocks(model, block_types)
     for block in blocks:
         block.forward = _checkpointed(block.forward)  # instance attribute: names unchanged
     log.info("activation checkpointing on %d blocks", len(blocks))
     return len(blocks)
 
 
-def apply_compile(model: nn.Module) -> int:
+def apply_compile(model: nn.Module, block_types: tuple[type[nn.Module], ...] = BLOCK_TYPES) -> int:
     """``torch.compile`` each block in place (parameter names unchanged); returns how many."""
-    blocks = transformer_blocks(model)
+    blocks = transformer_blocks(model, block_types)
     for block in blocks:
         block.compile()
     log.info("torch.compile on %d blocks", len(blocks))
     return len(blocks)
 
 
-def wrap_parallel(module: LossModule, mode: str, info: DistInfo) -> nn.Module:
+def wrap_parallel(module: LossModule, mode: str, info: DistInfo,
+                  block_types: tuple[type[nn.Module], ...] = BLOCK_TYPES) -> nn.Module:
     """Wrap for data parallelism: ``"none"``, ``"ddp"`` or ``"fsdp"`` (FSDP2 per block + root)."""
     if mode == "none" or not info.distributed:
         return module
@@ -252,7 +254,7 @@ def wrap_parallel(module: LossModule, mode: str, info: DistInfo) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [info.local_rank] if info.device.type == "cuda" else None
-        return DDP(module, device_ids=ids)
+        return DDP(module, device_ids=ids, find_unused_parameters=module.task.unused_parameters)
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -261,7 +263,7 @@ def wrap_parallel(module: LossModule, mode: str, info: DistInfo) -> nn.Module:
         # FSDP2 cannot shard 0-d parameters (learnable temperatures): keep them replicated
         # and average their gradients by hand (sync_replicated_grads)
         scalars = {p for p in module.parameters() if p.ndim == 0}
-        blocks = transformer_blocks(module)
+        blocks = transformer_blocks(module, block_types)
         for block in blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(module, mesh=mesh, ignored_params=scalars or None)

@@ -1,10 +1,14 @@
 """The training loop: ``Trainer(cfg).fit()`` (what ``mammut train`` runs, one per rank).
 
+The Trainer knows no objective: the run's task (``train.task``, :mod:`mammut.tasks`) gives the
+micro-batches (dicts), sets each one's token share (``task.prepare_step``) and computes the
+named losses (``task.loss(model, batch)``, minimising ``"loss"``); the model's registry spec
+names the blocks that activation checkpointing, compile and FSDP2 wrap.
+
 Per optimiser step: the micro-batches of this rank go forward under autocast and backward
-(gradient sync only on the last one); the caption loss is re-weighted by token counts so that
-ranks x micro-batches give exactly the token mean of the whole batch; the step's losses are
-averaged over ranks together with a "stop" flag (SIGTERM) and checked for NaN/inf *before*
-the optimiser steps; then clip, step, log, checkpoint.
+(gradient sync only on the last one); the step's named losses are averaged over ranks together
+with a "stop" flag (SIGTERM) and checked for NaN/inf *before* the optimiser steps; then clip,
+step, log, checkpoint.
 
 SIGTERM: the handler only sets ``_signal_received`` (never cleared). Every step all-reduces
 that flag into ``_stop_agreed`` and the loop stops *only* on the agreed value, so all ranks
@@ -40,7 +44,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .config import ConfigError, RunConfig, config_to_dict
-from .data import build_tokenizer, train_batches
+from .data import build_tokenizer
 from .distributed import (
     DistInfo,
     LossModule,
@@ -53,6 +57,8 @@ from .distributed import (
     sync_replicated_grads,
     wrap_parallel,
 )
+from ..models import get_model_spec
+from ..tasks import get_task
 from .monitor import Monitor
 from .optim import build_optimizer, lr_at, set_lr
 
@@ -85,15 +91,6 @@ class TrainResult:
     interrupted: bool = False
 
 
-def _loss_parts(out: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    if isinstance(out, torch.Tensor):
-        return out, None, None
-    total = getattr(out, "total", None)
-    if total is None:
-        raise TypeError(f"compute_losses: expected a tensor or an object with .total, got {type(out).__name__}")
-    return total, getattr(out, "caption", None), getattr(out, "contrastive", None)
-
-
 class Trainer:
     """Builds everything from a :class:`RunConfig` and trains. ``resume=True`` continues from
     the run folder's latest checkpoint exactly (weights, optimiser, RNG, data position)."""
@@ -114,16 +111,25 @@ class Trainer:
         barrier()
 
         self._seed(t.seed)
+        init = init_source(t.init_from) if t.init_from else None
+        if init is not None:  # fine-tuning: the source's model and tokenizer
+            cfg = self.cfg = dataclasses.replace(cfg, model=_init_model_section(cfg.model, init.model_cfg),
+                                                 data=dataclasses.replace(cfg.data, tokenizer=str(init.tokenizer)))
+        self.task = get_task(t.task)(cfg)
         if self.info.is_main:
-            self.tokenizer = build_tokenizer(cfg.data, self.run_dir)
+            self.tokenizer = build_tokenizer(cfg.data, self.run_dir, self.task.tokenizer_corpus(), self.task.special_tokens)
         barrier()
         if not self.info.is_main:
-            self.tokenizer = build_tokenizer(cfg.data, self.run_dir)
+            self.tokenizer = build_tokenizer(cfg.data, self.run_dir, self.task.tokenizer_corpus(), self.task.special_tokens)
         self.model_cfg = resolve_model_config(cfg, self.tokenizer)
         if resume and ckpt is not None:
             self._check_same_model()
-        self.model = build_model(self.model_cfg).to(self.info.device)
+        self.model = build_model(self.model_cfg)
+        if init is not None and ckpt is None:
+            init.load_into(self.model)
+        self.model.to(self.info.device)
         self.model.train()
+        self.spec = get_model_spec(self.model_cfg["name"])
         if self.info.is_main:
             resolved = config_to_dict(dataclasses.replace(cfg, model=self.model_cfg))
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -131,14 +137,14 @@ class Trainer:
         log.info("model %s: %.2fM parameters", self.model_cfg["name"], n_params / 1e6)
 
         if t.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
+            apply_activation_checkpointing(self.model, self.spec.block_types)
         if t.compile:
-            apply_compile(self.model)
+            apply_compile(self.model, self.spec.block_types)
         mode = t.parallel if t.parallel != "auto" else ("ddp" if self.info.distributed else "none")
         if mode == "none" and self.info.distributed:
             raise ConfigError(f"train.parallel: expected 'ddp', 'fsdp' or 'auto' with {self.info.world_size} ranks, got 'none'")
         self.parallel = mode if self.info.distributed else "none"
-        self.module = wrap_parallel(LossModule(self.model), self.parallel, self.info)
+        self.module = wrap_parallel(LossModule(self.model, self.task), self.parallel, self.info, self.spec.block_types)
         self.optimizer = build_optimizer(self.model, cfg.optim)
 
         self.step = 0
@@ -223,12 +229,6 @@ class Trainer:
         self.module.set_requires_gradient_sync(False)
         return contextlib.nullcontext()
 
-    def _loss_weights(self) -> tuple[float, float] | None:
-        c = getattr(self.model, "config", None)
-        if c is None or not hasattr(c, "caption_loss_weight") or not hasattr(c, "contrastive_loss_weight"):
-            return None
-        return float(c.caption_loss_weight), float(c.contrastive_loss_weight)
-
     def save(self) -> Path:
         state = {"samples_seen": self.step * self.cfg.train.batch_size, "train_time_s": self.train_time,
                  "data_position": {"kind": self.cfg.data.kind, "next_sample": self.step * self.cfg.train.batch_size}}
@@ -237,42 +237,30 @@ class Trainer:
                                keep=self.cfg.train.keep_checkpoints, metadata=meta)
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """Forward/backward over the micro-batches, checks, clip and optimiser step."""
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+        """Forward/backward over the micro-batches (dicts, see ``mammut.models.contract.Batch``),
+        checks, clip and optimiser step; returns the step's named losses, lr and grad norm."""
         cfg, dev = self.cfg, self.info.device
-        weights = self._loss_weights()
-        pad_id = getattr(getattr(self.model, "config", None), "pad_id", None)
         n_micro = len(micro_batches)
-        counts = torch.tensor([float((text[:, 1:] != pad_id).sum()) if pad_id is not None else 1.0
-                               for _, text in micro_batches])
-        global_tokens = counts.sum() * self.info.world_size
-        if self.info.distributed:  # the token count of the whole batch, for an exact token mean
-            global_tokens = counts.sum().clone()
-            torch.distributed.all_reduce(global_tokens)
-        sums = torch.zeros(3)
-        for i, (images, text) in enumerate(micro_batches):
-            if pad_id is not None:  # drop trailing all-pad columns: same losses, less compute
-                text = text[:, : int((text != pad_id).any(dim=0).nonzero().max()) + 1]
-            images, text = images.to(dev, non_blocking=True), text.to(dev, non_blocking=True)
+        self.task.prepare_step(micro_batches, self.model_cfg.get("pad_id"))
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro_batches):
+            batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with self._no_sync(i == n_micro - 1):
                 with self._autocast():
-                    total, cap, con = _loss_parts(self.module(text, images))
-                if weights is not None and cap is not None and con is not None:
-                    share = counts[i] * self.info.world_size * n_micro / global_tokens.clamp(min=1.0)
-                    cap = cap.float() * share.to(dev)
-                    total = weights[0] * cap + weights[1] * con.float()
-                (total / n_micro).backward()
-            sums += torch.tensor([float(total.detach()), float(cap.detach()) if cap is not None else 0.0,
-                                  float(con.detach()) if con is not None else 0.0]) / n_micro
+                    out = self.module(batch)
+                (out["loss"].float() / n_micro).backward()
+            for name, value in out.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float().cpu() / n_micro
 
-        # losses averaged over ranks, plus the stop flag: one small collective per step
-        packed = torch.cat([sums, torch.tensor([float(self._signal_received)])])
+        # named losses averaged over ranks, plus the stop flag: one small collective per step
+        names = sorted(sums)
+        packed = torch.stack([sums[k].reshape(()) for k in names] + [torch.tensor(float(self._signal_received))])
         if self.info.distributed:
             torch.distributed.all_reduce(packed)
-            packed[:3] /= self.info.world_size
-        loss, cap_v, con_v = (float(v) for v in packed[:3])
-        self._stop_agreed = self._stop_agreed or bool(packed[3] > 0)
-        values = {"loss": loss, "caption": cap_v, "contrastive": con_v}
+            packed[:-1] /= self.info.world_size
+        values = {k: float(v) for k, v in zip(names, packed[:-1])}
+        self._stop_agreed = self._stop_agreed or bool(packed[-1] > 0)
         if not all(math.isfinite(v) for v in values.values()):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(self.step + 1, "loss", values)
@@ -294,8 +282,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, eval_fn: Any = None) -> TrainResult:
-        """Train to ``train.steps``. ``eval_fn(model, tokenizer, step) -> dict`` runs every ``train.eval_every``
-        steps on rank 0 (eval mode, no grad; plain or DDP only).
+        """Train to ``train.steps``. Every ``train.eval_every`` steps rank 0 logs ``eval_fn(model,
+        tokenizer, step) -> dict`` (default: the task's ``quick_eval``; eval mode, no grad; plain
+        or DDP only).
 
         On SIGTERM (any rank) every rank stops after the same step, saves a checkpoint and
         returns ``interrupted=True``; SIGTERM is then left ignored (``SIG_IGN``) as the process
@@ -308,9 +297,8 @@ class Trainer:
         old_handler = None
         with contextlib.suppress(ValueError):  # not in the main thread: no handler
             old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        batches = train_batches(cfg.data, self.tokenizer, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                                seed=t.seed, rank=info.rank, world_size=info.world_size,
-                                start_step=self.step, steps=t.steps)
+        batches = self.task.train_batches(self.tokenizer, rank=info.rank, world_size=info.world_size,
+                                          start_step=self.step)
         window_t, window_n, rate = 0.0, 0, 0.0
         start_step = self.step
         stopped_by_signal = False
@@ -359,17 +347,82 @@ class Trainer:
 
     def _run_eval(self, eval_fn: Any, monitor: Monitor) -> None:
         # every rank comes here (the barrier); rank 0 evaluates if it was given an eval_fn
-        if self.info.is_main and eval_fn is not None:
+        if self.info.is_main:
             rng = torch.get_rng_state()
             self.model.eval()
             with torch.no_grad():
-                metrics = eval_fn(self.model, self.tokenizer, self.step)
+                if eval_fn is not None:
+                    metrics = eval_fn(self.model, self.tokenizer, self.step)
+                else:
+                    metrics = self.task.quick_eval(self.model, self.tokenizer)
             self.model.train()
             torch.set_rng_state(rng)
-            monitor.write({"step": self.step, **metrics}, prefix="eval")
+            if metrics:
+                monitor.write({"step": self.step, **metrics}, prefix="eval")
         barrier()
 
     def _result(self, interrupted: bool = False) -> TrainResult:
         done = max(self.step, 1)
         rate = done * self.cfg.train.batch_size / max(self.train_time, 1e-9)
         return TrainResult(self.run_dir, self.step, self.losses, rate, self.train_time, interrupted)
+
+
+FINE_TUNE_KEYS = frozenset({"dropout", "caption_loss_weight", "contrastive_loss_weight", "freeze_lm", "shuffle_passes"})
+
+
+def _init_model_section(model: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """The model of a fine-tuning run: the ``train.init_from`` source's architecture, with this
+    run's values only for the keys that may change between stages (dropout, loss weights,
+    freezing); other differing keys of this run's ``model:`` section are ignored (logged)."""
+    if model.get("name") != source.get("name"):
+        raise ConfigError(f"model.name: train.init_from holds a {source.get('name')!r} model, got {model.get('name')!r}")
+    out = dict(source)
+    ignored = []
+    for k, v in model.items():
+        if k in FINE_TUNE_KEYS:
+            out[k] = v
+        elif k in source and source[k] != v:
+            ignored.append(k)
+    if ignored:
+        log.info("train.init_from: the source's model.%s kept (this config's values ignored)", ", model.".join(sorted(ignored)))
+    return out
+
+
+@dataclasses.dataclass
+class InitSource:
+    """What ``train.init_from`` points at: a run folder (its newest valid checkpoint) or a
+    ``save_pretrained`` folder."""
+
+    model_cfg: dict[str, Any]
+    tokenizer: Path
+    weights: Path
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        from .checkpointing import load_weights
+
+        state = load_weights(self.weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or missing:
+            raise ConfigError(f"train.init_from: weights do not fit the model (missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]})")
+        log.info("initialised from %s", self.weights)
+
+
+def init_source(path: str) -> InitSource:
+    from .checkpointing import latest_valid_checkpoint
+
+    root = Path(path)
+    if (root / "config.yaml").is_file():  # a run folder
+        saved = yaml.safe_load((root / "config.yaml").read_text()) or {}
+        ckpt = latest_valid_checkpoint(root)
+        if ckpt is None:
+            raise FileNotFoundError(f"train.init_from: no valid checkpoint under {root / 'checkpoints'}")
+        return InitSource(dict(saved.get("model", {})), root / "tokenizer.json", ckpt / "model.safetensors")
+    if (root / "config.json").is_file() and (root / "tokenizer.json").is_file():  # save_pretrained + tokenizer
+        import json
+
+        meta = json.loads((root / "config.json").read_text())
+        model_cfg = {"name": meta.get("model_name"), **meta.get("config", {})}
+        return InitSource(model_cfg, root / "tokenizer.json", root / "model.safetensors")
+    raise FileNotFoundError(f"train.init_from: expected a run folder (config.yaml) or an exported model folder "
+                            f"(config.json + tokenizer.json), got {root}")

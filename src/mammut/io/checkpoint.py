@@ -8,9 +8,10 @@ Layout of a checkpoint directory:
   ``model_name`` (the registry name), ``config`` (the config dataclass's fields), ``dtype``,
   ``external_modules`` and ``weights`` (file name, size, sha256).
 
-Both files are written to a temporary name and renamed into place, weights first, so a crash
-never leaves a half-written file under the final name, and ``config.json`` (which records the
-weights' sha256) is the commit marker.
+Both files are written by :func:`mammut.io.atomic.atomic_write` (temporary name, fsync, rename,
+folder fsync), weights first, so a crash never leaves a half-written file under the final name,
+and ``config.json`` (which records the weights' sha256) is the commit marker. ``config.json`` is
+read back into the config dataclass by :mod:`mammut.io.coerce` (strict JSON types).
 
 Loading builds a fresh model from the config, checks the file's tensor names and shapes against
 it (every missing, unexpected or shape-mismatched tensor is named), verifies the sha256 and only
@@ -31,19 +32,17 @@ safetensors is imported lazily; ``import mammut`` does not need it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import logging
-import os
-import tempfile
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .atomic import atomic_write, atomic_write_text, sha256_file
+from .coerce import coerce
 
 __all__ = [
     "CheckpointError",
@@ -100,11 +99,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[s
         st.save_model(model, str(path), metadata=header)
 
     weights_path = directory / WEIGHTS_NAME
-    _atomic_write(weights_path, write_weights)
-    document["weights"] = {"file": WEIGHTS_NAME, "num_bytes": weights_path.stat().st_size, "sha256": _sha256(weights_path)}
-    text = json.dumps(document, indent=2, sort_keys=False) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(text, encoding="utf-8"))
-    _fsync_dir(directory)
+    atomic_write(weights_path, write_weights)
+    document["weights"] = {"file": WEIGHTS_NAME, "num_bytes": weights_path.stat().st_size, "sha256": sha256_file(weights_path)}
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(document, indent=2, sort_keys=False) + "\n")
     log.info("saved %s (%d tensors) to %s", name, len(model.state_dict()), directory)
     return directory
 
@@ -132,45 +129,6 @@ def _safetensors() -> Any:
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("checkpoints need the 'safetensors' package: pip install 'mammut-vl[io]'") from err
     return st
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp)`` then fsync and rename onto ``path``; the temporary file never survives an error."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _to_jsonable(value: Any, where: str) -> Any:
@@ -308,7 +266,7 @@ def load_pretrained(
     elif getattr(model_class, "model_name", None) != name:
         raise CheckpointError(
             f"{directory}: holds a {name!r} model, not {getattr(model_class, 'model_name', model_class.__name__)!r} "
-            f"({model_class.__name__}); load it with mammut.interop.checkpoint.load_pretrained(path)"
+            f"({model_class.__name__}); load it with mammut.load_pretrained(path)"
         )
     config = _config_from_json(model_class.config_class, document["config"], f"{directory / CONFIG_NAME}: config")
     externals = _external_inputs(document.get("external_modules", {}), modules, directory)
@@ -375,7 +333,7 @@ def _check_weights_file(path: Path, recorded: dict[str, Any], verify: bool) -> N
     if isinstance(expected, int) and size != expected:
         raise CheckpointError(f"{path}: truncated or corrupt: {size} bytes, config.json records {expected}")
     digest = recorded.get("sha256")
-    if verify and isinstance(digest, str) and _sha256(path) != digest:
+    if verify and isinstance(digest, str) and sha256_file(path) != digest:
         raise CheckpointError(f"{path}: corrupt: sha256 differs from the one recorded in config.json (or the files are from different saves)")
 
 
@@ -457,95 +415,10 @@ def _mismatch_message(cls: str, path: Path, missing: list[str], unexpected: list
 
 # ============================================================================ config <- JSON
 def _config_from_json(config_class: type, data: dict[str, Any], where: str) -> Any:
-    """Rebuild a config dataclass from JSON, restoring tuples and nested dataclasses by the
-    field annotations; unknown fields or wrongly typed values are a CheckpointError."""
-    if not dataclasses.is_dataclass(config_class):
-        raise TypeError(f"{config_class.__name__}: expected a dataclass config_class")
-    fields = {f.name: f for f in dataclasses.fields(config_class) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise CheckpointError(f"{where}: fields {unknown} are not {config_class.__name__} fields (written by another mammut version?)")
-    absent = sorted(set(fields) - set(data))
+    """The config dataclass from ``config.json`` (tuples and nested dataclasses restored by the
+    field annotations, strict JSON types); an unknown field or a wrong value is a
+    :class:`CheckpointError` naming the dotted key."""
+    absent = sorted({f.name for f in dataclasses.fields(config_class) if f.init} - set(data))
     if absent:
         log.info("%s: fields %s absent, using their defaults", where, absent)
-    try:
-        hints = typing.get_type_hints(config_class)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: no coercion
-        hints = {}
-    kwargs = {k: _coerce(hints.get(k, Any), v, f"{where}.{k}") for k, v in data.items()}
-    try:
-        return config_class(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: not a valid {config_class.__name__}: {err}") from err
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """``value`` (from JSON) as type ``tp``; raises CheckpointError when it cannot be."""
-    if tp is Any or isinstance(tp, typing.TypeVar):
-        return value
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union or origin is types.UnionType:
-        if value is None and type(None) in args:
-            return None
-        for arm in args:
-            if arm is type(None):
-                continue
-            try:
-                return _coerce(arm, value, where)
-            except CheckpointError:
-                continue
-        raise CheckpointError(f"{where}: expected {_type_name(tp)}, got {_short(value)}")
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise CheckpointError(f"{where}: expected one of {args}, got {_short(value)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise CheckpointError(f"{where}: expected null, got {_short(value)}")
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, dict):
-            raise CheckpointError(f"{where}: expected an object ({tp.__name__}), got {_short(value)}")
-        return _config_from_json(tp, value, where)
-    if origin is tuple or tp is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise CheckpointError(f"{where}: expected a list, got {_short(value)}")
-        if not args:
-            return tuple(value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise CheckpointError(f"{where}: expected {len(args)} items, got {_short(value)}")
-        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is list or tp is list:
-        if not isinstance(value, list):
-            raise CheckpointError(f"{where}: expected a list, got {_short(value)}")
-        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise CheckpointError(f"{where}: expected an object, got {_short(value)}")
-        if len(args) == 2:
-            return {_coerce(args[0], k, where) if args[0] is not str else k: _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lstrip("-").isdigit():  # dict keys
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value  # an annotation we do not interpret: leave the value to the config's checks
-    raise CheckpointError(f"{where}: expected {_type_name(tp)}, got {_short(value)}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return coerce(data, config_class, where, error=CheckpointError)

@@ -1,6 +1,7 @@
 """Import open_clip CoCa checkpoints (``coca_ViT-B-32``, ``coca_ViT-L-14``: the architectures of
 the published ``laion2b_s13b_b90k`` and ``mscoco_finetuned_laion2b_s13b_b90k`` weights) into
-mammut's :class:`~mammut.models.coca.CoCa`.
+mammut's :class:`~mammut.models.coca.CoCa`. :func:`coca_from_open_clip` is registered in
+``mammut.convert.OPEN_CLIP_CONVERTERS`` under ``"coca"``: ``CoCa.from_open_clip`` runs it.
 
 The architecture is read from the installed open_clip package's ``model_configs/<name>.json``
 (open_clip itself is not imported for that); every open_clip feature the conversion cannot
@@ -291,7 +292,7 @@ def coca_from_open_clip(
     ``state_dict_or_path``: the open_clip state dict, a checkpoint file (``.pt``/``.bin``/
     ``.safetensors``, e.g. ``open_clip_pytorch_model.bin`` of ``laion/CoCa-ViT-B-32-laion2B-s13B-b90k``)
     or an open_clip model. The result is in eval mode; tokens are open_clip's CLIP BPE ids
-    (``mammut.interop.clip_tokenizer.CLIPTokenizer``): vocab 49408, start 49406, end 49407, pad 0.
+    (``mammut.convert.clip_tokenizer.CLIPTokenizer``): vocab 49408, start 49406, end 49407, pad 0.
     """
     if isinstance(model_name, Mapping):
         oc_cfg = copy.deepcopy(dict(model_name))

@@ -1,18 +1,16 @@
-"""What ``mammut.generation.generate`` takes in, checked and put in shape before any compute:
-argument checks that name the argument, prompts (a padded tensor or a list of rows of any
-lengths) turned into left-padded ids and a real-token mask, and the image context's batch
-(a tensor, or a tuple / list / dict of them) selected row by row."""
+"""What ``generate`` takes in, checked and put in shape before any compute: prompts (a
+padded tensor or a list of rows of any lengths) turned into left-padded ids and a real-token
+mask, and the image context's batch (a tensor, or a tuple / list / dict of them) selected row
+by row. Every check here runs once per ``generate`` call, never per step."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["Context", "PromptLike", "select_context", "context_batch", "context_tensors", "check_int", "check_float", "check_token",
-           "prompt_rows", "prepare_prompt"]
+__all__ = ["Context", "PromptLike", "select_context", "context_batch", "context_tensors", "prompt_rows", "prepare_prompt"]
 
 Context = Any  # a tensor, or a tuple / list / dict of them (batch as dim 0), or None
 PromptLike = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]] | None
@@ -55,29 +53,15 @@ def context_tensors(context: Context) -> list[torch.Tensor]:
     return [t for v in values for t in context_tensors(v)]
 
 
-def check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    return value
+def _is_int_tensor(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
 
 
-def check_float(name: str, value: object, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (positive and value <= 0):
-        what = "a finite number > 0" if positive else "a finite number"
-        raise ValueError(f"{name}: expected {what}, got {value!r}")
-    return float(value)
-
-
-def check_token(name: str, value: object, num_tokens: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_tokens:
-        raise ValueError(f"{name}: expected a token id in [0, {num_tokens}) (num_tokens), got {value!r}")
-    return value
-
-
-def prompt_rows(prompt: PromptLike, pad_id: int) -> list[torch.Tensor]:
-    """Real token ids of each prompt row (1-D long tensors, CPU or not)."""
+def prompt_rows(prompt: PromptLike, pad_id: int) -> list[torch.Tensor] | list[list[int]]:
+    """Real token ids of each prompt row: 1-D long tensors (tensor prompts, CPU or not) or
+    lists of ints (list prompts)."""
     if torch.is_tensor(prompt):
-        if prompt.ndim != 2 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool or prompt.is_complex():
+        if prompt.ndim != 2 or not _is_int_tensor(prompt):
             raise ValueError(f"prompt: expected an integer tensor (batch, length), got {prompt.dtype} of shape {tuple(prompt.shape)}")
         if prompt.shape[1] == 0:
             raise ValueError(f"prompt: expected at least one token per row, got shape {tuple(prompt.shape)}")
@@ -90,14 +74,14 @@ def prompt_rows(prompt: PromptLike, pad_id: int) -> list[torch.Tensor]:
         return [row[k] for row, k in zip(prompt.long(), keep)]
     if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
         raise TypeError(f"prompt: expected a LongTensor (batch, length), a list of 1-D tensors or a list of id lists, got {type(prompt).__name__}")
-    rows = []
+    rows: list[Any] = []
     for i, row in enumerate(prompt):
         if torch.is_tensor(row):
-            if row.ndim != 1 or row.dtype.is_floating_point or row.dtype == torch.bool:
+            if row.ndim != 1 or not _is_int_tensor(row):
                 raise ValueError(f"prompt: row {i}: expected a 1-D integer tensor, got {row.dtype} of shape {tuple(row.shape)}")
             rows.append(row.long())
         elif isinstance(row, Sequence) and not isinstance(row, (str, bytes)) and all(isinstance(t, int) and not isinstance(t, bool) for t in row):
-            rows.append(torch.tensor(list(row), dtype=torch.long))
+            rows.append(list(row))
         else:
             raise TypeError(f"prompt: row {i}: expected a 1-D integer tensor or a list of ints, got {type(row).__name__}")
     return rows
@@ -106,7 +90,8 @@ def prompt_rows(prompt: PromptLike, pad_id: int) -> list[torch.Tensor]:
 def prepare_prompt(
     prompt: PromptLike, batch: int, *, pad_id: int, bos_id: int | None, num_tokens: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ids ``(b, p)`` left-padded with ``pad_id`` and keep ``(b, p)`` (True = real token)."""
+    """-> ids ``(b, p)`` left-padded with ``pad_id`` and keep ``(b, p)`` (True = real token).
+    Token ids are checked here, with one host read for all tensor rows together."""
     if prompt is None:
         if bos_id is None:
             raise ValueError("prompt: no prompt given and model.config.bos_id is None; pass prompt= (e.g. the start token) "
@@ -116,18 +101,26 @@ def prepare_prompt(
     rows = prompt_rows(prompt, pad_id)
     if len(rows) != batch:
         raise ValueError(f"prompt: expected {batch} rows (one per image), got {len(rows)}")
-    for i, row in enumerate(rows):
-        if row.numel() == 0:
+    lengths = [len(row) for row in rows]
+    for i, n in enumerate(lengths):
+        if n == 0:
             raise ValueError(f"prompt: row {i} has no real token (only pad_id={pad_id}, or empty)")
-        lo, hi = int(row.min()), int(row.max())
+    tensors = [i for i, row in enumerate(rows) if torch.is_tensor(row)]
+    # min, max and pad count of every tensor row in one host read
+    stats = torch.stack([torch.stack((rows[i].min(), rows[i].max(), (rows[i] == pad_id).sum())) for i in tensors]).tolist() \
+        if tensors else []
+    checks = dict(zip(tensors, stats))
+    for i, row in enumerate(rows):
+        lo, hi, pads = checks[i] if i in checks else (min(row), max(row), sum(t == pad_id for t in row))
         if lo < 0 or hi >= num_tokens:
             raise ValueError(f"prompt: row {i}: expected token ids in [0, {num_tokens}) (num_tokens), got values in [{lo}, {hi}]")
-        if bool((row == pad_id).any()):
+        if pads:
             raise ValueError(f"prompt: row {i} holds pad_id={pad_id} as a real token")
-    width = max(row.numel() for row in rows)
-    ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
-    keep = torch.zeros(batch, width, dtype=torch.bool, device=device)
+    width = max(lengths)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    keep = torch.zeros(batch, width, dtype=torch.bool)
     for i, row in enumerate(rows):
-        ids[i, width - row.numel():] = row.to(device)
-        keep[i, width - row.numel():] = True
-    return ids, keep
+        n = lengths[i]
+        ids[i, width - n:] = row.cpu() if torch.is_tensor(row) else torch.tensor(row, dtype=torch.long)
+        keep[i, width - n:] = True
+    return ids.to(device), keep.to(device)
