@@ -4,7 +4,6 @@ clear errors for mismatched, truncated or corrupt checkpoints, atomic writes."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import socket
 from pathlib import Path
@@ -23,16 +22,10 @@ from mammut.io.checkpoint import (  # noqa: E402
     read_checkpoint_config,
     save_pretrained,
 )
-from mammut.models import get_model_class, list_models  # noqa: E402
+from mammut.models import get_model_spec, list_models  # noqa: E402
 from mammut.models.mammut import MaMMUT, MaMMUTConfig  # noqa: E402
 
 TINY_VIT = dict(image_size=16, patch_size=8, dim=32, depth=1, heads=2, dim_head=16)
-# sizes that shrink any registered model's config, applied where the config has the field
-TINY_FIELDS = dict(
-    dim=32, depth=2, heads=2, dim_head=16, num_tokens=64, num_img_queries=4, unimodal_depth=1,
-    multimodal_depth=1, perceiver_num_latents=4, perceiver_depth=1, cross_attn_every=1, cross_attend_every=1,
-)
-MAX_TINY_PARAMS = 3_000_000
 
 
 def tiny_mammut(**overrides) -> MaMMUT:
@@ -42,33 +35,12 @@ def tiny_mammut(**overrides) -> MaMMUT:
 
 
 def tiny_model(name: str) -> torch.nn.Module:
-    """A registered model from a tiny config: the class's ``tiny_config()`` if it has one,
-    else its config with ``TINY_FIELDS`` and a tiny built-in ViT; skipped if that fails."""
-    cls = get_model_class(name)
-    hook = getattr(cls, "tiny_config", None)
-    try:
-        if callable(hook):
-            config = hook()
-        else:
-            fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
-            kw = {k: v for k, v in TINY_FIELDS.items() if k in fields}
-            if "vit" in fields:
-                kw["vit"] = dict(TINY_VIT)
-            config = cls.config_class(**kw)
-        model = cls(config)
-    except Exception as err:  # noqa: BLE001 - a model that needs more than a config
-        pytest.skip(f"{name}: cannot build from a tiny config alone ({type(err).__name__}: {err})")
-    n = sum(p.numel() for p in model.parameters())
-    if n > MAX_TINY_PARAMS:
-        pytest.skip(f"{name}: the tiny config still has {n:,} parameters")
-    return model
+    """A registered model from its registry spec's tiny config."""
+    return get_model_spec(name).build_tiny()
 
 
-def _registered() -> list:
-    try:
-        return list_models()
-    except Exception as err:  # noqa: BLE001 - a broken model module is reported by its own tests
-        return [pytest.param("?", marks=pytest.mark.skip(reason=f"model registry failed to load: {err}"))]
+def _registered() -> list[str]:
+    return list_models()
 
 
 def tie_structure(model: torch.nn.Module) -> list[list[str]]:
@@ -345,16 +317,13 @@ class PatchEncoder(torch.nn.Module):
 
 
 def _tiny_without_vit(name: str, img_encoder: torch.nn.Module, **extra) -> torch.nn.Module:
-    cls = get_model_class(name)
-    fields = {f.name for f in dataclasses.fields(cls.config_class)}
-    if "img_encoder" not in inspect.signature(cls.__init__).parameters:
-        pytest.skip(f"{name} takes no img_encoder=")
-    kw = {k: v for k, v in TINY_FIELDS.items() if k in fields}
+    """The spec's tiny model with an external encoder instead of its built-in ViT (every
+    registered model takes ``img_encoder=``; the registry tests check its tiny config builds)."""
+    spec = get_model_spec(name)
+    fields = {f.name for f in dataclasses.fields(spec.config_class)}
+    kw = {k: v for k, v in spec.tiny.items() if k != "vit"}
     kw.update({k: v for k, v in extra.items() if k in fields})
-    try:
-        return cls(cls.config_class(**kw), img_encoder=img_encoder)
-    except Exception as err:  # noqa: BLE001
-        pytest.skip(f"{name}: cannot build tiny with an img_encoder ({type(err).__name__}: {err})")
+    return spec.cls(spec.config_class(**kw), img_encoder=img_encoder)
 
 
 @pytest.mark.parametrize("name", _registered())

@@ -18,7 +18,8 @@ from mammut.data.datasets import CsvImageText, expand_shards, webdataset_pipelin
 from mammut.data.scenes import EmojiScenes
 from mammut.data.tokenizer import Tokenizer, train_bpe
 from mammut.train.config import load_config
-from mammut.train.data import EvalPairs, _IndexedSource, eval_pairs
+from mammut.data.sources import EvalPairs, eval_pairs
+from mammut.train.data import _IndexedSource
 from mammut.train.loop import Trainer
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 128, 128),

@@ -14,7 +14,7 @@ from mammut.data.tokenizer import train_bpe
 from mammut.eval.evaluate import EmojiEval, evaluate_pairs
 from mammut.eval.report import write_report
 from mammut.train.config import DataConfig, EvalConfig
-from mammut.train.data import emoji_corpus, emoji_dataset
+from mammut.data.sources import emoji_corpus, emoji_dataset
 
 
 class Oracle(nn.Module):

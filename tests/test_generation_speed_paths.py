@@ -171,7 +171,7 @@ def test_static_steps_never_read_the_device(kind, strategy, monkeypatch):
 
 
 @pytest.mark.skipif("coca" not in KINDS, reason="needs mammut.models.coca")
-def test_learned_positions_are_checked_up_front_not_per_step():
+def test_learned_positions_past_the_table_are_an_error_naming_max_new_tokens():
     model = build("coca_open_clip_style")  # 77 learned positions
     images, _ = inputs("coca_open_clip_style", b=2)
     g = torch.Generator().manual_seed(3)

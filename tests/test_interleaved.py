@@ -23,7 +23,7 @@ from mammut.models import get_model_spec
 from mammut.tasks import get_task
 from mammut.train.build import MEDIA_TOKEN, build_model, resolve_model_config
 from mammut.train.config import load_config
-from mammut.train.data import DATA_SEED, emoji_corpus, emoji_dataset
+from mammut.data.sources import DATA_SEED, emoji_corpus, emoji_dataset
 from mammut.train.loop import Trainer
 from mammut.train.optim import build_optimizer
 

@@ -48,6 +48,7 @@ EXTRA_FOR = {
     "mammut.data": "train",
     "mammut.eval": "train",
     "mammut.tasks": "train",  # training tasks: data, objectives, evaluation
+    "mammut.inference": "train",  # loading run folders, image files, batched embedding
     "mammut.io": "io",  # our checkpoint format (save_pretrained / load_pretrained): safetensors
     "mammut.convert": "interop",  # converters of others' weights: open_clip CoCa, its tokenizer
     "mammut.encoders.external": "interop",  # timm / transformers / vit-pytorch adapters

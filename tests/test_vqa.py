@@ -22,7 +22,7 @@ from mammut.tasks.vqa import Vqa, VqaCollate, VqaEncoder, VqaSource
 from mammut.train.build import MEDIA_TOKEN
 from mammut.train.checkpointing import load_weights
 from mammut.train.config import ConfigError, load_config
-from mammut.train.data import emoji_corpus
+from mammut.data.sources import emoji_corpus
 from mammut.train.loop import Trainer
 
 MODELS = ("mammut", "coca", "flamingo_palm")

@@ -114,7 +114,7 @@ def _export(run_dir: Path) -> None:
     """``<run>/model``: the final weights as ``save_pretrained`` (config.json + safetensors) and
     the tokenizer, loadable with ``Model.from_pretrained`` (built from the last checkpoint, so it
     works whatever the parallel wrapping was)."""
-    from .train.build import load_run
+    from .inference import load_run
 
     target = run_dir / "model"
     try:
@@ -146,32 +146,12 @@ def _print_summary(metrics: dict, report: Path) -> None:
     print("\n".join(lines))
 
 
-def _load_images(paths: list[str], run) -> "torch.Tensor":  # noqa: F821
-    import torch
-    from PIL import Image
-
-    from .data.datasets import image_transform
-
-    tf = image_transform(run.config.data.image_size, train=False, normalize=run.config.data.normalize)
-    out = []
-    for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"images: no such file {p}")
-        try:
-            with Image.open(p) as img:
-                img.load()
-                out.append(tf(img))
-        except (OSError, SyntaxError, ValueError) as exc:  # PIL's ways of saying "not an image I can read"
-            raise ValueError(f"images: expected an image file, got {p} ({type(exc).__name__}: {exc})") from None
-    return torch.stack(out)
-
-
 def _caption(args: argparse.Namespace) -> int:
-    from .eval.evaluate import generate_captions
-    from .train.build import load_run
+    from .inference import generate_captions, load_image_files
+    from .inference import load_run
 
     run = load_run(args.run)
-    images = _load_images(args.images, run)
+    images = load_image_files(args.images, run.config.data.image_size, run.config.data.normalize)
     n_tokens = args.max_new_tokens or run.config.eval.max_new_tokens
     for path, caption in zip(args.images, generate_captions(run.model, run.tokenizer, images, max_new_tokens=n_tokens)):
         print(f"{path}\t{caption}")
@@ -179,15 +159,15 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from .eval.evaluate import embed_images, embed_texts
-    from .train.build import load_run
+    from .inference import embed_images, embed_texts, load_image_files
+    from .inference import load_run
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".safetensors"):
         raise ValueError(f"--out: expected a .npy or .safetensors file name, got {out}")
     run = load_run(args.run)
     if args.images:
-        emb = embed_images(run.model, _load_images(args.images, run))
+        emb = embed_images(run.model, load_image_files(args.images, run.config.data.image_size, run.config.data.normalize))
     else:
         emb = embed_texts(run.model, run.tokenizer, args.texts, run.config.data.max_len, truncate=True)
     out.parent.mkdir(parents=True, exist_ok=True)

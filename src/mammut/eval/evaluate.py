@@ -23,6 +23,7 @@ from torch import nn
 
 from ..data.scenes import HeldoutSet
 from ..data.tokenizer import Tokenizer
+from ..inference import embed_images, embed_texts, generate_captions
 from .metrics import bleu4, cider_d, emoji_name_accuracy, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 
 log = logging.getLogger(__name__)
@@ -37,71 +38,6 @@ __all__ = [
     "evaluate_run",
     "EmojiEval",
 ]
-
-
-def _check_model(model: nn.Module) -> None:
-    for name in ("embed_image", "embed_text"):
-        if not callable(getattr(model, name, None)):
-            raise TypeError(f"model: expected a contrastive model with {name}(), got {type(model).__name__}")
-
-
-@torch.no_grad()
-def embed_images(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """L2-normalised image embeddings ``(n, l)`` (float32, CPU)."""
-    _check_model(model)
-    if not torch.is_tensor(images) or images.ndim != 4:
-        raise ValueError(f"images: expected a tensor (n, c, h, w), got {getattr(images, 'shape', type(images).__name__)}")
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    out = [model.embed_image(images[s:s + batch_size].to(dev)).float().cpu() for s in range(0, len(images), batch_size)]
-    model.train(was_training)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def embed_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], max_len: int,
-                batch_size: int = 256, truncate: bool = False) -> torch.Tensor:
-    """L2-normalised text embeddings ``(n, l)`` of strings (tokenised with BOS/EOS as in training)."""
-    _check_model(model)
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    out = []
-    for s in range(0, len(texts), batch_size):
-        ids = tokenizer.encode(list(texts[s:s + batch_size]), max_len, truncate=truncate).to(dev)
-        out.append(model.embed_text(ids).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
-def _ids_from(out: Any) -> torch.Tensor:
-    for attr in ("sequences", "tokens", "ids"):
-        if hasattr(out, attr):
-            out = getattr(out, attr)
-            break
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not torch.is_tensor(out) or out.ndim != 2:
-        raise TypeError(f"model.generate: expected token ids (b, n), got {type(out).__name__}")
-    return out
-
-
-@torch.no_grad()
-def generate_captions(model: nn.Module, tokenizer: Tokenizer, images: torch.Tensor, *,
-                      max_new_tokens: int = 24, batch_size: int = 128) -> list[str]:
-    """Greedy captions of ``images`` ``(n, c, h, w)``, decoded (BOS/EOS/padding dropped)."""
-    if not callable(getattr(model, "generate", None)):
-        raise TypeError(f"model: expected a captioning model with generate(), got {type(model).__name__}")
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    captions: list[str] = []
-    for s in range(0, len(images), batch_size):
-        out = model.generate(images=images[s:s + batch_size].to(dev), max_new_tokens=max_new_tokens, strategy="greedy")
-        captions += tokenizer.decode(_ids_from(out).cpu())
-    model.train(was_training)
-    return captions
 
 
 def _chance(ks: Sequence[int], gallery: int) -> dict[str, float]:
@@ -168,7 +104,7 @@ class EmojiEval:
 
     def __init__(self, data_cfg: Any, n: int = 512) -> None:
         from ..data.scenes import EmojiScenes
-        from ..train.data import DATA_SEED, emoji_dataset
+        from ..data.sources import DATA_SEED, emoji_dataset
 
         self.data_cfg = data_cfg
         self.class_names = emoji_dataset(data_cfg).class_names()
@@ -252,7 +188,7 @@ def evaluate_image_text(model: nn.Module, tokenizer: Tokenizer, cfg: Any, *, dat
         split = {"name": "heldout", "source": "emoji scenes, held-out split (emoji pairs never seen in training)",
                  "held_out": True}
     else:
-        from ..train.data import eval_pairs
+        from ..data.sources import eval_pairs
 
         heldout = source is not None
         path = source if heldout else cfg.data.path
@@ -282,8 +218,7 @@ def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, 
     from pathlib import Path
 
     from ..tasks import get_task
-    from ..train.build import load_run
-    from ..train.monitor import read_metrics
+    from ..inference import load_run, read_metrics
     from .report import write_report
 
     run = load_run(run_dir, checkpoint)

@@ -15,7 +15,7 @@ The decoder protocol (reference implementation: ``MaMMUT.image_context`` / ``MaM
 ``bos_id``, ``eos_id`` and ``num_tokens``. mammut's models (``decode`` =
 ``to_logits(decode_hidden(...))``) get only the last position through the vocabulary
 projection. Optional: ``model.decode_positions()``, the number of positions the decoder can
-embed (checked once, up front, instead of at every step).
+embed (``generate`` checks against it, so that the model's steps need not read positions back).
 
 How it runs (files: ``config.py`` options, ``inputs.py`` prompts and contexts, ``batch.py``
 rows and the done-row policy, ``loop.py`` greedy / sampling and logits processing,
@@ -23,7 +23,8 @@ rows and the done-row policy, ``loop.py`` greedy / sampling and logits processin
 entry points):
 
 - arguments, prompts and images are checked once, before any compute; the per-token step
-  holds no argument check and no host read (one per step in the loop, to stop at eos);
+  holds no argument check and no host read (the loop reads one number per step, how many rows
+  are still going, and only when there is an eos);
 - the image is encoded once; beams and row drops only ``index_select`` the context; the
   cache's cross-attention keys/values are projected once, on the first step, and in beam
   search kept as one copy per image that all its beams read (see ``CrossAttention``);

@@ -122,8 +122,8 @@ def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: tuple |
 
 def _heads(t: torch.Tensor, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> torch.Tensor:
     """A strided view of a fused projection's contiguous output ``t`` (heads picked out,
-    reordered) in one call, instead of slicing, viewing and permuting; ``offset`` counts from
-    ``t``'s own storage offset (given)."""
+    reordered) in one call, instead of slicing, viewing and permuting; ``offset`` is the
+    storage offset of its first element (``t.storage_offset()`` plus the heads skipped)."""
     return t.as_strided(shape, strides, offset)
 
 

@@ -223,8 +223,9 @@ class CoCa(ModelBase):
 
     def decode_positions(self) -> int | None:
         """How many positions the decoder can embed (learned positions: the table's rows),
-        ``None`` without a limit (rotary). ``generate`` checks it once, before decoding: the
-        cached steps after the prompt do not read positions back from the device."""
+        ``None`` without a limit (rotary). ``generate`` checks decoding against it (up front,
+        and before each step only when prompt + new tokens could pass it): the cached steps
+        after the prompt do not read positions back from the device themselves."""
         return None if self.pos_emb is None else self.pos_emb.shape[0]
 
     def _unimodal(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

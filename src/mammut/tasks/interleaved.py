@@ -112,7 +112,8 @@ class Interleaved(Task):
     def train_batches(self, tokenizer: Any, *, rank: int, world_size: int, start_step: int) -> Iterator[list[Batch]]:
         """Steps ``start_step .. train.steps - 1``, each this rank's ``grad_accum`` micro-batches;
         the tokenizer and data are checked here, before the first step is asked for."""
-        from ..train.data import MicroBatches, emoji_dataset
+        from ..data.sources import emoji_dataset
+        from ..train.data import MicroBatches
 
         t = self.cfg.train
         source = InterleavedSource(emoji_dataset(self.cfg.data, "train"), self.max_media, t.seed)
@@ -136,7 +137,7 @@ class Interleaved(Task):
         """The first ``n`` held-out sequences that keep at least 2 scenes within ``data.max_len``
         (cut to what fits, as in training), and how many were passed over for keeping fewer."""
         if n not in self._heldout:
-            from ..train.data import DATA_SEED, emoji_dataset
+            from ..data.sources import DATA_SEED, emoji_dataset
 
             collate = self._collate(tokenizer)
             source = InterleavedSource(emoji_dataset(self.cfg.data, "heldout"), self.max_media, DATA_SEED,
@@ -195,7 +196,7 @@ class Interleaved(Task):
         if data is not None:
             raise ValueError(f"--data: train.task='interleaved' evaluates on its built-in held-out emoji sequences, "
                              f"expected no data file, got {data!r}")
-        from ..train.data import emoji_dataset
+        from ..data.sources import emoji_dataset
 
         n = self.cfg.eval.n if n is None else n
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -236,7 +237,7 @@ class Interleaved(Task):
 
     def quick_eval(self, model: nn.Module, tokenizer: Any) -> dict[str, float] | None:
         """Last-image captions of the first ``QUICK_N`` held-out sequences, with context."""
-        from ..train.data import emoji_dataset
+        from ..data.sources import emoji_dataset
 
         samples, _ = self.heldout_sequences(tokenizer, min(QUICK_N, self.cfg.eval.n))
         generated = self.last_captions(model, tokenizer, samples, context=True)

@@ -79,7 +79,7 @@ class Pretrain(Task):
             log.warning("train.eval_every: no data.val_path, so no held-out evaluation during training")
             return None
         from ..eval.evaluate import evaluate_pairs
-        from ..train.data import eval_pairs
+        from ..data.sources import eval_pairs
 
         pairs = eval_pairs(cfg.data, cfg.data.val_path, cfg.eval.n)
 

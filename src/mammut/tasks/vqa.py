@@ -31,7 +31,6 @@ every image blanked (all zeros) as the text-only baseline.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,7 +76,7 @@ class VqaSource:
 
     def __init__(self, data_cfg: Any, split: str, seed: int, encoder: VqaEncoder) -> None:
         from ..data.vqa import EmojiQuestions
-        from ..train.data import emoji_dataset
+        from ..data.sources import emoji_dataset
 
         self.questions = EmojiQuestions(emoji_dataset(data_cfg, split), seed)
         self.encoder, self.max_len = encoder, data_cfg.max_len
@@ -152,7 +151,7 @@ class Vqa(Task):
     def tokenizer_corpus(self) -> list[str]:
         """The questions and answers, so a BPE trained for this run has their words."""
         from ..data.vqa import question_texts
-        from ..train.data import emoji_dataset
+        from ..data.sources import emoji_dataset
 
         return question_texts(emoji_dataset(self.cfg.data).class_names())
 
@@ -192,7 +191,7 @@ class Vqa(Task):
         return {"loss": loss}
 
     def train_batches(self, tokenizer: Any, *, rank: int, world_size: int, start_step: int) -> Any:
-        from ..train.data import MicroBatches, _indexed_batches
+        from ..train.data import MicroBatches, indexed_batches
 
         t = self.cfg.train
         if not t.init_from and start_step == 0:
@@ -200,7 +199,7 @@ class Vqa(Task):
         source = VqaSource(self.cfg.data, "train", t.seed, self._encoder(tokenizer))
         ds = MicroBatches(source, VqaCollate(tokenizer.pad_id, self.media), t.batch_size, t.grad_accum,  # type: ignore[arg-type]
                           rank, world_size)
-        return _indexed_batches(ds, self.cfg.data.num_workers, start_step, t.steps)
+        return indexed_batches(ds, self.cfg.data.num_workers, start_step, t.steps)
 
     # ---------------------------------------------------------------- evaluation
     def heldout(self, tokenizer: Any, n: int) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Training stack: config, loop, distributed wrapping, checkpoints (``mammut train``)."""
 
-from .build import build_model, load_run
+from .build import build_model
 from .config import ConfigError, RunConfig, load_config
 from .loop import NonFiniteLossError, Trainer, TrainResult
 
@@ -12,5 +12,4 @@ __all__ = [
     "TrainResult",
     "NonFiniteLossError",
     "build_model",
-    "load_run",
 ]

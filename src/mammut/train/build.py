@@ -1,4 +1,4 @@
-"""Build a model from a run config, and load a finished (or running) run back from its folder.
+"""Build a model from a run config (loading a run folder back: ``mammut.inference.load_run``).
 
 A run folder holds ``config.yaml`` (the resolved config: the model section filled in from
 the tokenizer), ``tokenizer.json`` and ``checkpoints/step_*/model.safetensors``.
@@ -7,18 +7,15 @@ the tokenizer), ``tokenizer.json`` and ``checkpoints/step_*/model.safetensors``.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import nn
 
 from ..data.tokenizer import Tokenizer
 from ..models import get_model_class
-from .checkpointing import latest_valid_checkpoint, load_weights, verify_checkpoint
-from .config import ConfigError, RunConfig, config_from_dict
+from .config import ConfigError, RunConfig
 
-__all__ = ["resolve_model_config", "build_model", "load_run", "RunFiles", "MEDIA_TOKEN"]
+__all__ = ["resolve_model_config", "build_model", "MEDIA_TOKEN"]
 
 MEDIA_TOKEN = "<image>"  # where an image sits in an interleaved text (FlamingoPaLM's media_token_id)
 
@@ -57,39 +54,3 @@ def build_model(model_cfg: dict[str, Any]) -> nn.Module:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model: {exc}") from exc
-
-
-@dataclasses.dataclass
-class RunFiles:
-    model: nn.Module
-    tokenizer: Tokenizer
-    config: RunConfig
-    checkpoint: Path
-    step: int
-
-
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> RunFiles:
-    """Model (eval mode, on CPU), tokenizer and config of a run folder, from its latest
-    checkpoint or the given one."""
-    run = Path(run_dir)
-    cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"run_dir: expected a run folder with config.yaml, got {run}")
-    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
-    # the run's own copy of its tokenizer (written at the start of training), so a run folder
-    # works from any directory and after a move; older runs fall back to data.tokenizer
-    own = run / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(own if own.is_file() or not cfg.data.tokenizer else cfg.data.tokenizer)
-    if checkpoint is not None:
-        ckpt: Path | None = Path(checkpoint)
-        if (ckpt / "manifest.json").is_file() or ckpt.name.startswith("step_"):
-            verify_checkpoint(ckpt)  # a flipped byte or a truncated file is an error, never loaded
-    else:
-        ckpt = latest_valid_checkpoint(run)  # the newest that verifies; corrupt ones are named in a warning
-    if ckpt is None or not (ckpt / "model.safetensors").is_file():
-        raise FileNotFoundError(f"run_dir: no checkpoint with model.safetensors under {run / 'checkpoints'}")
-    model = build_model(cfg.model)
-    model.load_state_dict(load_weights(ckpt / "model.safetensors"), strict=True)
-    model.eval()
-    step = int(ckpt.name.split("_")[-1]) if ckpt.name.startswith("step_") else -1
-    return RunFiles(model, tokenizer, cfg, ckpt, step)

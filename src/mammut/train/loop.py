@@ -290,7 +290,7 @@ class Trainer:
         returns ``interrupted=True``; SIGTERM is then left ignored (``SIG_IGN``) as the process
         is expected to exit, so a repeated signal cannot kill it half-way through its shutdown.
         Otherwise the previous SIGTERM handler is restored."""
-        cfg, t, info = self.cfg, self.cfg.train, self.info
+        t, info = self.cfg.train, self.info
         monitor = Monitor(self.run_dir, total_steps=t.steps, start_step=self.step, enabled=info.is_main,
                           tensorboard=t.tensorboard, progress=t.progress, log_every=t.log_every,
                           batch_size=t.batch_size)

@@ -17,6 +17,8 @@ from typing import Any
 
 from .checkpointing import atomic_write_text
 
+from ..inference import read_metrics  # the run-folder reader; the Monitor writes what it reads
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Monitor", "read_metrics", "format_duration"]
@@ -32,23 +34,6 @@ def format_duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl``; for a step logged twice (a resumed run) the last wins."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    by_key: dict[tuple[str, int], dict[str, Any]] = {}
-    for line in p.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-        by_key[(rec.get("kind", "train"), int(rec.get("step", -1)))] = rec
-    return sorted(by_key.values(), key=lambda r: (r.get("step", -1), r.get("kind", "train")))
 
 
 class Monitor:
