@@ -24,6 +24,23 @@ class ModelBase(nn.Module):
     config_class: ClassVar[type]
     model_name: ClassVar[str]
 
+    def _setup(self, config: Any, img_encoder: nn.Module | None, kwargs: dict[str, Any]) -> tuple[Any, int]:
+        """The constructor steps every model shares: ``Model(Config(...))`` or ``Model(**fields)``
+        (the seed READMEs' form, not both), the built-in ViT from ``config.vit`` when no
+        ``img_encoder`` is given, and the encoder's token width; returns ``(config, image_dim)``."""
+        from ..encoders import ViT, ViTConfig
+
+        name = type(self).__name__
+        if config is not None and kwargs:
+            raise TypeError(f"{name}: pass either a {self.config_class.__name__} or keyword arguments, not both")
+        cfg = config if config is not None else self.config_class(**kwargs)
+        self.config = cfg
+        if img_encoder is None and getattr(cfg, "vit", None) is not None:
+            img_encoder = ViT(ViTConfig(**cfg.vit))
+        self.img_encoder = img_encoder
+        image_dim = getattr(cfg, "image_dim", None) or getattr(img_encoder, "dim", None) or cfg.dim
+        return cfg, image_dim
+
     def image_tokens(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder tokens ``(b, m, image_dim)`` from pixels (through ``self.img_encoder``) or
         given precomputed; checked against ``self.image_dim`` where the model sets it.

@@ -33,14 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..encoders import ViT, ViTConfig
 from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, TransformerBlock, make_norm
 from ..layers.masks import decoder_mask, padding_mask, positions_from_mask
 from ..losses import ContrastiveLoss
 from . import register_model
-from ._base import ModelBase
-from ._checks import check_choice, check_labels, check_text
-from .mammut import LossOutput
+from ._captioner import ContrastiveCaptioner
+from ._checks import check_choice, check_text
 
 __all__ = ["CoCaConfig", "CoCa"]
 
@@ -132,7 +130,7 @@ class MultimodalLayer(nn.Module):
     block_types=(ParallelBlock, TransformerBlock, CrossAttentionBlock),
     tasks=("pretrain", "vqa"),
 )
-class CoCa(ModelBase):
+class CoCa(ContrastiveCaptioner):
     """CoCa. ``CoCa(dim=..., img_encoder=vit, image_dim=..., num_tokens=..., unimodal_depth=...,
     multimodal_depth=..., dim_head=..., heads=..., caption_loss_weight=..., contrastive_loss_weight=...)``
     as in the seed README, or ``CoCa(CoCaConfig(...))``.
@@ -147,14 +145,7 @@ class CoCa(ModelBase):
 
     def __init__(self, config: CoCaConfig | None = None, *, img_encoder: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__()
-        if config is not None and kwargs:
-            raise TypeError("CoCa: pass either a CoCaConfig or keyword arguments, not both")
-        cfg = config if config is not None else CoCaConfig(**kwargs)
-        self.config = cfg
-        if img_encoder is None and cfg.vit is not None:
-            img_encoder = ViT(ViTConfig(**cfg.vit))
-        self.img_encoder = img_encoder
-        self.image_dim = cfg.image_dim or getattr(img_encoder, "dim", None) or cfg.dim
+        cfg, self.image_dim = self._setup(config, img_encoder, kwargs)
         dim_latents = cfg.dim_latents or cfg.dim
 
         # image side: encoder tokens -> (contrastive embedding, decoder context)
@@ -309,59 +300,20 @@ class CoCa(ModelBase):
         return self._multimodal(x, context, mask=mask, positions=positions, cache=cache)
 
     # ------------------------------------------------------------------ losses
-    def compute_losses(
-        self,
-        text: torch.Tensor,
-        images: torch.Tensor | None = None,
-        *,
-        image_tokens: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        token_share: torch.Tensor | None = None,
-    ) -> LossOutput:
-        """Both losses from one unimodal pass (``token_share``: the caption loss's weight, see
-        ``mammut.tasks.token_shares``). Without ``labels`` the decoder reads
-        ``text[:, :-1]`` and predicts ``text[:, 1:]``; the CLS always reads all of ``text``.
-        ``labels`` ``(b, n)`` (as ``text``): the target of each position of ``text``, an id in
-        ``[0, num_tokens)``, or ``pad_id`` / ``-100`` for none (ignored alike)."""
-        cfg = self.config
-        check_text(text, cfg.num_tokens, cfg.pad_id, min_len=1 if labels is not None else 2)
-        if labels is not None:
-            check_labels(labels, cfg.num_tokens, shape=tuple(text.shape))
-        tokens = self.image_tokens(images, image_tokens)
-        self.check_batch(text, tokens)
-        image_embeds, context = self.image_embed_and_context(tokens)
+    def text_and_caption_loss(self, text: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
+                              context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One unimodal pass over ``text`` (the CLS after it gives the text embedding), then the
+        multimodal layers over the states of ``inputs`` (``text`` or ``text[:, :-1]``)."""
         feats, cls_out, positions = self._unimodal(text)
-        keep = text != cfg.pad_id
-        if labels is None:
-            feats, positions, keep, labels = feats[:, :-1], positions[:, :-1], keep[:, :-1], text[:, 1:]
-        mask = decoder_mask(keep)
-        cap = self._caption_loss_from_states(self._multimodal(feats, context, mask=mask, positions=positions), labels)
-        con = self.contrastive(self._text_latents(cls_out), image_embeds)
-        if token_share is not None:
-            cap = cap.float() * token_share.to(cap.device)
-        total = cfg.caption_loss_weight * cap + cfg.contrastive_loss_weight * con
-        return LossOutput(total, cap, con)
+        keep = text != self.config.pad_id
+        n = inputs.shape[1]
+        feats, positions, keep = feats[:, :n], positions[:, :n], keep[:, :n]
+        hidden = self._multimodal(feats, context, mask=decoder_mask(keep), positions=positions)
+        return self._text_latents(cls_out), self._caption_loss_from_states(hidden, labels)
 
-    def forward(
-        self,
-        text: torch.Tensor,
-        images: torch.Tensor | None = None,
-        *,
-        image_tokens: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        return_loss: bool = False,
-        return_embeddings: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if return_loss:
-            return self.compute_losses(text, images, image_tokens=image_tokens, labels=labels).total
-        cfg = self.config
-        check_text(text, cfg.num_tokens, cfg.pad_id)
-        tokens = self.image_tokens(images, image_tokens)
-        self.check_batch(text, tokens)
-        image_embeds, context = self.image_embed_and_context(tokens, context=not return_embeddings)
-        feats, cls_out, positions = self._unimodal(text)
-        if return_embeddings:
-            return self._text_latents(cls_out), image_embeds
-        keep = text != cfg.pad_id
-        mask = decoder_mask(keep)
+    def forward_logits(self, text: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The logits of the training pass: the unimodal layers read the text with its CLS (as
+        open_clip's CoCa does, which the converted weights are checked against)."""
+        feats, _, positions = self._unimodal(text)
+        mask = decoder_mask(text != self.config.pad_id)
         return self.to_logits(self._multimodal(feats, context, mask=mask, positions=positions))

@@ -29,7 +29,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from ..encoders import ViT, ViTConfig, encode_images
+from ..encoders import encode_images
 from ..layers import CrossAttention, FeedForward, KVCache, Linear, ParallelBlock, make_norm
 from ..layers.masks import decoder_mask, positions_from_mask
 from ..layers.blocks import TransformerBlock
@@ -248,17 +248,11 @@ class FlamingoPaLM(ModelBase):
 
     def __init__(self, config: FlamingoConfig | None = None, *, img_encoder: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__()
-        if config is not None and kwargs:
-            raise TypeError("FlamingoPaLM: pass either a FlamingoConfig or keyword arguments, not both")
-        cfg = config if config is not None else FlamingoConfig(**kwargs)
-        self.config = cfg
-        if img_encoder is None and cfg.vit is not None:
-            img_encoder = ViT(ViTConfig(**cfg.vit))
-        self.img_encoder = img_encoder
+        cfg, image_dim = self._setup(config, img_encoder, kwargs)
+        img_encoder = self.img_encoder
         if img_encoder is not None:  # always frozen: no gradients, eval mode (see train())
             img_encoder.requires_grad_(False)
             img_encoder.eval()
-        image_dim = cfg.image_dim or getattr(img_encoder, "dim", None) or cfg.dim
 
         self.perceiver = PerceiverResampler(
             cfg.dim, cfg.perceiver_depth, cfg.dim_head, cfg.heads, cfg.perceiver_num_latents, cfg.num_time_embeds,

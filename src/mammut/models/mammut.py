@@ -18,23 +18,22 @@ Defaults follow the paper; the seed repo's (MaMMUT-pytorch) behaviour is one opt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..encoders import ViT, ViTConfig
 from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, make_norm, masked_mean
 from ..layers.blocks import TransformerBlock
 from ..layers.dropout import stochastic
 from ..layers.masks import decoder_mask, padding_mask, positions_from_mask
 from ..losses import ContrastiveLoss
 from . import register_model
-from ._base import ModelBase
-from ._checks import check_choice, check_labels, check_text
+from ._captioner import ContrastiveCaptioner, LossOutput
+from ._checks import check_choice, check_text
 
-__all__ = ["MaMMUTConfig", "MaMMUT", "LossOutput"]
+__all__ = ["MaMMUTConfig", "MaMMUT", "LossOutput"]  # LossOutput: from ._captioner
 
 
 @dataclass
@@ -94,14 +93,6 @@ class MaMMUTConfig:
         return tuple(i for i in range(1, self.depth + 1) if i % self.cross_attend_every == 0)
 
 
-class LossOutput(NamedTuple):
-    """Weighted total and the unweighted parts, for logging."""
-
-    total: torch.Tensor
-    caption: torch.Tensor
-    contrastive: torch.Tensor
-
-
 class DecoderLayer(nn.Module):
     """A shared self-attention block and, in chosen layers, a cross-attention block."""
 
@@ -119,7 +110,7 @@ class DecoderLayer(nn.Module):
     block_types=(ParallelBlock, CrossAttentionBlock, TransformerBlock),
     tasks=("pretrain", "vqa"),
 )
-class MaMMUT(ModelBase):
+class MaMMUT(ContrastiveCaptioner):
     """MaMMUT. ``MaMMUT(dim=..., img_encoder=vit, image_dim=..., num_tokens=..., depth=...)``
     as in the seed README, or ``MaMMUT(MaMMUTConfig(...))``.
 
@@ -132,14 +123,8 @@ class MaMMUT(ModelBase):
 
     def __init__(self, config: MaMMUTConfig | None = None, *, img_encoder: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__()
-        if config is not None and kwargs:
-            raise TypeError("MaMMUT: pass either a MaMMUTConfig or keyword arguments, not both")
-        cfg = config if config is not None else MaMMUTConfig(**kwargs)
-        self.config = cfg
-        if img_encoder is None and cfg.vit is not None:
-            img_encoder = ViT(ViTConfig(**cfg.vit))
-        self.img_encoder = img_encoder
-        image_dim = self.image_dim = cfg.image_dim or getattr(img_encoder, "dim", None) or cfg.dim
+        cfg, image_dim = self._setup(config, img_encoder, kwargs)
+        self.image_dim = image_dim
         dim_latents = cfg.dim_latents or cfg.dim
 
         # image side: tokens -> (contrastive embedding, decoder context)
@@ -278,64 +263,17 @@ class MaMMUT(ModelBase):
         return self._text_embedding(x, keep), hidden
 
     # ------------------------------------------------------------------ losses
-    def compute_losses(
-        self,
-        text: torch.Tensor,
-        images: torch.Tensor | None = None,
-        *,
-        image_tokens: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        token_share: torch.Tensor | None = None,
-    ) -> LossOutput:
-        """Both passes and both losses (``token_share``: the caption loss's weight, see
-        ``mammut.tasks.token_shares``; the caption part returned is weighted by it). Without ``labels`` the captioning pass reads
-        ``text[:, :-1]`` and predicts ``text[:, 1:]``; the contrastive pass reads all of ``text``.
-        ``labels`` ``(b, n)`` (as ``text``): the target of each position of ``text``, an id in
-        ``[0, num_tokens)``, or ``pad_id`` / ``-100`` for none (ignored alike)."""
+    def text_and_caption_loss(self, text: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
+                              context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two passes over shared weights: with a causal contrastive pass (and no dropout
+        drawn) the layers before the first cross-attention run once for both; otherwise two
+        passes in an order drawn at random during training (``shuffle_passes``), as the paper."""
         cfg = self.config
-        check_text(text, cfg.num_tokens, cfg.pad_id, min_len=1 if labels is not None else 2)
-        if labels is not None:
-            check_labels(labels, cfg.num_tokens, shape=tuple(text.shape))
-        tokens = self.image_tokens(images, image_tokens)
-        self.check_batch(text, tokens)
-        if labels is None:
-            inputs, labels = text[:, :-1], text[:, 1:]
-        else:
-            inputs = text
-        image_embeds, context = self.image_embed_and_context(tokens)
-
         if cfg.contrastive_pass == "causal" and (cfg.dropout == 0.0 or not stochastic(self)):
             text_embeds, hidden = self._causal_passes(text, inputs, context)
-            con = self.contrastive(text_embeds, image_embeds)
-            cap = self._caption_loss_from_states(hidden, labels)
-        elif self.training and cfg.shuffle_passes and bool(torch.randint(2, ()).item()):
+            return text_embeds, self._caption_loss_from_states(hidden, labels)
+        if self.training and cfg.shuffle_passes and bool(torch.randint(2, ()).item()):
             cap = self._caption_loss_from_states(self.decode_hidden(inputs, context), labels)
-            con = self.contrastive(self.embed_text(text), image_embeds)
-        else:
-            con = self.contrastive(self.embed_text(text), image_embeds)
-            cap = self._caption_loss_from_states(self.decode_hidden(inputs, context), labels)
-        if token_share is not None:
-            cap = cap.float() * token_share.to(cap.device)
-        total = cfg.caption_loss_weight * cap + cfg.contrastive_loss_weight * con
-        return LossOutput(total, cap, con)
-
-    def forward(
-        self,
-        text: torch.Tensor,
-        images: torch.Tensor | None = None,
-        *,
-        image_tokens: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        return_loss: bool = False,
-        return_embeddings: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if return_loss:
-            return self.compute_losses(text, images, image_tokens=image_tokens, labels=labels).total
-        cfg = self.config
-        check_text(text, cfg.num_tokens, cfg.pad_id)
-        tokens = self.image_tokens(images, image_tokens)
-        self.check_batch(text, tokens)
-        image_embeds, context = self.image_embed_and_context(tokens)
-        if return_embeddings:
-            return self.embed_text(text), image_embeds
-        return self.decode(text, context)
+            return self.embed_text(text), cap
+        text_embeds = self.embed_text(text)
+        return text_embeds, self._caption_loss_from_states(self.decode_hidden(inputs, context), labels)
