@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check, one call, well under 8 minutes on an H100/H200:
-#   1. the CUDA-marked tests (tests/test_cuda.py: CPU/GPU parity, CUDA-graph decoding, bf16, Trainer on CUDA)
+#   1. the CUDA-marked tests (tests/test_cuda.py, tests/test_generation_speed_paths.py: CPU/GPU parity,
+#      CUDA-graph decoding, bf16, fused SDPA, Trainer on CUDA)
 #   2. benchmarks/device_check.py: bf16 training step of a ViT-B/16-size MaMMUT with MFU, greedy and
 #      beam tokens/s eager vs compiled (CUDA graphs), bf16 token agreement, embed_image images/s,
 #      FSDP2 under torchrun on one GPU -- printed as one table.
@@ -17,6 +18,6 @@ if [ ! -x "$PY" ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/gpu.txt"
 status=0
-timeout 240 "$PY" -m pytest tests/test_cuda.py -m cuda -q -p no:cacheprovider -o addopts="-ra" 2>&1 | tee "$out/cuda_tests.log" || status=1
+timeout 240 "$PY" -m pytest tests/test_cuda.py tests/test_generation_speed_paths.py -m cuda -q -p no:cacheprovider -o addopts="-ra" 2>&1 | tee "$out/cuda_tests.log" || status=1
 timeout 300 "$PY" benchmarks/device_check.py --json "$out/device_check.json" 2>&1 | tee "$out/device_check.log" || status=1
 exit $status

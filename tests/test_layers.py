@@ -192,9 +192,9 @@ def test_both_attention_kernels_match_reference(monkeypatch, explicit, kv_heads,
 
 @pytest.mark.parametrize("shape", [(1, 12), (4, 1, 12), (2, 4, 12), (3, 3, 12), (0, 12)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_few_rows_path_equals_f_linear(shape, bias):
-    """A few rows take the weights-on-the-left product on CPU; more take F.linear: same values
-    and gradients either way."""
+def test_linear_equals_f_linear(shape, bias):
+    """``Linear`` keeps nn.Linear's state dict and equals F.linear in values and gradients
+    for any number of rows."""
     from mammut.layers import Linear
 
     torch.manual_seed(0)
@@ -209,7 +209,7 @@ def test_linear_few_rows_path_equals_f_linear(shape, bias):
         torch.testing.assert_close(torch.autograd.grad(out, (x, layer.weight), g), torch.autograd.grad(ref, (x, layer.weight), g))
 
 
-def test_linear_few_rows_path_keeps_autocast_dtypes():
+def test_linear_keeps_autocast_dtypes():
     from mammut.layers import Linear
 
     layer = Linear(12, 7, bias=True)

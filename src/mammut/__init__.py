@@ -13,7 +13,7 @@ from .losses import (
     softmax_contrastive_loss,
 )
 from .models import create_model, get_model_class, list_models, register_model
-from .generation import GenerationOutput, caption, generate
+from .generation import GenerationConfig, GenerationOutput, caption, generate
 from .io.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .layers.perceiver import PerceiverResampler
 from .transforms.m2pt import CrossModalReparameterization, MPTransformerBlock, add_pathways, merge_pathways, pathway_scales
@@ -40,6 +40,7 @@ __all__ = [
     "pathway_scales",
     "generate",
     "caption",
+    "GenerationConfig",
     "GenerationOutput",
     "save_pretrained",
     "load_pretrained",

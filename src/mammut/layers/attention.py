@@ -52,13 +52,15 @@ def _sdpa(
     bf16/fp16 (autocast) and, when gradients flow, for short sequences (at most
     ``_CPU_EXPLICIT_MAX_SCORES`` scores per head): there the fused CPU kernel's forward +
     backward is slower than explicit matmuls + softmax (``_explicit_attention``; measured in
-    ``benchmarks/train_step.py``). Without gradients (evaluation, embedding, generation) the
-    fused kernel is the faster at every size (``benchmarks/embed.py``, ``benchmarks/generate.py``).
+    ``benchmarks/train_step.py``); and under ``torch.compile``, which fuses the explicit form
+    itself. Without gradients, eagerly (evaluation, embedding, generation), the fused kernel is
+    the faster (``benchmarks/embed.py``, ``benchmarks/generate.py``).
     Grouped-query k/v (fewer heads than q) are shared without copies."""
     n, m = q.shape[-2], k.shape[-2]
     if q.device.type == "cpu" and (
         q.dtype in (torch.bfloat16, torch.float16)
-        or (n * m <= _CPU_EXPLICIT_MAX_SCORES and (q.requires_grad or k.requires_grad or v.requires_grad))
+        or (n * m <= _CPU_EXPLICIT_MAX_SCORES
+            and (q.requires_grad or k.requires_grad or v.requires_grad or torch.compiler.is_compiling()))
     ):
         return _explicit_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
     if q.shape[1] == k.shape[1]:
@@ -233,24 +235,28 @@ class Attention(nn.Module):
         h, g, d = self.heads, self.kv_heads, self.dim_head
         big = h + 2 * g
         qkv = self.to_qkv(x)
-        if torch.compiler.is_compiling():  # plain views (dynamo does not trace storage offsets; inductor fuses them)
-            heads = qkv.view(b, n, big, d)
-            qk, kv_heads, q = heads[:, :, : h + g], heads[:, :, h:], heads[:, :, :h].transpose(1, 2)
-            kv = kv_heads.reshape(b, n, 2, g, d).permute(2, 0, 3, 1, 4)
-        else:  # the same views, one call each
-            if not qkv.is_contiguous():
-                qkv = qkv.contiguous()
-            at = qkv.storage_offset()
-            qk = _heads(qkv, (b, n, h + g, d), (n * big * d, big * d, d, 1), at)
-            kv = _heads(qkv, (2, b, g, n, d), (g * d, n * big * d, d, big * d, 1), at + h * d)  # keys, values
-            q = _heads(qkv, (b, h, n, d), (n * big * d, d, big * d, 1), at)
+        tables = None
         if self.rotary is not None:
             if positions is None:
                 start = cache.seq_len(self)
                 positions = torch.arange(start, start + n, device=x.device)
             rotary = self.rotary
-            cos, sin = cache.per_call(f"rotary {d} {rotary.theta}", positions, lambda: rotary.tables(positions))
-            apply_rotary_(qk, cos, sin)  # queries and keys at once, in place (q and kv see it)
+            tables = cache.per_call(f"rotary {d} {rotary.theta}", positions, lambda: rotary.tables(positions))
+        if torch.compiler.is_compiling():  # functional form: dynamo traces no storage offset, inductor fuses it all
+            heads = qkv.view(b, n, big, d)
+            qk, v = heads[:, :, : h + g], heads[:, :, h + g:]
+            if tables is not None:
+                qk = (qk.float() * tables[0] + qk.float().roll(d // 2, -1) * tables[1]).to(qk.dtype)
+            q = qk[:, :, :h].transpose(1, 2)
+            kv = torch.cat((qk[:, :, h:], v), dim=2).view(b, n, 2, g, d).permute(2, 0, 3, 1, 4)
+        else:  # strided views of the projection, one call each, rotated in place
+            if not qkv.is_contiguous():
+                qkv = qkv.contiguous()
+            at = qkv.storage_offset()
+            q = _heads(qkv, (b, h, n, d), (n * big * d, d, big * d, 1), at)
+            kv = _heads(qkv, (2, b, g, n, d), (g * d, n * big * d, d, big * d, 1), at + h * d)  # keys, values
+            if tables is not None:  # queries and keys at once (q and kv see it)
+                apply_rotary_(_heads(qkv, (b, n, h + g, d), (n * big * d, big * d, d, 1), at), *tables)
         k, v = cache.append_kv(self, kv)  # keys and values together: one copy into the cache
         if n == 1 and (mask is None or mask.shape[1] == 1):  # one query: it sees every cached key
             dtype, read = q.dtype, mask is not None and mask.device.type == "cpu" and not cache.static

@@ -163,11 +163,14 @@ class KVCache:
 
     @staticmethod
     def _select(buf: torch.Tensor, length: int, index: torch.Tensor) -> torch.Tensor:
-        """Rows ``index`` of the filled part of ``buf``, in a new buffer of the same capacity."""
+        """Rows ``index`` of the filled part of ``buf`` ``(2, b, ...)``, in a new buffer of the
+        same capacity (keys and values each selected along their first dimension, the fast
+        path of ``index_select``)."""
         if buf.requires_grad:
             return buf[..., :length, :].index_select(1, index)
         out = buf.new_empty((buf.shape[0], index.shape[0], *buf.shape[2:]))
-        torch.index_select(buf[..., :length, :], 1, index, out=out[..., :length, :])
+        for i in range(buf.shape[0]):
+            torch.index_select(buf[i, ..., :length, :], 0, index, out=out[i, ..., :length, :])
         return out
 
     def __len__(self) -> int:
@@ -244,7 +247,11 @@ class StaticKVCache(KVCache):
             self._column = n
             return self._self[layer], n
         self._check_step(kv.shape[-2])
-        entry.buf.index_copy_(-2, self.index, kv)
+        if _compiling():  # keys, then values: what inductor writes in place into the graph's inputs
+            entry.k.index_copy_(-2, self.index, kv[0])
+            entry.v.index_copy_(-2, self.index, kv[1])
+        else:
+            entry.buf.index_copy_(-2, self.index, kv)
         return entry, None
 
     def set_state(self, key: str, value: torch.Tensor) -> None:
@@ -260,7 +267,8 @@ class StaticKVCache(KVCache):
             super().reorder(index, cross=cross)
             return
         for e in self._self.values():  # same number of rows: in place, same addresses
-            e.buf.copy_(e.buf.index_select(1, index))
+            for half in (e.k, e.v):
+                half.copy_(half.index_select(0, index))
         for value in self.state.values():
             value.copy_(value.index_select(0, index))
         self._call = None

@@ -49,9 +49,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`: the fused kernel for plain CPU/CUDA tensors (on CPU
-    about 3x faster than the default loop, measured by ``benchmarks/train_step.py``'s model),
-    torch's default otherwise (e.g. FSDP's sharded DTensors)."""
+    """AdamW over :func:`param_groups`: the fused kernel for plain CPU/CUDA tensors (faster than
+    the default loop; the README's benchmark section has the figure), torch's default otherwise
+    (e.g. FSDP's sharded DTensors)."""
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
     params = [p for g in groups for p in g["params"]]
     fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
