@@ -54,6 +54,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from _timing import interleaved  # benchmarks/_timing.py (the script's own folder is on sys.path)
 
 IMAGE, PATCH, VIT_DIM, VIT_DEPTH, HEADS, DIM_HEAD = 128, 16, 256, 4, 4, 64
 DIM, VOCAB, DEPTH, XATTN_EVERY, QUERIES = 256, 8192, 4, 2, 256
@@ -84,20 +85,6 @@ def open_clip_coca() -> torch.nn.Module | None:
     # logit ties and top_k=1 would sample uniformly (stopping early on eos/pad); give it values
     torch.nn.init.normal_(model.text_decoder.text_projection, std=DIM**-0.5)
     return model
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function; one warm-up each, then rounds that run every
-    function once, so slow phases of a shared machine hit all of them alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def step_cost(model: torch.nn.Module, context: torch.Tensor, length: int, *, cached: bool, repeats: int) -> float:

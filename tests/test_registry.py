@@ -48,6 +48,16 @@ def test_spec_is_complete_and_tiny(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_forward_gives_logits_and_a_loss(name):
+    model = get_model_spec(name).build_tiny().eval()
+    text, images = inputs(name)
+    logits = model(text, images)
+    assert logits.shape == (*text.shape, model.config.num_tokens) and torch.isfinite(logits).all()
+    loss = model(text, images, return_loss=True)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_caption_loss_falls(name):
     model = get_model_spec(name).build_tiny().train()
     text, images = inputs(name)
