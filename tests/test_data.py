@@ -15,14 +15,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from mammut.data.datasets import (
-    CsvImageText,
-    ImageTextCollate,
-    SkipCounter,
-    image_transform,
-    webdataset_pipeline,
-    write_webdataset,
-)
+from mammut.data.datasets import CsvImageText, ImageTextCollate, image_transform
+from mammut.data.webdataset import SkipCounter, webdataset_pipeline, write_webdataset
 from mammut.data.scenes import (
     RELATIONS,
     EmojiScenes,
@@ -194,7 +188,7 @@ def test_csv_skips_missing_and_corrupt(tmp_path: Path, caplog: pytest.LogCapture
         'img/bad.jpg,a broken image\nimg/blue.png,"a blue square, translucent"\n',
         encoding="utf-8",
     )
-    with caplog.at_level(logging.WARNING, logger="mammut.data.datasets"):
+    with caplog.at_level(logging.WARNING, logger="mammut.data"):
         ds = CsvImageText(csv_path, transform=image_transform(16))
         assert len(ds) == 3 and ds.num_missing == 1
         items = [ds[i] for i in range(len(ds))]

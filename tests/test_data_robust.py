@@ -14,7 +14,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from mammut.cli import main as cli_main
-from mammut.data.datasets import CsvImageText, expand_shards, webdataset_pipeline, write_webdataset
+from mammut.data.datasets import CsvImageText
+from mammut.data.webdataset import expand_shards, webdataset_pipeline, write_webdataset
 from mammut.data.scenes import EmojiScenes
 from mammut.data.tokenizer import Tokenizer, train_bpe
 from mammut.train.config import load_config
@@ -143,7 +144,7 @@ def test_webdataset_filters_long_captions_in_the_stream(shards, caplog):
     def check(caption):
         return None if tok.num_tokens([caption])[0] <= 16 else "too long"
 
-    with caplog.at_level(logging.WARNING, logger="mammut.data.datasets"):
+    with caplog.at_level(logging.WARNING, logger="mammut.data"):
         pipe = webdataset_pipeline(pattern, transform=T.ToTensor(), caption_check=check)
         got = [c for _, c in pipe]
     assert len(got) == 39 and LONG not in got and pipe.filtered.count == 1
@@ -210,7 +211,7 @@ def test_webdataset_runs_repeat_and_resume_exactly(tmp_path, shards):
 def test_expand_shards(tmp_path, caplog):
     for i in (0, 2):
         (tmp_path / f"x-{i:03d}.tar").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="mammut.data.datasets"):
+    with caplog.at_level(logging.WARNING, logger="mammut.data"):
         got = expand_shards(str(tmp_path / "x-{000..003}.tar"))
     assert got == [str(tmp_path / "x-000.tar"), str(tmp_path / "x-002.tar")]
     assert any("2 of 4 shards" in r.getMessage() for r in caplog.records)
@@ -350,7 +351,7 @@ def test_bad_samples_are_named_and_bugs_are_raised(tmp_path, caplog):
     rows = [("img/red.png", "red"), ("img/bad.png", "broken"), ("img/green.png", "green")]
     path = _csv(tmp_path, rows)
     (tmp_path / "img" / "bad.png").write_bytes(b"not a png")
-    with caplog.at_level(logging.WARNING, logger="mammut.data.datasets"):
+    with caplog.at_level(logging.WARNING, logger="mammut.data"):
         ds = CsvImageText(path, transform=T.ToTensor())
         assert [c for _, c in (ds[i] for i in range(3))] == ["red", "green", "green"]
     assert ds.num_corrupt == 1
@@ -360,7 +361,7 @@ def test_bad_samples_are_named_and_bugs_are_raised(tmp_path, caplog):
         sink.write({"__key__": "ok", "png": _png((255, 0, 0)), "txt": "red"})
         sink.write({"__key__": "broken", "png": b"garbage", "txt": "broken"})
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mammut.data.datasets"):
+    with caplog.at_level(logging.WARNING, logger="mammut.data"):
         pipe = webdataset_pipeline(str(tmp_path / "s-0.tar"), transform=T.ToTensor())
         assert [c for _, c in pipe] == ["red"] and pipe.skipped.count == 1
     assert any("s-0.tar key broken" in r.getMessage() for r in caplog.records)

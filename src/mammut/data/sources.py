@@ -16,16 +16,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from .datasets import (
-    CsvImageText,
-    ImageDecodeError,
-    SkipCounter,
-    caption_of,
-    decode_image,
-    expand_shards,
-    image_of,
-    image_transform,
-)
+from .datasets import CsvImageText, ImageDecodeError, decode_image, image_transform
+from .webdataset import SkipCounter, caption_of, expand_shards, image_of
 from .scenes import RELATIONS, EmojiScenes, make_caption
 
 log = logging.getLogger(__name__)

@@ -31,13 +31,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.datasets import (
-    CsvImageText,
-    ImageTextCollate,
-    expand_shards,
-    image_transform,
-    webdataset_pipeline,
-)
+from ..data.datasets import CsvImageText, ImageTextCollate, image_transform
+from ..data.webdataset import expand_shards, webdataset_pipeline
 from ..data.sources import csv_dataset, emoji_corpus, emoji_dataset, is_csv
 from ..data.tokenizer import Tokenizer, train_bpe
 from .checkpointing import latest_checkpoint
