@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--images", nargs="+", help="image files")
     group.add_argument("--texts", nargs="+", help="texts")
     m.add_argument("--out", required=True, help="output file: .npy or .safetensors")
+
+    from .apps import register_commands
+
+    register_commands(sub)  # applications on top of the library (each sets its handler)
     return p
 
 
@@ -228,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             return _caption(args)
         if args.command == "embed":
             return _embed(args)
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            return int(handler(args))
     except (ConfigError, ValueError, OSError) as exc:  # user errors and the machine's (disk full): one line
         if os.environ.get("MAMMUT_DEBUG"):
             raise
