@@ -58,6 +58,64 @@ def test_focal_gamma_zero_is_weighted_sigmoid_bce():
     torch.testing.assert_close(focal_contrastive_loss(t, i, 3.0, alpha=0.5, gamma=0.0), bce)
 
 
+def test_focal_sum_is_exactly_twice_mean():
+    t, i = _embeds(b=7, d=5, seed=3)
+    kw = dict(alpha=0.25, gamma=2.0, logit_bias=-1.5)
+    mean = focal_contrastive_loss(t, i, 4.0, **kw)
+    assert torch.equal(focal_contrastive_loss(t, i, 4.0, directions="sum", **kw), 2 * mean)
+    assert torch.equal(focal_contrastive_loss(t, i, 4.0, directions="mean", **kw), mean)
+    focal_sum = ContrastiveLoss("focal", alpha=0.25, gamma=2.0, directions="sum")
+    assert torch.equal(focal_sum(t, i), 2 * ContrastiveLoss("focal", alpha=0.25, gamma=2.0)(t, i))
+
+
+def _ro_vit_focal_reference(text, image, scale, bias, alpha, gamma):
+    """RO-ViT's focal contrastive loss written pair by pair: L = L_I2T + L_T2I with
+    L_X2Y = -(1/B) sum_i sum_j w_ij (1 - p_ij)^gamma log p_ij, p_ij = sigmoid(l_ij) for the
+    matched pair (i == j) and 1 - sigmoid(l_ij) otherwise, w = 2*alpha / 2*(1-alpha)."""
+    b = text.shape[0]
+    directions = (
+        torch.einsum("id,jd->ij", image, text) * scale + bias,  # image i against text j
+        torch.einsum("id,jd->ij", text, image) * scale + bias,  # text i against image j
+    )
+    total = torch.zeros((), dtype=torch.float64)
+    for logits in directions:
+        for r in range(b):
+            for c in range(b):
+                q = 1 / (1 + math.exp(-float(logits[r, c])))
+                p = q if r == c else 1 - q
+                w = 2 * alpha if r == c else 2 * (1 - alpha)
+                total += -w * (1 - p) ** gamma * math.log(p)
+    return total / b
+
+
+@pytest.mark.parametrize("alpha,gamma,bias", [(0.5, 1.0, 0.0), (0.3, 2.0, -2.0), (0.8, 0.5, 1.0)])
+def test_focal_sum_matches_a_pair_by_pair_ro_vit_reference(alpha, gamma, bias):
+    g = torch.Generator().manual_seed(7)
+    t = F.normalize(torch.randn(5, 6, generator=g, dtype=torch.float64), dim=-1)
+    i = F.normalize(torch.randn(5, 6, generator=g, dtype=torch.float64), dim=-1)
+    ref = _ro_vit_focal_reference(t, i, 6.0, bias, alpha, gamma)
+    got = focal_contrastive_loss(t, i, 6.0, alpha=alpha, gamma=gamma, logit_bias=bias, directions="sum")
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(focal_contrastive_loss(t, i, 6.0, alpha=alpha, gamma=gamma, logit_bias=bias), ref / 2)
+
+
+@pytest.mark.parametrize("bad", ["Sum", "avg", "", None, 2])
+def test_focal_directions_rejects_bad_values(bad):
+    t, i = _embeds()
+    with pytest.raises(ValueError, match=r"directions: expected 'mean' or 'sum'"):
+        focal_contrastive_loss(t, i, 3.0, directions=bad)
+    with pytest.raises(ValueError, match=r"directions: expected 'mean' or 'sum'"):
+        ContrastiveLoss("focal", directions=bad)
+
+
+def test_softmax_contrastive_refuses_summed_directions():
+    with pytest.raises(ValueError, match=r"directions: expected 'mean' with kind='softmax'.*got 'sum'"):
+        ContrastiveLoss("softmax", directions="sum")
+    t, i = _embeds()
+    loss = ContrastiveLoss("softmax", directions="mean")
+    torch.testing.assert_close(loss(t, i), softmax_contrastive_loss(t, i, loss.logit_scale()))
+
+
 def test_caption_loss_ignores_pad_and_checks_shape():
     logits = torch.randn(2, 4, 10)
     labels = torch.tensor([[3, 4, 0, 0], [1, 2, 3, 5]])

@@ -25,6 +25,7 @@ __all__ = [
     "gather_with_grad",
     "softmax_contrastive_loss",
     "focal_contrastive_loss",
+    "FOCAL_DIRECTIONS",
     "caption_loss",
     "linear_caption_loss",
     "LogitScale",
@@ -131,6 +132,14 @@ def _focal_sigmoid_sum(logits: torch.Tensor, targets: torch.Tensor, alpha: float
     return (weight * modulator * ce).sum()
 
 
+FOCAL_DIRECTIONS = ("mean", "sum")
+
+
+def _check_directions(directions: object) -> None:
+    if not isinstance(directions, str) or directions not in FOCAL_DIRECTIONS:
+        raise ValueError(f"directions: expected 'mean' or 'sum', got {directions!r}")
+
+
 def focal_contrastive_loss(
     text_embeds: torch.Tensor,
     image_embeds: torch.Tensor,
@@ -139,12 +148,23 @@ def focal_contrastive_loss(
     alpha: float = 0.5,
     gamma: float = 1.0,
     logit_bias: torch.Tensor | float = 0.0,
+    directions: str = "mean",
 ) -> torch.Tensor:
-    """Focal sigmoid contrastive loss (RO-ViT): sigmoid cross-entropy over the ``B x B``
-    logit matrix with one-hot diagonal targets, each entry weighted ``2*alpha`` (positive) or
-    ``2*(1-alpha)`` (negative) and modulated by ``(1 - p_t)^gamma``; summed over entries,
-    applied in both directions and averaged, normalised by the batch size ``B``.
+    """Focal sigmoid contrastive loss (RO-ViT, arXiv 2305.07011) over L2-normalised ``(b, d)``
+    embeddings, gathered across ranks.
+
+    Each direction (text->image logits ``s * T @ I.T + bias``, image->text ``s * I @ T.T +
+    bias``) is a sigmoid cross-entropy over its ``B x B`` matrix with one-hot diagonal
+    targets, each entry weighted ``2*alpha`` (positive) or ``2*(1-alpha)`` (negative; both 1
+    at ``alpha=0.5``) and modulated by ``(1 - p_t)^gamma``, summed over entries and divided
+    by the batch size ``B``. ``directions`` says how the two are combined:
+
+    - ``"mean"`` (default): their average, on the scale of one direction (as the softmax
+      CLIP loss averages its two);
+    - ``"sum"``: their sum, RO-ViT's ``L_I2T + L_T2I`` (which MaMMUT's paper uses); exactly
+      twice ``"mean"``, so it is the same objective at twice the learning signal.
     """
+    _check_directions(directions)
     all_text = gather_with_grad(text_embeds)
     all_image = gather_with_grad(image_embeds)
     b = text_embeds.shape[0]
@@ -153,7 +173,7 @@ def focal_contrastive_loss(
     logits_t2i = logit_scale * text_embeds @ all_image.t() + logit_bias
     logits_i2t = logit_scale * image_embeds @ all_text.t() + logit_bias
     total = _focal_sigmoid_sum(logits_t2i, targets, alpha, gamma) + _focal_sigmoid_sum(logits_i2t, targets, alpha, gamma)
-    return 0.5 * total / b
+    return (0.5 if directions == "mean" else 1.0) * total / b
 
 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor, *, pad_id: int | None = 0) -> torch.Tensor:
@@ -293,21 +313,42 @@ class ContrastiveLoss(nn.Module):
 
     ``kind="softmax"`` (CLIP/CoCa) or ``"focal"`` (focal sigmoid, RO-ViT/MaMMUT).
     forward(text_embeds ``(b, d)``, image_embeds ``(b, d)``), both L2-normalised -> scalar.
+    ``alpha``, ``gamma`` and ``directions`` (``"mean"`` or ``"sum"`` of the two directions,
+    see ``focal_contrastive_loss``) are the focal loss's; the softmax loss ignores ``alpha``
+    and ``gamma`` and always averages its two directions (CLIP's convention), so
+    ``directions="sum"`` with ``kind="softmax"`` is a ``ValueError`` rather than silently
+    ignored.
     """
 
-    def __init__(self, kind: str = "softmax", *, alpha: float = 0.5, gamma: float = 1.0, init_scale: float = 1 / 0.07) -> None:
+    def __init__(
+        self,
+        kind: str = "softmax",
+        *,
+        alpha: float = 0.5,
+        gamma: float = 1.0,
+        init_scale: float = 1 / 0.07,
+        directions: str = "mean",
+    ) -> None:
         super().__init__()
         if kind not in ("softmax", "focal"):
             raise ValueError(f"contrastive_loss: expected 'softmax' or 'focal', got {kind!r}")
+        _check_directions(directions)
+        if kind == "softmax" and directions != "mean":
+            raise ValueError(
+                f"directions: expected 'mean' with kind='softmax' (the CLIP loss averages its two directions; "
+                f"'sum' is the focal loss's RO-ViT option), got {directions!r}"
+            )
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"focal_alpha: expected a value in [0, 1], got {alpha}")
         if gamma < 0:
             raise ValueError(f"focal_gamma: expected >= 0, got {gamma}")
-        self.kind, self.alpha, self.gamma = kind, alpha, gamma
+        self.kind, self.alpha, self.gamma, self.directions = kind, alpha, gamma, directions
         self.logit_scale = LogitScale(init_scale)
 
     def forward(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         scale = self.logit_scale()
         if self.kind == "softmax":
             return softmax_contrastive_loss(text_embeds, image_embeds, scale)
-        return focal_contrastive_loss(text_embeds, image_embeds, scale, alpha=self.alpha, gamma=self.gamma)
+        return focal_contrastive_loss(
+            text_embeds, image_embeds, scale, alpha=self.alpha, gamma=self.gamma, directions=self.directions
+        )
