@@ -2,6 +2,8 @@
 
 - :mod:`mammut.convert.open_clip`: open_clip CoCa (``coca_ViT-B-32``, ``coca_ViT-L-14`` or a
   config dict) -> :class:`~mammut.models.coca.CoCa`, exact to 1e-4;
+- :mod:`mammut.convert.open_mammut`: openMaMMUT (LAION's open_clip fork, ``mammut_ViT-*`` or a
+  config dict in the fork's schema) -> :class:`~mammut.models.mammut.MaMMUT`;
 - :mod:`mammut.convert.clip_tokenizer`: open_clip's CLIP BPE tokenizer behind our tokenizer
   interface (the ids those checkpoints use).
 
@@ -32,6 +34,13 @@ from .open_clip import (
     convert_open_clip_coca_state_dict,
     open_clip_model_config,
 )
+from .open_mammut import (
+    OPEN_MAMMUT_CONFIGS,
+    OPEN_MAMMUT_MODELS,
+    convert_open_mammut_state_dict,
+    mammut_config_from_open_clip,
+    mammut_from_open_clip,
+)
 
 __all__ = [
     "OPEN_CLIP_CONVERTERS",
@@ -42,11 +51,17 @@ __all__ = [
     "coca_config_from_open_clip",
     "convert_open_clip_coca_state_dict",
     "coca_from_open_clip",
+    "OPEN_MAMMUT_MODELS",
+    "OPEN_MAMMUT_CONFIGS",
+    "mammut_config_from_open_clip",
+    "convert_open_mammut_state_dict",
+    "mammut_from_open_clip",
 ]
 
 # model registry name -> converter of open_clip weights into that model
 OPEN_CLIP_CONVERTERS: dict[str, Callable[..., nn.Module]] = {
     "coca": coca_from_open_clip,
+    "mammut": mammut_from_open_clip,
 }
 
 

@@ -2,7 +2,8 @@
 
 All blocks are pre-norm and residual: ``x (b, n, dim) -> (b, n, dim)``.
 - ``ParallelBlock``: PaLM's ``x + attn(norm(x)) + ff(norm(x))`` (one norm, both branches).
-- ``TransformerBlock``: the classic sequential ``x + attn(norm1 x)``, then ``+ ff(norm2 x)``.
+- ``TransformerBlock``: the classic sequential ``x + attn(norm1 x)``, then ``+ ff(norm2 x)``
+  (``feedforward=False``: attention only).
 - ``CrossAttentionBlock``: ``x + xattn(norm(x), context)`` with an optional parallel ff
   (PaLM style) or a sequential one, ``+ ff(norm2 x)`` (CLIP / open_clip CoCa style).
 ``norm_bias`` gives every LayerNorm of a block a bias (CLIP-style weights); ``bias`` the linears.
@@ -79,12 +80,15 @@ class TransformerBlock(nn.Module):
         bias: bool = False,
         norm_bias: bool = False,
         dropout: float = 0.0,
+        feedforward: bool = True,
     ) -> None:
         super().__init__()
         self.norm1 = make_norm(norm, dim, bias=norm_bias)
         self.attn = Attention(dim, heads=heads, dim_head=dim_head, kv_heads=kv_heads, rotary=rotary, bias=bias, dropout=dropout)
-        self.norm2 = make_norm(norm, dim, bias=norm_bias)
-        self.ff = FeedForward(dim, mult=ff_mult, activation=activation, bias=bias, dropout=dropout)
+        # feedforward=False: attention only (openMaMMUT's self-attention in layers whose
+        # cross-attention block brings the feed-forward, its ``has_mlp=False``)
+        self.norm2 = make_norm(norm, dim, bias=norm_bias) if feedforward else None
+        self.ff = FeedForward(dim, mult=ff_mult, activation=activation, bias=bias, dropout=dropout) if feedforward else None
 
     def forward(
         self,
@@ -94,9 +98,12 @@ class TransformerBlock(nn.Module):
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        only_last: int | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), causal=causal, mask=mask, positions=positions, cache=cache)
-        return x + self.ff(self.norm2(x))
+        """``only_last``: outputs for the last ``only_last`` tokens only (see ``Attention``)."""
+        out = self.attn(self.norm1(x), causal=causal, mask=mask, positions=positions, cache=cache, only_last=only_last)
+        x = (x if only_last is None else x[:, -only_last:]) + out
+        return x if self.ff is None else x + self.ff(self.norm2(x))
 
 
 class CrossAttentionBlock(nn.Module):

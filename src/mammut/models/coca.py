@@ -177,24 +177,27 @@ class CoCa(ContrastiveCaptioner):
         self.contrastive = ContrastiveLoss("softmax", init_scale=cfg.logit_scale_init)
 
     # ------------------------------------------------------------------ image side
-    def image_embed_and_context(self, tokens: torch.Tensor, *, context: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """tokens ``(b, m, image_dim)`` -> (normalised embedding ``(b, l)``, context ``(b, q, d)``
-        or None when ``context=False``)."""
+    def image_embed_and_context(self, tokens: torch.Tensor, *, context: bool = True,
+                                normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens ``(b, m, image_dim)`` -> (embedding ``(b, l)``, L2-normalised unless
+        ``normalize=False``; context ``(b, q, d)`` or None when ``context=False``)."""
         if self.img_pool_contrastive is None:
             pooled = self.img_pool(tokens)
             embed, ctx = pooled[:, 0], pooled[:, 1:]
         else:
             embed = self.img_pool_contrastive(tokens)[:, 0]
             ctx = self.img_pool(tokens) if context else None
-        return F.normalize(self.img_to_latents(embed), dim=-1), ctx
+        embed = self.img_to_latents(embed)
+        return (F.normalize(embed, dim=-1) if normalize else embed), ctx
 
     def image_context(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """What the decoder cross-attends to, ``(b, q, d)`` (decoder protocol)."""
         return self.image_embed_and_context(self.image_tokens(images, image_tokens))[1]
 
-    def embed_image(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised image embeddings ``(b, l)``."""
-        return self.image_embed_and_context(self.image_tokens(images, image_tokens), context=False)[0]
+    def embed_image(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None,
+                    *, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings ``(b, l)``, L2-normalised unless ``normalize=False``."""
+        return self.image_embed_and_context(self.image_tokens(images, image_tokens), context=False, normalize=normalize)[0]
 
     # ------------------------------------------------------------------ text side
     def _learned_positions(self, positions: torch.Tensor, *, check: bool = True) -> torch.Tensor:
@@ -248,13 +251,15 @@ class CoCa(ContrastiveCaptioner):
             x = layer(x, causal=True, mask=mask, positions=all_pos)
         return x[:, :-1], self.text_cls_norm(x[:, -1]), positions
 
-    def _text_latents(self, cls_out: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_to_latents(cls_out), dim=-1)
+    def _text_latents(self, cls_out: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        embed = self.text_to_latents(cls_out)
+        return F.normalize(embed, dim=-1) if normalize else embed
 
-    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
-        """L2-normalised text embeddings ``(b, l)`` from the CLS token; never sees images."""
+    def embed_text(self, text: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+        """Text embeddings ``(b, l)`` from the CLS token, L2-normalised unless
+        ``normalize=False``; never sees images."""
         check_text(text, self.config.num_tokens, self.config.pad_id)
-        return self._text_latents(self._unimodal(text)[1])
+        return self._text_latents(self._unimodal(text)[1], normalize)
 
     def _multimodal(
         self,

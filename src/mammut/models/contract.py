@@ -35,8 +35,8 @@ token ids, and per task ``labels`` (b, n) (``-100`` / pad: no target), ``loss_ma
 
 @runtime_checkable
 class ImageSide(Protocol):
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings ``(b, l)``."""
+    def embed_image(self, images: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings ``(b, l)``, L2-normalised unless ``normalize=False``."""
 
     def image_context(self, images: torch.Tensor) -> Any:
         """What the decoder cross-attends to (e.g. ``(b, m, d)``)."""
@@ -44,8 +44,8 @@ class ImageSide(Protocol):
 
 @runtime_checkable
 class TextSide(Protocol):
-    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
-        """L2-normalised text embeddings ``(b, l)`` of token ids ``(b, n)``."""
+    def embed_text(self, text: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+        """Text embeddings ``(b, l)`` of token ids ``(b, n)``, L2-normalised unless ``normalize=False``."""
 
 
 @runtime_checkable
