@@ -49,6 +49,8 @@ from .open_clip import EOT_ID, PAD_ID, SOT_ID, _as_state_dict, _check_required, 
 __all__ = [
     "OPEN_MAMMUT_MODELS",
     "OPEN_MAMMUT_CONFIGS",
+    "open_mammut_config",
+    "fork_cross_attention_layers",
     "mammut_config_from_open_clip",
     "convert_open_mammut_state_dict",
     "mammut_from_open_clip",
