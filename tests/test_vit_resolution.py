@@ -168,3 +168,13 @@ def test_set_image_size_rejects_bad_sizes(size):
 def test_dynamic_mode_rejects_bad_images(shape):
     with pytest.raises(ValueError, match="images: expected"):
         vit(dynamic_image_size=True)(torch.randn(*shape))
+
+
+def test_video_tubes_refuse_a_vit_resized_after_wrapping():
+    from mammut import VideoTubeConfig, VideoTubeViT
+
+    vit = ViT(image_size=32, patch_size=8, dim=64, depth=1, heads=2, dim_head=32)
+    video = VideoTubeViT(vit, VideoTubeConfig(frames=4, frame_stride=2, tubes=(((2, 8, 8), (2, 8, 8), (0, 0, 0)),)))
+    vit.set_image_size(48)
+    with pytest.raises(ValueError, match="before wrapping"):
+        video(torch.randn(1, 3, 4, 48, 48))

@@ -97,6 +97,7 @@ class VideoTubeViT(nn.Module):
             if any(o + k > n for n, k, o in zip(size, kernel, offset)):
                 raise ValueError(f"tubes[{i}]: offset {offset} + kernel {kernel} does not fit a video of (t, H, W) = {size}")
         self.config, self.vit = cfg, vit
+        self.built_image_size = vc.image_size  # the fixed position tables below are for this size
         self.tubes = nn.ModuleList(
             nn.Conv3d(vc.channels, vc.dim, kernel, stride=stride, bias=vc.patch_bias) for kernel, stride, _ in cfg.tubes
         )
@@ -121,6 +122,11 @@ class VideoTubeViT(nn.Module):
 
     def check_images(self, videos: torch.Tensor) -> None:
         vc, cfg = self.vit.config, self.config
+        if vc.image_size != self.built_image_size:
+            raise ValueError(
+                f"vit: its image size changed to {vc.image_size} after this VideoTubeViT was built for "
+                f"{self.built_image_size}; call vit.set_image_size(...) before wrapping it"
+            )
         expected = (vc.channels, cfg.frames, vc.image_size, vc.image_size)
         if videos.ndim != 5 or tuple(videos.shape[1:]) != expected:
             raise ValueError(f"images: expected videos of shape (batch, {', '.join(map(str, expected))}), got {tuple(videos.shape)}")
