@@ -192,8 +192,8 @@ def test_tokenizer_matches_open_clip():
     assert (tok.bos_id, tok.eos_id, tok.pad_id, len(tok)) == (49406, 49407, 0, 49408)
     assert tok.bpe_path.name == "bpe_simple_vocab_16e6.txt.gz" and tok.bpe_path.is_file()
     with pytest.raises(ValueError, match="truncate"):
-        tok(["word " * 100])
-    assert tok(["word " * 100], truncate=True)[0, -1] == tok.eos_id
+        tok(["word " * 100], truncate=False)
+    assert tok(["word " * 100])[0, -1] == tok.eos_id  # open_clip's call: cut, end token kept
 
 
 def test_from_open_clip_is_looked_up_in_the_converter_registry():
@@ -206,8 +206,13 @@ def test_from_open_clip_is_looked_up_in_the_converter_registry():
     cfg = small_config("coca_ViT-B-32")
     theirs = build_open_clip(cfg)
     assert CoCa.from_open_clip(cfg, theirs, dtype=torch.float64).to_logits.weight.dtype == torch.float64
-    with pytest.raises(ValueError, match=r"expected a model with an open_clip converter \(coca\), got 'mammut'"):
+    assert convert.open_clip_converter("mammut") is convert.mammut_from_open_clip
+    with pytest.raises(ValueError, match="multimodal_cfg"):  # a CoCa config is not an openMaMMUT one
         MaMMUT.from_open_clip(cfg, theirs)
+    from mammut import FlamingoPaLM
+
+    with pytest.raises(ValueError, match=r"expected a model with an open_clip converter \(coca, mammut\), got 'flamingo"):
+        FlamingoPaLM.from_open_clip(cfg, theirs)
 
 
 def test_models_never_import_the_converters():

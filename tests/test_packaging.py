@@ -50,6 +50,8 @@ EXTRA_FOR = {
     "mammut.tasks": "train",  # training tasks: data, objectives, evaluation
     "mammut.inference": "train",  # loading run folders, image files, batched embedding
     "mammut.io": "io",  # our checkpoint format (save_pretrained / load_pretrained): safetensors
+    "mammut.loading": "train",  # mammut.load: checkpoints, run folders (yaml), Hub snapshots (huggingface_hub)
+    "mammut.preprocess": "train",  # ImagePreprocess: PIL + torchvision, imported per call
     "mammut.convert": "interop",  # converters of others' weights: open_clip CoCa, its tokenizer
     "mammut.encoders.external": "interop",  # timm / transformers / vit-pytorch adapters
 }

@@ -15,6 +15,8 @@ from .losses import (
 from .models import create_model, get_model_class, list_models, register_model
 from .generation import GenerationConfig, GenerationOutput, caption, generate
 from .io.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from .loading import Loaded, MissingComponent, MissingComponentError, load
+from .preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
 from .layers.perceiver import PerceiverResampler
 from .transforms.m2pt import CrossModalReparameterization, MPTransformerBlock, add_pathways, merge_pathways, pathway_scales
 from .models.coca import CoCa, CoCaConfig
@@ -45,6 +47,13 @@ __all__ = [
     "save_pretrained",
     "load_pretrained",
     "CheckpointError",
+    "load",
+    "Loaded",
+    "MissingComponent",
+    "MissingComponentError",
+    "ImagePreprocess",
+    "CLIP_MEAN",
+    "CLIP_STD",
     "ViT",
     "ViTConfig",
     "VideoTubeConfig",

@@ -6,6 +6,8 @@ so none of them reaches into the training loop.
   newest checkpoint that verifies (a corrupt one is named in a warning, never loaded).
 - :func:`read_metrics`: the records of a run's ``metrics.jsonl``.
 - :func:`load_image_files`: image files -> a batch ``(n, 3, s, s)`` in a run's eval transform.
+- :func:`run_preprocess`: that eval transform as a :class:`mammut.ImagePreprocess` (the one
+  preprocessing definition :func:`mammut.load` returns too).
 - :func:`embed_images` / :func:`embed_texts` / :func:`generate_captions`: batched, no grad.
   They switch the model to eval mode for the call and restore its mode (the caller owns the
   model; do not share it with a training thread during the call).
@@ -25,11 +27,12 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .data.tokenizer import Tokenizer
+    from .preprocess import ImagePreprocess
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunFiles", "load_run", "read_metrics", "load_image_files", "embed_images", "embed_texts",
-           "generate_captions"]
+__all__ = ["RunFiles", "load_run", "read_metrics", "load_image_files", "run_preprocess", "embed_images",
+           "embed_texts", "generate_captions"]
 
 
 @dataclasses.dataclass
@@ -45,7 +48,8 @@ class RunFiles:
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> RunFiles:
     """Model (eval mode, on CPU), tokenizer and config of a run folder, from its latest
-    checkpoint or the given one."""
+    checkpoint or the given one. The tokenizer's ``context_length`` is the run's
+    ``data.max_len`` (``tokenizer(texts)`` encodes as training did)."""
     import yaml
 
     from .data.tokenizer import Tokenizer
@@ -61,7 +65,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> RunFi
     # the run's own copy of its tokenizer (written at the start of training), so a run folder
     # works from any directory and after a move; older runs fall back to data.tokenizer
     own = run / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(own if own.is_file() or not cfg.data.tokenizer else cfg.data.tokenizer)
+    tokenizer = Tokenizer.from_file(own if own.is_file() or not cfg.data.tokenizer else cfg.data.tokenizer,
+                                    context_length=cfg.data.max_len)
     if checkpoint is not None:
         ckpt: Path | None = Path(checkpoint)
         if (ckpt / "manifest.json").is_file() or ckpt.name.startswith("step_"):
@@ -94,14 +99,35 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return sorted(by_key.values(), key=lambda r: (r.get("step", -1), r.get("kind", "train")))
 
 
-def load_image_files(paths: Sequence[str | Path], image_size: int, normalize: Any = False) -> torch.Tensor:
-    """Image files -> ``(n, 3, image_size, image_size)`` in the eval transform (resize, centre crop);
-    a missing file or one that is not an image is an error naming it."""
-    from PIL import Image
-
+def run_preprocess(image_size: int, normalize: Any = False) -> ImagePreprocess:
+    """A run's eval transform as a :class:`mammut.ImagePreprocess`: resize the short side
+    (bicubic), centre crop, ``[0, 1]``, transparency on white; ``normalize`` (``data.normalize``):
+    False, True (OpenAI CLIP mean/std) or ``(mean, std)``. The same pixels as
+    ``mammut.data.datasets.image_transform(image_size, train=False, normalize=normalize)``."""
     from .data.datasets import image_transform
 
-    tf = image_transform(image_size, train=False, normalize=normalize)
+    if isinstance(normalize, list):
+        normalize = tuple(normalize)
+    try:
+        return image_transform(image_size, train=False, normalize=False if normalize is None else normalize)
+    except TypeError as exc:
+        raise ValueError(f"normalize: expected False, True or (mean, std), got {normalize!r}") from exc
+
+
+def load_image_files(paths: Sequence[str | Path], image_size: int | None = None, normalize: Any = False, *,
+                     preprocess: Any = None) -> torch.Tensor:
+    """Image files -> ``(n, 3, s, s)`` through ``preprocess`` (a :class:`mammut.ImagePreprocess`,
+    e.g. from :func:`mammut.load`), or else a run's eval transform at ``image_size``
+    (:func:`run_preprocess`); a missing file or one that is not an image is an error naming it."""
+    from PIL import Image
+
+    if preprocess is None:
+        if image_size is None:
+            raise ValueError("image_size / preprocess: expected one of them, got neither")
+        preprocess = run_preprocess(image_size, normalize)
+    elif image_size is not None:
+        raise ValueError("image_size / preprocess: expected one of them, got both")
+    tf = preprocess
     out = []
     for p in paths:
         if not Path(p).is_file():

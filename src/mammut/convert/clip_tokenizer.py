@@ -5,6 +5,12 @@ The BPE merges (``bpe_simple_vocab_16e6.txt.gz``, MIT) and the tokenizer code sh
 open-clip-torch wheel; this wrapper uses them from there (the ``interop`` extra) and adds no
 copy. Ids: vocabulary 49408, start of text 49406, end of text 49407, padding 0 — the ids of
 open_clip's CoCa checkpoints (context 76 tokens).
+
+``tokenizer(texts, context_length=None)`` is open_clip's call (``open_clip.get_tokenizer(name)``):
+a string or a list of strings -> ``LongTensor (b, context_length)``, start and end tokens
+added, right-padded with 0, longer texts truncated with the end token kept (as open_clip).
+``encode`` keeps its stricter contract (a text that does not fit is an error unless
+``truncate=True``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class CLIPTokenizer:
     pad_id = 0
 
     def __init__(self, context_length: int = 76) -> None:
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 3:
+            raise ValueError(f"context_length: expected an int >= 3, got {context_length!r}")
         try:
             from open_clip.tokenizer import SimpleTokenizer
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -76,7 +84,12 @@ class CLIPTokenizer:
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 
-    __call__ = encode
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None, *, truncate: bool = True) -> torch.Tensor:
+        """open_clip's tokenizer call: a string or a list of strings -> ids ``(b, context_length)``
+        (default :attr:`context_length`), right-padded; a longer text is truncated, its start and
+        end tokens kept (``truncate=False``: a ``ValueError`` instead)."""
+        texts = [texts] if isinstance(texts, str) else texts
+        return self.encode(texts, self.context_length if context_length is None else context_length, truncate=truncate)
 
     def decode(self, ids: Any) -> list[str]:
         """Id rows (tensor or lists) -> strings: drops the start token, stops at the end

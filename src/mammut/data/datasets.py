@@ -98,21 +98,26 @@ def image_transform(
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
-    bicubic = T.InterpolationMode.BICUBIC
-    steps: list[Callable[..., Any]] = [ToRGB()]
-    if train:
-        steps.append(T.RandomResizedCrop(image_size, scale=scale, interpolation=bicubic, antialias=True))
-    else:
-        steps += [T.Resize(image_size, interpolation=bicubic, antialias=True), T.CenterCrop(image_size)]
-    steps.append(T.ToTensor())
     if normalize is True:
-        steps.append(T.Normalize(CLIP_MEAN, CLIP_STD))
+        mean_std: tuple[Sequence[float], Sequence[float]] | None = (CLIP_MEAN, CLIP_STD)
     elif isinstance(normalize, tuple):
         if len(normalize) != 2 or len(normalize[0]) != 3 or len(normalize[1]) != 3:
             raise ValueError(f"normalize must be False, True or (mean[3], std[3]), got {normalize!r}")
-        steps.append(T.Normalize(normalize[0], normalize[1]))
-    elif normalize is not False:
+        mean_std = normalize
+    elif normalize is False:
+        mean_std = None
+    else:
         raise TypeError(f"normalize must be a bool or a (mean, std) tuple, got {type(normalize).__name__}")
+    if not train:  # the one eval preprocessing (mammut.load returns it too; saved with checkpoints)
+        from ..preprocess import ImagePreprocess
+
+        mean, std = mean_std if mean_std is not None else (None, None)
+        return ImagePreprocess(image_size, mean=mean, std=std)
+    bicubic = T.InterpolationMode.BICUBIC
+    steps: list[Callable[..., Any]] = [ToRGB(), T.RandomResizedCrop(image_size, scale=scale, interpolation=bicubic, antialias=True),
+                                       T.ToTensor()]
+    if mean_std is not None:
+        steps.append(T.Normalize(*mean_std))
     return T.Compose(steps)
 
 

@@ -10,6 +10,11 @@
 * :meth:`Tokenizer.encode` returns a right-padded ``LongTensor``; captions that do not
   fit raise ``ValueError`` unless ``truncate=True`` is asked for explicitly (the text is
   cut, bos and eos are kept). :meth:`Tokenizer.num_tokens` tells which would not fit.
+* ``tokenizer(texts, context_length=None)`` is open_clip's call: a string or a list of
+  strings -> ``LongTensor (b, context_length)`` with bos/eos, right-padded, and longer texts
+  truncated (the text is cut, bos and eos kept: open_clip keeps its end token the same way).
+  ``context_length`` defaults to :attr:`Tokenizer.context_length` (a run's ``data.max_len``
+  when the tokenizer comes from ``mammut.load``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,22 @@ _UNK_NAMES = ("[UNK]", "<unk>", "<|unk|>", "<UNK>")
 TokenSpec = str | int | None
 
 
+def _check_context_length(value: object, default: int | None, minimum: int) -> int:
+    """The context length of a call: ``value``, else ``default``; an int >= ``minimum``."""
+    value = default if value is None else value
+    if value is None:
+        raise ValueError("context_length: expected an int (this tokenizer has no default context_length; "
+                         "pass context_length= or set tokenizer.context_length), got None")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"context_length: expected an int >= {minimum} (room for text between start and end), got {value!r}")
+    return value
+
+
+def call_texts(texts: object) -> list[str]:
+    """The ``texts`` of an open_clip-style tokenizer call: one string or a list of strings."""
+    return [texts] if isinstance(texts, str) else _check_texts(texts)
+
+
 def _check_texts(texts: object, arg: str = "texts") -> list[str]:
     if isinstance(texts, str):
         raise TypeError(f"{arg} must be a list of strings, got a single str (wrap it in a list)")
@@ -52,9 +73,12 @@ class Tokenizer:
         pad, bos, eos: token string or id for padding / begin / end of sequence;
             ``None`` looks the usual names up.  Without a pad token the eos id pads
             (then id 0, with a warning); without bos/eos, ``add_bos``/``add_eos`` raise.
+        context_length: default length of ``tokenizer(texts)`` (bos and eos included);
+            ``None``: the call must pass one.
     """
 
-    def __init__(self, tokenizer: HFTokenizer, pad: TokenSpec = None, bos: TokenSpec = None, eos: TokenSpec = None) -> None:
+    def __init__(self, tokenizer: HFTokenizer, pad: TokenSpec = None, bos: TokenSpec = None, eos: TokenSpec = None,
+                 context_length: int | None = None) -> None:
         if not isinstance(tokenizer, HFTokenizer):
             raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
         self._tok = tokenizer
@@ -69,6 +93,9 @@ class Tokenizer:
             log.warning("tokenizer has no pad token; padding with id %d", pad_id)
         self._pad_id = pad_id
         self._unk_id = self._resolve("unk", None, _UNK_NAMES)
+        if context_length is not None:
+            _check_context_length(context_length, None, 3)
+        self.context_length: int | None = context_length
 
     def _resolve(self, what: str, spec: TokenSpec, names: Sequence[str]) -> int | None:
         size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -94,7 +121,8 @@ class Tokenizer:
     # -- construction ---------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path: str | Path, pad: TokenSpec = None, bos: TokenSpec = None, eos: TokenSpec = None) -> Tokenizer:
+    def from_file(cls, path: str | Path, pad: TokenSpec = None, bos: TokenSpec = None, eos: TokenSpec = None,
+                  context_length: int | None = None) -> Tokenizer:
         """Load any ``tokenizer.json``; special tokens found by name unless given."""
         p = Path(path)
         if not p.is_file():
@@ -103,7 +131,7 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(p))
         except Exception as exn:  # noqa: BLE001 - `tokenizers` raises a bare Exception; re-raised with the file named
             raise ValueError(f"{p} is not a readable tokenizer.json ({exn})") from exn
-        return cls(hf, pad=pad, bos=bos, eos=eos)
+        return cls(hf, pad=pad, bos=bos, eos=eos, context_length=context_length)
 
     def save(self, path: str | Path) -> Path:
         """Write ``tokenizer.json`` to ``path`` (parent folders created); returns the path."""
@@ -217,7 +245,15 @@ class Tokenizer:
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 
-    __call__ = encode
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None, *, truncate: bool = True) -> torch.Tensor:
+        """open_clip's tokenizer call: ``texts`` (a string or a list of strings) -> ``LongTensor``
+        ``(b, context_length)``: bos, text, eos, right-padded with ``pad_id``. ``context_length``
+        (bos and eos included) defaults to :attr:`context_length`. A longer text is truncated:
+        its tokens are cut so that bos and eos still fit (``truncate=False``: a ``ValueError``
+        instead, as ``encode``)."""
+        texts = call_texts(texts)
+        length = _check_context_length(context_length, self.context_length, 3)
+        return self.encode(texts, length, truncate=truncate)
 
     def decode(self, ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]]) -> list[str]:
         """Decode id rows to strings: drops a leading bos, stops at eos, skips pad/special tokens.

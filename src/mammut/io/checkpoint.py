@@ -6,7 +6,10 @@ Layout of a checkpoint directory:
   (tied weights, e.g. MaMMUT's ``token_emb``/``to_logits``, are stored once).
 - ``config.json``: ``format``/``format_version``, ``library_version``, ``torch_version``,
   ``model_name`` (the registry name), ``config`` (the config dataclass's fields), ``dtype``,
-  ``external_modules`` and ``weights`` (file name, size, sha256).
+  ``external_modules``, ``weights`` (file name, size, sha256) and ``companions`` (the
+  preprocessing / tokenizer files this save wrote, see :mod:`mammut.io.companions`).
+- optional ``preprocess.json`` and ``mammut_tokenizer.json`` (+ ``tokenizer.json`` for a BPE):
+  ``save_pretrained(model, dir, preprocess=, tokenizer=)``; :func:`mammut.load` reads them.
 
 Both files are written by :func:`mammut.io.atomic.atomic_write` (temporary name, fsync, rename,
 folder fsync), weights first, so a crash never leaves a half-written file under the final name,
@@ -69,12 +72,21 @@ class CheckpointError(ValueError):
 
 
 # ===================================================================================== save
-def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
+def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[str, Any] | None = None,
+                    preprocess: Any = None, tokenizer: Any = None) -> Path:
     """Write ``model`` (any registered mammut model) to ``directory``; returns the directory.
 
     ``metadata``: extra JSON-able information stored under ``"metadata"`` in ``config.json``.
+    ``preprocess`` (a :class:`mammut.ImagePreprocess`) and ``tokenizer`` (a
+    :class:`mammut.data.tokenizer.Tokenizer` or :class:`mammut.convert.clip_tokenizer.CLIPTokenizer`,
+    with its ``context_length``): written beside the model so that :func:`mammut.load` returns
+    all three (see :mod:`mammut.io.companions`).
     """
+    from .companions import check_companions, save_companions
+
     name, config = _model_identity(model)
+    check_companions(preprocess, tokenizer)  # before anything is written
+    _check_preprocess_size(model, preprocess)
     config_json = _to_jsonable(dataclasses.asdict(config), "config")
     externals = _external_modules(model)
     float_dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
@@ -101,9 +113,18 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, metadata: dict[s
     weights_path = directory / WEIGHTS_NAME
     atomic_write(weights_path, write_weights)
     document["weights"] = {"file": WEIGHTS_NAME, "num_bytes": weights_path.stat().st_size, "sha256": sha256_file(weights_path)}
+    document["companions"] = save_companions(directory, preprocess=preprocess, tokenizer=tokenizer)
     atomic_write_text(directory / CONFIG_NAME, json.dumps(document, indent=2, sort_keys=False) + "\n")
     log.info("saved %s (%d tensors) to %s", name, len(model.state_dict()), directory)
     return directory
+
+
+def _check_preprocess_size(model: nn.Module, preprocess: Any) -> None:
+    size = getattr(preprocess, "image_size", None)
+    want = getattr(model, "image_size", None)
+    if size is not None and want is not None and size != want:
+        log.warning("preprocess.image_size %s differs from the model's image size %s: mammut.load will use %s",
+                    size, want, want)
 
 
 def _model_identity(model: nn.Module) -> tuple[str, Any]:
@@ -228,7 +249,7 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     for key, kind in (("model_name", str), ("config", dict)):
         if not isinstance(document.get(key), kind):
             raise CheckpointError(f"{path}: {key}: expected a {kind.__name__}, got {_short(document.get(key))}")
-    for key in ("external_modules", "weights"):
+    for key in ("external_modules", "weights", "companions"):
         if not isinstance(document.get(key, {}), dict):
             raise CheckpointError(f"{path}: {key}: expected an object, got {_short(document.get(key))}")
     return document

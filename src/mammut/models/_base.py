@@ -8,6 +8,7 @@ import converters.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
@@ -126,11 +127,62 @@ class ModelBase(nn.Module):
         if tokens.shape[0] != text.shape[0]:
             raise ValueError(f"text / images: batch sizes differ ({text.shape[0]} vs {tokens.shape[0]})")
 
+    # ------------------------------------------------------------------ open_clip-style API
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """open_clip's ``encode_image``: image embeddings ``(b, l)`` of pixels ``(b, c, h, w)``,
+        L2-normalised only with ``normalize=True`` (``embed_image`` normalises by default).
+        Floating pixels are cast to the model's dtype (a bf16 model takes float32 images)."""
+        embed = getattr(self, "embed_image", None)
+        if not callable(embed):
+            raise TypeError(f"encode_image: {type(self).__name__} has no contrastive image embedding (embed_image)")
+        return embed(self._as_model_dtype(images), normalize=normalize)
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """open_clip's ``encode_text``: text embeddings ``(b, l)`` of right-padded token ids
+        ``(b, n)`` (what the tokenizer of :func:`mammut.load` returns), L2-normalised only with
+        ``normalize=True``."""
+        embed = getattr(self, "embed_text", None)
+        if not callable(embed):
+            raise TypeError(f"encode_text: {type(self).__name__} has no contrastive text embedding (embed_text)")
+        return embed(text, normalize=normalize)
+
+    def _as_model_dtype(self, images: torch.Tensor) -> torch.Tensor:
+        if torch.is_tensor(images) and images.is_floating_point():
+            param = next(self.parameters(), None)
+            if param is not None and param.is_floating_point() and images.dtype != param.dtype:
+                return images.to(param.dtype)
+        return images
+
+    @property
+    def image_size(self) -> int | None:
+        """Side of the square images the image encoder expects (``None`` when it does not say)."""
+        enc_cfg = getattr(getattr(self, "img_encoder", None), "config", None)
+        size = getattr(enc_cfg, "image_size", None)
+        if size is None:
+            vit = getattr(self.config, "vit", None)
+            size = vit.get("image_size") if isinstance(vit, dict) else None
+        return size if isinstance(size, int) else None
+
+    def set_image_size(self, image_size: int) -> None:
+        """Run the image encoder at ``image_size`` (``ViT.set_image_size``: the positional grid is
+        resampled once); ``config.vit["image_size"]`` follows, so ``save_pretrained`` /
+        ``from_pretrained`` round-trip. The preprocessing must follow too:
+        ``preprocess.with_image_size(image_size)``."""
+        encoder = getattr(self, "img_encoder", None)
+        if not callable(getattr(encoder, "set_image_size", None)):
+            raise TypeError(f"set_image_size: the image encoder ({type(encoder).__name__}) has no set_image_size")
+        encoder.set_image_size(image_size)
+        vit = getattr(self.config, "vit", None)
+        if isinstance(vit, dict):  # a new dict and config: the caller's config (or a registry preset) may be shared
+            self.config = dataclasses.replace(self.config, vit={**vit, "image_size": image_size})
+
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` to ``directory``."""
+        """Write ``config.json`` and ``model.safetensors`` to ``directory``; ``preprocess=`` and
+        ``tokenizer=`` are written beside them for :func:`mammut.load` (``mammut.save_pretrained``
+        has the options)."""
         from ..io.checkpoint import save_pretrained
 
         return save_pretrained(self, directory, **kwargs)
