@@ -201,14 +201,40 @@ class _Mapper:
         self.linear(f"{ours}.proj_in", f"{theirs}.c_fc")
         self.linear(f"{ours}.proj_out", f"{theirs}.c_proj")
 
-    def self_block(self, ours: str, theirs: str) -> None:
-        """open_clip ResidualAttentionBlock -> TransformerBlock."""
+    def self_block(self, ours: str, theirs: str, *, mlp: bool = True) -> None:
+        """open_clip ResidualAttentionBlock -> TransformerBlock (``mlp=False``: attention only)."""
         self.norm(f"{ours}.norm1", f"{theirs}.ln_1")
         self.copy(f"{ours}.attn.to_qkv.weight", f"{theirs}.attn.in_proj_weight")
         self.copy(f"{ours}.attn.to_qkv.bias", f"{theirs}.attn.in_proj_bias")
         self.linear(f"{ours}.attn.to_out", f"{theirs}.attn.out_proj")
+        if mlp:
+            self.norm(f"{ours}.norm2", f"{theirs}.ln_2")
+            self.mlp(f"{ours}.ff", f"{theirs}.mlp")
+
+    def cross_block(self, ours: str, theirs: str, dim: int) -> None:
+        """open_clip ResidualAttentionBlock used as cross-attention (``ln_1_kv`` on the context,
+        its own MLP) -> CrossAttentionBlock with a sequential feed-forward."""
+        self.norm(f"{ours}.norm", f"{theirs}.ln_1")
+        self.norm(f"{ours}.attn.context_norm", f"{theirs}.ln_1_kv")
+        self.cross_attention(f"{ours}.attn", f"{theirs}.attn", dim)
         self.norm(f"{ours}.norm2", f"{theirs}.ln_2")
         self.mlp(f"{ours}.ff", f"{theirs}.mlp")
+
+    def openai_vit(self, depth: int) -> None:
+        """open_clip's OpenAI-style image tower (``visual.*``: ``conv1`` without bias, class
+        token, positional embedding over CLS + patches, ``ln_pre``, ``depth`` blocks) ->
+        :class:`~mammut.encoders.ViT` ``img_encoder.*`` (its grid read from the weights)."""
+        self.copy("img_encoder.to_patches.weight", "visual.conv1.weight")
+        pos = self.get("visual.positional_embedding")
+        grid = round((pos.shape[0] - 1) ** 0.5)
+        if grid * grid != pos.shape[0] - 1:
+            raise ValueError(f"visual.positional_embedding: expected 1 + grid^2 rows, got {pos.shape[0]}")
+        self.put("img_encoder.cls_pos_emb", pos[0])
+        self.put("img_encoder.pos_emb", pos[1:].t().reshape(1, pos.shape[1], grid, grid))
+        self.copy("img_encoder.cls_token", "visual.class_embedding")
+        self.norm("img_encoder.pre_norm", "visual.ln_pre")
+        for i in range(depth):
+            self.self_block(f"img_encoder.blocks.{i}", f"visual.transformer.resblocks.{i}")
 
     def cross_attention(self, ours: str, theirs: str, dim: int) -> None:
         """nn.MultiheadAttention used as cross-attention -> CrossAttention (to_q, fused to_kv)."""
@@ -232,18 +258,7 @@ def convert_open_clip_coca_state_dict(state_dict: Mapping[str, torch.Tensor], co
     m = _Mapper(state_dict)
     d = config.dim
     try:
-        # image tower
-        m.copy("img_encoder.to_patches.weight", "visual.conv1.weight")
-        pos = m.get("visual.positional_embedding")
-        grid = round((pos.shape[0] - 1) ** 0.5)
-        if grid * grid != pos.shape[0] - 1:
-            raise ValueError(f"visual.positional_embedding: expected 1 + grid^2 rows, got {pos.shape[0]}")
-        m.put("img_encoder.cls_pos_emb", pos[0])
-        m.put("img_encoder.pos_emb", pos[1:].t().reshape(1, pos.shape[1], grid, grid))
-        m.copy("img_encoder.cls_token", "visual.class_embedding")
-        m.norm("img_encoder.pre_norm", "visual.ln_pre")
-        for i in range(config.vit["depth"]):
-            m.self_block(f"img_encoder.blocks.{i}", f"visual.transformer.resblocks.{i}")
+        m.openai_vit(config.vit["depth"])  # image tower
         # attention pooler; ln_post is the pooler's output norm, proj the image latent projection
         m.copy("img_pool.queries", "visual.attn_pool.query")
         m.norm("img_pool.query_norm", "visual.attn_pool.ln_q")
@@ -263,11 +278,7 @@ def convert_open_clip_coca_state_dict(state_dict: Mapping[str, torch.Tensor], co
         for i in range(config.multimodal_depth):
             ours, theirs = f"multimodal_layers.{i}", f"text_decoder.cross_attn.{i}"
             m.self_block(f"{ours}.block", f"text_decoder.resblocks.{i}")
-            m.norm(f"{ours}.cross.norm", f"{theirs}.ln_1")
-            m.norm(f"{ours}.cross.attn.context_norm", f"{theirs}.ln_1_kv")
-            m.cross_attention(f"{ours}.cross.attn", f"{theirs}.attn", d)
-            m.norm(f"{ours}.cross.norm2", f"{theirs}.ln_2")
-            m.mlp(f"{ours}.cross.ff", f"{theirs}.mlp")
+            m.cross_block(f"{ours}.cross", theirs, d)
         m.norm("norm", "text_decoder.ln_final")
         m.put("to_logits.weight", m.get("text_decoder.text_projection").t())
         m.put("contrastive.logit_scale.log_scale", m.get("logit_scale").reshape(()))

@@ -171,17 +171,7 @@ def convert_open_mammut_state_dict(state_dict: Mapping[str, torch.Tensor], confi
     m = _Mapper(state_dict)
     d = config.dim
     try:
-        m.copy("img_encoder.to_patches.weight", "visual.conv1.weight")
-        pos = m.get("visual.positional_embedding")
-        grid = round((pos.shape[0] - 1) ** 0.5)
-        if grid * grid != pos.shape[0] - 1:
-            raise ValueError(f"visual.positional_embedding: expected 1 + grid^2 rows, got {pos.shape[0]}")
-        m.put("img_encoder.cls_pos_emb", pos[0])
-        m.put("img_encoder.pos_emb", pos[1:].t().reshape(1, pos.shape[1], grid, grid))
-        m.copy("img_encoder.cls_token", "visual.class_embedding")
-        m.norm("img_encoder.pre_norm", "visual.ln_pre")
-        for i in range(config.vit["depth"]):
-            m.self_block(f"img_encoder.blocks.{i}", f"visual.transformer.resblocks.{i}")
+        m.openai_vit(config.vit["depth"])
         m.norm("img_norm", "visual.ln_post")
         m.put("img_to_latents.weight", m.get("visual.proj").t())
         m.put("img_proj.weight", m.get("map_viz2txt_kv").t())
@@ -191,20 +181,10 @@ def convert_open_mammut_state_dict(state_dict: Mapping[str, torch.Tensor], confi
         for i in range(config.depth):
             ours, theirs = f"layers.{i}.block", f"text.resblocks.{i}"
             has_cross = (i + 1) in cross
-            if config.cross_self_ff or not has_cross:
-                m.self_block(ours, theirs)
-            else:  # attention only: the cross-attention block brings the MLP
-                m.norm(f"{ours}.norm1", f"{theirs}.ln_1")
-                m.copy(f"{ours}.attn.to_qkv.weight", f"{theirs}.attn.in_proj_weight")
-                m.copy(f"{ours}.attn.to_qkv.bias", f"{theirs}.attn.in_proj_bias")
-                m.linear(f"{ours}.attn.to_out", f"{theirs}.attn.out_proj")
+            # without cross_self_ff the cross-attention block brings the layer's only MLP
+            m.self_block(ours, theirs, mlp=config.cross_self_ff or not has_cross)
             if has_cross:
-                ours, theirs = f"layers.{i}.cross", f"text.cross_attn.{cross.index(i + 1)}"
-                m.norm(f"{ours}.norm", f"{theirs}.ln_1")
-                m.norm(f"{ours}.attn.context_norm", f"{theirs}.ln_1_kv")
-                m.cross_attention(f"{ours}.attn", f"{theirs}.attn", d)
-                m.norm(f"{ours}.norm2", f"{theirs}.ln_2")
-                m.mlp(f"{ours}.ff", f"{theirs}.mlp")
+                m.cross_block(f"layers.{i}.cross", f"text.cross_attn.{cross.index(i + 1)}", d)
         m.norm("norm", "text.ln_final")
         m.put("to_logits.weight", m.get("text.text_projection").t())
         m.put("contrastive.logit_scale.log_scale", m.get("logit_scale").reshape(()))
