@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
 
+from mammut.eval.caption_metrics import caption_scores, ptb_tokenize, simple_ptb_tokenize
 from mammut.eval.metrics import (
     bleu4,
     cider_d,
-    cider_d_per_item,
-    corpus_bleu,
+    classification_metrics,
     emoji_name_accuracy,
     retrieval_recall,
     tokenize_caption,
     zero_shot_accuracy,
     zero_shot_classifier,
+    zero_shot_predictions,
 )
 
 # ----------------------------------------------------------------------------- retrieval
@@ -104,6 +106,25 @@ def test_zero_shot_accuracy_known_values() -> None:
         zero_shot_accuracy(images, classes, [0, 1, 2, 3])
 
 
+def test_zero_shot_predictions_ties_and_per_class_metrics() -> None:
+    classes = torch.eye(3)
+    images = torch.tensor([[1.0, 0.2, 0.0],   # class 0, right
+                           [0.5, 0.5, 0.0],   # class 0, tied with class 1: counts against -> predicted 1
+                           [0.0, 0.9, 1.0],   # class 1, class 2 wins
+                           [0.0, 0.0, 1.0],   # class 2, right
+                           [0.3, 0.0, 1.0]])  # class 2, right
+    labels = [0, 0, 1, 2, 2]
+    ranks, preds = zero_shot_predictions(images, classes, labels, normalize=False)
+    assert ranks.tolist() == [0, 1, 1, 0, 0] and preds.tolist() == [0, 1, 2, 2, 2]
+    out = classification_metrics(ranks, preds, labels, n_classes=3, ks=(1, 2))
+    assert out["top1"] == pytest.approx(3 / 5) and out["top2"] == 1.0
+    assert out["per_class_recall"] == [0.5, 0.0, 1.0] and out["support"] == [2, 1, 2]
+    assert out["mean_per_class_recall"] == pytest.approx(0.5)
+    assert out["confusion"].tolist() == [[1, 1, 0], [0, 0, 1], [0, 0, 2]]
+    unseen = classification_metrics(ranks[:2], preds[:2], labels[:2], n_classes=3)
+    assert unseen["per_class_recall"] == [0.5, None, None] and unseen["mean_per_class_recall"] == 0.5
+
+
 def test_zero_shot_classifier_averages_normalised_templates() -> None:
     names = ["cat", "dog"]
 
@@ -126,37 +147,34 @@ def test_zero_shot_classifier_averages_normalised_templates() -> None:
         zero_shot_classifier(names, encode_text, templates=["no placeholder"])
 
 
-# ----------------------------------------------------------------------------- BLEU
+# ----------------------------------------------------------------------------- captions (pycocoevalcap)
 
 
 def test_bleu_identical_is_one() -> None:
-    assert bleu4(["a cat left of a dog"], [["a cat left of a dog"]]) == pytest.approx(1.0)
+    assert bleu4(["a cat left of a dog"], [["a cat left of a dog"]]) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_bleu_hand_computed() -> None:
     # p1 = 5/6 (second "the" clipped), p2 = 3/5, p3 = 2/4, p4 = 1/3, equal lengths -> bp = 1
     score = bleu4(["the cat sat on the mat"], [["the cat sat on a mat"]])
-    assert score == pytest.approx((5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
+    assert score == pytest.approx((5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25, rel=1e-6)
 
 
-def test_bleu_brevity_penalty_and_closest_reference() -> None:
-    # all precisions 1; closest reference has 6 words vs 4 -> bp = exp(1 - 6/4)
-    out = corpus_bleu(["the cat sat on"], [["the cat sat on the mat", "the cat sat on the mat today again"]])
-    assert out["p1"] == out["p4"] == 1.0
-    assert out["bleu"] == pytest.approx(math.exp(-0.5))
-    # a longer candidate is not penalised
-    assert bleu4(["the cat sat on the mat"], [["the cat sat on"]]) < 1.0
-    assert corpus_bleu(["the cat sat on the mat"], [["the cat sat on"]])["bp"] == 1.0
-
-
-def test_bleu_clipping_and_zero() -> None:
-    out = corpus_bleu(["the the the the"], [["the cat", "the the"]])
-    assert out["p1"] == pytest.approx(2 / 4)  # clipped to the max count in any one reference
-    assert out["bleu"] == 0.0  # no 3-gram matches
+def test_bleu_brevity_penalty_closest_reference_and_clipping() -> None:
+    # all precisions 1; the closest reference has 6 words against 4 -> bp = exp(1 - 6/4)
+    out = caption_scores(["the cat sat on"], [["the cat sat on the mat", "the cat sat on the mat today again"]],
+                         metrics=("bleu",))
+    assert out["bleu1"] == pytest.approx(math.exp(-0.5), rel=1e-6)
+    assert out["bleu4"] == pytest.approx(math.exp(-0.5), rel=1e-6)
+    assert bleu4(["the cat sat on the mat"], [["the cat sat on"]]) < 1.0  # a longer candidate: precision falls
+    # "the" x4 against max 2 in one reference -> p1 = 2/4; no 2-gram beyond "the the" -> tiny BLEU-4
+    clipped = caption_scores(["the the the the"], [["the cat", "the the"]], metrics=("bleu",))
+    assert clipped["bleu1"] == pytest.approx(0.5, rel=1e-6) and clipped["bleu4"] < 1e-3
 
 
 def test_bleu_and_cider_match_coco_caption() -> None:
-    # reference values from coco-caption's scorers (pycocoevalcap 1.2 Bleu(4)[3] and Cider)
+    # reference values from coco-caption's scorers (pycocoevalcap 1.2 Bleu(4)[3] and Cider), the
+    # figures the hand-written versions of these metrics were checked against before
     cands = ["a cat left of a dog", "a pizza above a doughnut", "a red apple", "a bridge at night below a cat"]
     refs = [
         ["a cat left of a dog", "a dog right of a cat"],
@@ -166,31 +184,19 @@ def test_bleu_and_cider_match_coco_caption() -> None:
     ]
     assert bleu4(cands, refs) == pytest.approx(0.74492948869427, rel=1e-8)
     assert cider_d(cands, refs) == pytest.approx(4.985058222795319, rel=1e-9)
-    per = cider_d_per_item(cands, refs)
+    per = caption_scores(cands, refs, metrics=("cider_d",), per_item=True)["per_item"]["cider_d"]
     assert per == pytest.approx([6.52714932, 3.31125139, 1.24137945, 8.86045273], rel=1e-7)
 
 
-# ----------------------------------------------------------------------------- CIDEr-D
-
-
-def test_cider_identical_two_word_captions() -> None:
+def test_cider_hand_computed_cases() -> None:
     # idf("a") = log2 - log2 = 0; unigram and bigram cosines are 1, 3-/4-grams empty -> 10 * 2/4
     assert cider_d(["a cat", "a dog"], [["a cat"], ["a dog"]]) == pytest.approx(5.0)
-
-
-def test_cider_wrong_object_scores_zero() -> None:
-    assert cider_d_per_item(["a dog", "a dog"], [["a cat"], ["a dog"]]) == pytest.approx([0.0, 5.0])
-
-
-def test_cider_length_penalty_hand_computed() -> None:
+    per = caption_scores(["a dog", "a dog"], [["a cat"], ["a dog"]], metrics=("cider_d",), per_item=True)
+    assert per["per_item"]["cider_d"] == pytest.approx([0.0, 5.0])
     # cand "a cat sat" vs ref "a cat": 1-gram and 2-gram cosines 1/sqrt2, 3-gram 0, length diff 1
-    per = cider_d_per_item(["a cat sat", "a dog"], [["a cat"], ["a dog"]])
-    expected = 10 * (2 / math.sqrt(2)) / 4 * math.exp(-1 / 72)
-    assert per[0] == pytest.approx(expected)
-
-
-def test_cider_single_item_corpus_is_zero() -> None:
-    assert cider_d(["a cat"], [["a cat"]]) == 0.0
+    per = caption_scores(["a cat sat", "a dog"], [["a cat"], ["a dog"]], metrics=("cider_d",), per_item=True)
+    assert per["per_item"]["cider_d"][0] == pytest.approx(10 * (2 / math.sqrt(2)) / 4 * math.exp(-1 / 72))
+    assert cider_d(["a cat"], [["a cat"]]) == 0.0  # one item: every idf is 0
 
 
 def test_caption_metrics_validate_input() -> None:
@@ -198,7 +204,41 @@ def test_caption_metrics_validate_input() -> None:
         bleu4(["a"], [["a"], ["b"]])
     with pytest.raises(TypeError, match=r"references\[0\]"):
         cider_d(["a"], ["a"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="metrics: expected some of"):
+        caption_scores(["a"], [["a"]], metrics=("bleu", "spice"))
+    with pytest.raises(ValueError, match="tokenizer: expected 'auto', 'ptb' or 'simple'"):
+        caption_scores(["a"], [["a"]], tokenizer="nltk")
     assert tokenize_caption("A Cat, left-of THE dog!") == ["a", "cat", "left-of", "the", "dog"]
+
+
+def test_simple_tokenizer_matches_ptb_on_ordinary_captions() -> None:
+    texts = ["A dog's toy, isn't it?", "Two men (in a boat).", "He said: \"hi\" -- twice...", "A T-shirt; 3.5 cm!"]
+    simple = [simple_ptb_tokenize(t) for t in texts]
+    assert simple == ["a dog 's toy is n't it", "two men -lrb- in a boat -rrb-", "he said hi twice", "a t-shirt 3.5 cm"]
+    if shutil.which("java"):
+        assert ptb_tokenize(texts) == simple
+
+
+def test_without_java_meteor_is_absent_and_tokenisation_is_simple(monkeypatch) -> None:
+    import mammut.eval.caption_metrics as cm
+
+    monkeypatch.setattr(cm.shutil, "which", lambda name: None)
+    out = caption_scores(["A red apple."], [["a red apple", "an apple"]])
+    assert out["tokenizer"] == "simple" and out["meteor"] is None
+    assert out["absent"] == {"meteor": "java is not on PATH"}
+    assert out["bleu1"] == pytest.approx(1.0, rel=1e-6) and out["rouge_l"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="tokenizer: 'ptb' needs java on PATH"):
+        caption_scores(["a"], [["a"]], tokenizer="ptb")
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR runs the METEOR 1.5 jar: needs java")
+def test_meteor_with_java() -> None:
+    out = caption_scores(["a red apple", "a dog", "a green car"], [["a red apple"], ["a cat", "one dog"], ["a boat"]],
+                         metrics=("meteor",), per_item=True)
+    assert out["tokenizer"] == "ptb" and out["absent"] == {}
+    exact, partial, wrong = out["per_item"]["meteor"]
+    assert exact == pytest.approx(1.0, abs=0.07)  # METEOR's fragmentation penalty keeps it under 1
+    assert exact > partial > wrong >= 0.0 and 0.0 < out["meteor"] < 1.0
 
 
 # ----------------------------------------------------------------------------- emoji names

@@ -3,6 +3,7 @@
     mammut train --config tiny [--resume] [--train.steps 200 --optim.lr 3e-4 ...]
     torchrun --nproc_per_node 2 -m mammut.cli train --config tiny --train.parallel ddp
     mammut eval RUN_DIR [--checkpoint DIR] [--n 512]
+    mammut eval TASK SOURCE ...     # TASK: zeroshot, retrieval, caption, vqa (mammut eval TASK --help)
     mammut caption IMAGE... --run RUN_DIR
     mammut embed --run RUN_DIR (--images IMAGE... | --texts TEXT...) --out emb.npy
     mammut demo [--train.steps 600 ...]
@@ -52,8 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) as YAML")
     c.add_argument("--config", default=None, help="YAML config file or preset name (default: the built-in defaults)")
 
-    e = sub.add_parser("eval", help="evaluate a run folder and write its report")
-    e.add_argument("run", help="run folder (train.out_dir)")
+    e = sub.add_parser("eval", help="evaluate a run folder and write its report, or run a standard task "
+                                    "(mammut eval {zeroshot,retrieval,caption,vqa} SOURCE ...)",
+                       description="mammut eval RUN: a run folder on its own held-out data. mammut eval TASK SOURCE "
+                                   "...: a standard task (zeroshot, retrieval, caption, vqa) on standard data formats "
+                                   "for any model mammut.load loads; see mammut eval TASK --help. (A run folder named "
+                                   "like a task: write it as ./NAME.)")
+    e.add_argument("run", help="run folder (train.out_dir), or a task: zeroshot, retrieval, caption, vqa")
     e.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the latest)")
     e.add_argument("--n", type=int, default=None, help="evaluation set size in images (default: eval.n of the run)")
     e.add_argument("--data", default=None,
@@ -115,16 +121,16 @@ def _train(config_path: str | Path, overrides: list[str], resume: bool) -> int:
 
 
 def _export(run_dir: Path) -> None:
-    """``<run>/model``: the final weights as ``save_pretrained`` (config.json + safetensors) and
-    the tokenizer, loadable with ``Model.from_pretrained`` (built from the last checkpoint, so it
-    works whatever the parallel wrapping was)."""
-    from .inference import load_run
+    """``<run>/model``: the final weights as ``save_pretrained`` (config.json + safetensors) with
+    the run's eval preprocessing and tokenizer, so ``mammut.load(RUN/model)`` returns all three
+    (built from the last checkpoint, so it works whatever the parallel wrapping was)."""
+    from .inference import load_run, run_preprocess
 
     target = run_dir / "model"
     try:
         run = load_run(run_dir)
-        run.model.save_pretrained(target)
-        run.tokenizer.save(target / "tokenizer.json")
+        preprocess = run_preprocess(run.config.data.image_size, run.config.data.normalize)
+        run.model.save_pretrained(target, preprocess=preprocess, tokenizer=run.tokenizer)
     except (ImportError, AttributeError, NotImplementedError, TypeError) as exc:
         log.warning("could not export %s with save_pretrained: %s", target, exc)
 
@@ -145,8 +151,8 @@ def _print_summary(metrics: dict, report: Path) -> None:
         lines.append(f"greedy captions naming the emoji: {cap['emoji_acc_single']:.3f} (1-emoji scenes), "
                      f"{cap.get('emoji_acc_pair') or 0:.3f} (2-emoji scenes); BLEU-4 {cap['bleu4']:.3f}, CIDEr-D {cap['cider_d']:.3f}")
     if metrics.get("samples_per_s"):
-        lines.append(f"{metrics['steps']} steps, {metrics['samples_per_s']:.1f} samples/s, "
-                     f"wall {metrics.get('wall_time_s', 0):.0f} s")
+        wall = f", wall {metrics['wall_time_s']:.0f} s" if metrics.get("wall_time_s") else ""
+        lines.append(f"{metrics['steps']} steps, {metrics['samples_per_s']:.1f} samples/s{wall}")
     print("\n".join(lines))
 
 
@@ -196,8 +202,29 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
+def _eval_task(argv: list[str]) -> int:
+    """``mammut eval TASK SOURCE ...`` (``argv`` starts with the task)."""
+    from .eval.cli import run_task, summary, task_parser
+
+    args = task_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        metrics, out = run_task(args)
+    except (ValueError, OSError) as exc:  # bad input (a missing file, a wrong layout, an empty folder): one line
+        if os.environ.get("MAMMUT_DEBUG"):
+            raise
+        print(f"mammut eval: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(summary(metrics, out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .eval.cli import TASKS
+
+    if len(argv) >= 2 and argv[0] == "eval" and argv[1] in TASKS:  # a task, not a run folder
+        return _eval_task(argv[1:])
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("train", "demo", "config"):

@@ -4,7 +4,8 @@ scored by :mod:`mammut.eval.metrics`.
 - :func:`embed_images` / :func:`embed_texts`: batched, eval mode, no grad.
 - :func:`generate_captions`: greedy captions through ``model.generate``.
 - :func:`evaluate_pairs`: image<->text retrieval R@1/5/10 (with gallery size and chance) and
-  caption BLEU-4 / CIDEr-D on any image-caption pairs.
+  caption BLEU-1..4, METEOR (with Java), ROUGE-L and CIDEr-D (pycocoevalcap) on any
+  image-caption pairs.
 - :func:`evaluate_emoji`: the above on held-out emoji scenes, plus zero-shot classification of
   single-emoji scenes from class names and prompt templates, and the share of greedy captions
   that name the right emoji (one-emoji and two-emoji scenes separately).
@@ -24,7 +25,8 @@ from torch import nn
 from ..data.scenes import HeldoutSet
 from ..data.tokenizer import Tokenizer
 from ..inference import embed_images, embed_texts, generate_captions
-from .metrics import bleu4, cider_d, emoji_name_accuracy, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
+from .caption_metrics import caption_scores
+from .metrics import emoji_name_accuracy, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,11 @@ def evaluate_pairs(model: nn.Module, tokenizer: Tokenizer, images: torch.Tensor,
         refs: list[list[str]] = [[] for _ in range(len(images))]
         for j, i in enumerate(index):
             refs[i].append(captions[j])
-        metrics["caption"] = {"bleu4": bleu4(generated, refs), "cider_d": cider_d(generated, refs), "n": len(generated),
-                              "references_per_image": len(captions) / max(len(images), 1)}
+        scores = caption_scores(generated, refs)
+        metrics["caption"] = {k: scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider_d")}
+        metrics["caption"].update({"n": len(generated), "references_per_image": len(captions) / max(len(images), 1),
+                                   "tokenizer": scores["tokenizer"], "absent": scores["absent"],
+                                   "scorer": "pycocoevalcap"})
     metrics["eval_time_s"] = time.perf_counter() - t0
     return metrics, generated
 

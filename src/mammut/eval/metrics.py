@@ -1,31 +1,27 @@
-"""Evaluation metrics for image-text models, in pure Python/PyTorch (no Java).
+"""Evaluation metrics for image-text models.
 
 * :func:`retrieval_recall` -- image->text and text->image Recall@k.
-* :func:`zero_shot_accuracy`, :func:`zero_shot_classifier` -- zero-shot classification.
-* :func:`bleu4` -- corpus BLEU-4 (Papineni et al. 2002, brevity penalty, clipped counts).
-* :func:`cider_d` -- CIDEr-D as in coco-caption (n = 1..4, tf-idf over the references,
-  clipping, Gaussian length penalty with sigma = 6, times 10).
+* :func:`zero_shot_accuracy`, :func:`zero_shot_classifier`, :func:`zero_shot_predictions`
+  -- zero-shot classification.
+* :func:`caption_metrics`, :func:`bleu4`, :func:`cider_d` -- caption metrics through
+  pycocoevalcap (:mod:`mammut.eval.caption_metrics`).
 * :func:`emoji_name_accuracy` -- share of captions that name every emoji in the scene.
 
 Ranks are *pessimistic*: an item that ties with the correct one counts as ranked above
 it, so degenerate (constant) embeddings score chance level, not perfect.
-Captions are compared after :func:`tokenize_caption` (lower case, punctuation dropped),
-which stands in for coco-caption's PTB tokenizer.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 _WORD = re.compile(r"\w+(?:[-']\w+)*")
-
-Ngrams = Counter[tuple[str, ...]]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -50,34 +46,6 @@ def tokenize_caption(text: str) -> list[str]:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     return _WORD.findall(text.lower())
-
-
-def _check_captions(candidates: object, references: object) -> tuple[list[str], list[list[str]]]:
-    if isinstance(candidates, str) or not isinstance(candidates, Sequence):
-        raise TypeError(f"candidates must be a list of str, got {type(candidates).__name__}")
-    if isinstance(references, str) or not isinstance(references, Sequence):
-        raise TypeError(f"references must be a list of lists of str, got {type(references).__name__}")
-    if len(candidates) != len(references):
-        raise ValueError(f"candidates and references must have equal length, got {len(candidates)} and {len(references)}")
-    if len(candidates) == 0:
-        raise ValueError("candidates must not be empty")
-    for i, c in enumerate(candidates):
-        if not isinstance(c, str):
-            raise TypeError(f"candidates[{i}] must be a str, got {type(c).__name__}")
-    refs: list[list[str]] = []
-    for i, r in enumerate(references):
-        if isinstance(r, str) or not isinstance(r, Sequence) or len(r) == 0 or not all(isinstance(s, str) for s in r):
-            raise TypeError(f"references[{i}] must be a non-empty list of str, got {r!r:.80}")
-        refs.append(list(r))
-    return list(candidates), refs
-
-
-def _ngrams(tokens: Sequence[str], n_max: int) -> Ngrams:
-    counts: Ngrams = Counter()
-    for n in range(1, n_max + 1):
-        for i in range(len(tokens) - n + 1):
-            counts[tuple(tokens[i : i + n])] += 1
-    return counts
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -186,6 +154,61 @@ def zero_shot_accuracy(
     return (rank < k).float().mean().item()
 
 
+@torch.no_grad()
+def zero_shot_predictions(
+    image_embeds: torch.Tensor,
+    class_embeds: torch.Tensor,
+    labels: torch.Tensor | Sequence[int],
+    normalize: bool = True,
+    chunk_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ranks, predictions)`` of images against class embeddings: the pessimistic rank of each
+    image's true class (0 = strictly above every other class; ties count against it) and the
+    predicted class (the true class only at rank 0, else the best other class), so
+    ``predictions == labels`` exactly when ``ranks == 0``."""
+    img = _check_embeds(image_embeds, "image_embeds")
+    cls = _check_embeds(class_embeds, "class_embeds")
+    if img.shape[1] != cls.shape[1]:
+        raise ValueError(f"embedding dims differ: image_embeds {tuple(img.shape)}, class_embeds {tuple(cls.shape)}")
+    y = torch.as_tensor(labels, dtype=torch.long).flatten()
+    if y.numel() != img.shape[0]:
+        raise ValueError(f"labels must have one entry per image ({img.shape[0]}), got {y.numel()}")
+    if y.numel() and (y.min() < 0 or y.max() >= cls.shape[0]):
+        raise ValueError(f"labels must be in [0, {cls.shape[0]}), got range [{int(y.min())}, {int(y.max())}]")
+    if normalize:
+        img, cls = F.normalize(img, dim=-1), F.normalize(cls, dim=-1)
+    ranks = torch.empty(len(y), dtype=torch.long)
+    preds = torch.empty(len(y), dtype=torch.long)
+    for s in range(0, len(y), chunk_size):
+        logits = img[s:s + chunk_size] @ cls.T
+        yy = y[s:s + chunk_size, None]
+        true = logits.gather(1, yy)
+        ranks[s:s + len(yy)] = (logits >= true).sum(dim=1) - 1
+        other = logits.scatter(1, yy, float("-inf")).argmax(dim=1) if cls.shape[0] > 1 else yy[:, 0]
+        preds[s:s + len(yy)] = torch.where(ranks[s:s + len(yy)] == 0, yy[:, 0], other)
+    return ranks, preds
+
+
+def classification_metrics(ranks: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor | Sequence[int],
+                           n_classes: int, ks: Sequence[int] = (1, 5)) -> dict[str, Any]:
+    """Top-k accuracy (``top1``, ``top5``, ...), per-class recall (``None`` for a class with
+    no image), ``mean_per_class_recall`` (over classes with images) and the confusion matrix
+    ``(n_classes, n_classes)`` (rows: true class, columns: predicted), from
+    :func:`zero_shot_predictions`."""
+    y = torch.as_tensor(labels, dtype=torch.long).flatten()
+    if not (len(y) == len(ranks) == len(predictions)) or len(y) == 0:
+        raise ValueError(f"labels, ranks, predictions: expected equal non-zero lengths, got "
+                         f"{len(y)}, {len(ranks)}, {len(predictions)}")
+    out: dict[str, Any] = {f"top{k}": (ranks < k).float().mean().item() for k in _check_ks(ks)}
+    confusion = torch.bincount(y * n_classes + predictions, minlength=n_classes * n_classes).view(n_classes, n_classes)
+    support = confusion.sum(dim=1)
+    recall = [None if int(n) == 0 else float(confusion[c, c]) / float(n) for c, n in enumerate(support)]
+    seen = [r for r in recall if r is not None]
+    out.update({"mean_per_class_recall": sum(seen) / len(seen), "per_class_recall": recall,
+                "support": support.tolist(), "confusion": confusion})
+    return out
+
+
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a {}", "a picture of a {}", "an image of a {}", "a {} on a plain background")
 
 
@@ -218,115 +241,27 @@ def zero_shot_classifier(
     return F.normalize(emb, dim=-1)
 
 
-# ----------------------------------------------------------------------------- BLEU
+# ----------------------------------------------------------------------------- captions
+
+
+def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str]], **kwargs: Any) -> dict[str, Any]:
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D through pycocoevalcap (see
+    :func:`mammut.eval.caption_metrics.caption_scores` for the options and tokenisation)."""
+    from .caption_metrics import caption_scores
+
+    return caption_scores(candidates, references, **kwargs)
 
 
 def bleu4(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Corpus BLEU-4 in [0, 1]: clipped n-gram precisions (n = 1..4, uniform weights) and brevity penalty.
-
-    The reference length per candidate is the one closest to the candidate's length
-    (the shorter on ties).  Returns 0 if some n-gram order has no match.
-    """
-    return corpus_bleu(candidates, references, max_n=4)["bleu"]
+    """Corpus BLEU-4 in [0, 1] (pycocoevalcap's ``Bleu(4)``: clipped n-gram precisions, closest
+    reference length for the brevity penalty)."""
+    return caption_metrics(candidates, references, metrics=("bleu",))["bleu4"]
 
 
-def corpus_bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> dict[str, float]:
-    """Corpus BLEU-``max_n`` with its parts: ``bleu``, ``p1..pN``, ``bp``, ``cand_len``, ``ref_len``."""
-    cands, refs = _check_captions(candidates, references)
-    if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 1:
-        raise ValueError(f"max_n must be an int >= 1, got {max_n!r}")
-    matched = [0] * max_n
-    total = [0] * max_n
-    cand_len = ref_len = 0
-    for cand, rs in zip(cands, refs):
-        c_tok = tokenize_caption(cand)
-        r_toks = [tokenize_caption(r) for r in rs]
-        c_counts = _ngrams(c_tok, max_n)
-        max_ref: Ngrams = Counter()
-        for r_tok in r_toks:
-            max_ref |= _ngrams(r_tok, max_n)  # element-wise max over references
-        for gram, count in c_counts.items():
-            matched[len(gram) - 1] += min(count, max_ref[gram])
-        for n in range(1, max_n + 1):
-            total[n - 1] += max(len(c_tok) - n + 1, 0)
-        cand_len += len(c_tok)
-        ref_len += min((abs(len(r) - len(c_tok)), len(r)) for r in r_toks)[1]
-    precisions = [m / t if t > 0 else 0.0 for m, t in zip(matched, total)]
-    if cand_len == 0:
-        bp = 0.0
-    else:
-        bp = 1.0 if cand_len > ref_len else math.exp(1.0 - ref_len / cand_len)
-    score = bp * math.exp(sum(math.log(p) for p in precisions) / max_n) if min(precisions) > 0 else 0.0
-    out = {"bleu": score, "bp": bp, "cand_len": float(cand_len), "ref_len": float(ref_len)}
-    out.update({f"p{n + 1}": p for n, p in enumerate(precisions)})
-    return out
-
-
-# ----------------------------------------------------------------------------- CIDEr-D
-
-
-def cider_d_per_item(
-    candidates: Sequence[str],
-    references: Sequence[Sequence[str]],
-    n: int = 4,
-    sigma: float = 6.0,
-) -> list[float]:
-    """CIDEr-D of each candidate (see :func:`cider_d`); idf statistics come from the whole corpus."""
-    cands, refs = _check_captions(candidates, references)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma!r}")
-    cand_counts = [_ngrams(tokenize_caption(c), n) for c in cands]
-    ref_counts = [[_ngrams(tokenize_caption(r), n) for r in rs] for rs in refs]
-    # Document frequency: in how many items' reference sets an n-gram occurs.
-    df: Counter[tuple[str, ...]] = Counter()
-    for rs in ref_counts:
-        df.update({g for r in rs for g in r})
-    log_n_docs = math.log(float(len(cands)))
-
-    def vectorise(counts: Ngrams) -> tuple[list[dict[tuple[str, ...], float]], list[float], int]:
-        vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(n)]
-        sq = [0.0] * n
-        length = 0
-        for gram, tf in counts.items():
-            w = tf * (log_n_docs - math.log(max(1.0, df[gram])))
-            vec[len(gram) - 1][gram] = w
-            sq[len(gram) - 1] += w * w
-            if len(gram) == 1:
-                length += tf
-        return vec, [math.sqrt(s) for s in sq], length
-
-    scores = []
-    for c_count, r_counts in zip(cand_counts, ref_counts):
-        c_vec, c_norm, c_len = vectorise(c_count)
-        total = 0.0
-        for r_count in r_counts:
-            r_vec, r_norm, r_len = vectorise(r_count)
-            penalty = math.exp(-((c_len - r_len) ** 2) / (2.0 * sigma**2))
-            for k in range(n):
-                val = sum(min(w, r_vec[k].get(g, 0.0)) * r_vec[k].get(g, 0.0) for g, w in c_vec[k].items())
-                if c_norm[k] != 0.0 and r_norm[k] != 0.0:
-                    val /= c_norm[k] * r_norm[k]
-                total += val * penalty
-        scores.append(10.0 * total / (n * len(r_counts)))
-    return scores
-
-
-def cider_d(
-    candidates: Sequence[str],
-    references: Sequence[Sequence[str]],
-    n: int = 4,
-    sigma: float = 6.0,
-) -> float:
-    """Corpus CIDEr-D (coco-caption): mean over items of 10 x the average over references and
-    n-gram orders 1..n of the clipped tf-idf cosine, times a Gaussian length penalty.
-
-    Document frequencies come from the references of all items, so a single-item corpus
-    scores 0 (every idf is log(1) - log(1)).
-    """
-    scores = cider_d_per_item(candidates, references, n=n, sigma=sigma)
-    return sum(scores) / len(scores)
+def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus CIDEr-D (pycocoevalcap's ``Cider``, which is CIDEr-D): idf over the references
+    of all items, so a single-item corpus scores 0."""
+    return caption_metrics(candidates, references, metrics=("cider_d",))["cider_d"]
 
 
 # ----------------------------------------------------------------------------- emoji names

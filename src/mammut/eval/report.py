@@ -1,5 +1,11 @@
-"""The run report: a folder with ``metrics.json``, ``loss_curves.png``, ``retrieval.md``,
-``scenes.png`` (held-out scenes with generated and true captions) and ``report.md``.
+"""Reports: a folder with ``metrics.json``, ``report.md`` and figures.
+
+- :func:`write_report`: a run's report (``mammut eval RUN``, end of training): also
+  ``loss_curves.png``, ``retrieval.md`` and ``scenes.png`` (held-out scenes with generated and
+  true captions).
+- :func:`write_task_report`: a standard evaluation task's report (``mammut eval TASK``): the
+  task's markdown sections and figures (written by the task, see ``mammut.eval.plots``), the
+  model, data and skipped images.
 
 matplotlib runs on the Agg backend (no display needed).
 """
@@ -18,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["write_report", "plot_loss_curves", "plot_scenes", "retrieval_table"]
+__all__ = ["write_report", "write_task_report", "plot_loss_curves", "plot_scenes", "retrieval_table", "markdown_table"]
 
 
 def _plt():
@@ -155,12 +161,19 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], records: Sequence
     cap = metrics.get("caption")
     if cap:
         lines += ["Greedy captions", "", "| metric | value |", "|---|---|"]
-        for key, label in (("bleu4", "BLEU-4"), ("cider_d", "CIDEr-D"),
+        for key, label in (("bleu1", "BLEU-1"), ("bleu4", "BLEU-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"),
+                           ("cider_d", "CIDEr-D"),
                            ("emoji_acc_single", f"names the emoji, 1-emoji scenes (n={cap.get('n_single')})"),
                            ("emoji_acc_pair", f"names both emoji, 2-emoji scenes (n={cap.get('n_pair')})")):
             if key in cap:
                 lines.append(f"| {label} | {_fmt(cap[key])} |")
         lines.append("")
+        if cap.get("scorer") == "pycocoevalcap":
+            how = ("PTB tokenizer (Java)" if cap.get("tokenizer") == "ptb"
+                   else "the regular-expression stand-in for the PTB tokenizer (no Java)")
+            absent = "".join(f" {k.upper()} not computed: {why}." for k, why in (cap.get("absent") or {}).items())
+            lines += [f"Scored with pycocoevalcap (coco-caption), captions tokenised with {how}; CIDEr-D is its "
+                      f"CIDEr scorer.{absent}", ""]
     zs = metrics.get("zero_shot")
     if zs:
         lines += [f"Zero-shot classification of {zs['n_images']} single-emoji scenes over {zs['n_classes']} classes: "
@@ -170,6 +183,58 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], records: Sequence
     if scenes:
         which = "Held-out images" if (split or {"held_out": True}).get("held_out") else "Training images (not held-out)"
         lines += [f"{which}, G = generated (greedy), T = true caption:", "", "![scenes](scenes.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    log.info("report written to %s", out)
+    return out
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table; floats with three decimals, ``None`` as ``n/a``."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_task_report(out_dir: str | Path, title: str, metrics: dict[str, Any], sections: Sequence[str] = (),
+                      figures: Sequence[tuple[str, Path | None]] = ()) -> Path:
+    """Write ``metrics.json`` and ``report.md`` (``title``, the evaluated model and data, the
+    skipped images, then ``sections`` and ``figures`` as ``(caption, png path)`` under
+    ``out_dir``); returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=2))
+    lines = [f"# {title}", ""]
+    facts = [("model", metrics.get("source")), ("model class", metrics.get("model_class")),
+             ("data", metrics.get("data")), ("device", metrics.get("device")),
+             ("precision", "bf16 autocast" if metrics.get("bf16") else "fp32"),
+             ("images evaluated", metrics.get("n_images")), ("throughput (images/s)", metrics.get("images_per_s")),
+             ("throughput (questions/s)", metrics.get("questions_per_s")),
+             ("wall time (s)", metrics.get("wall_time_s"))]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in facts if v is not None]
+    skipped = metrics.get("skipped") or {}
+    if skipped:
+        lines.append(f"- images skipped: {skipped.get('total', 0)} ({skipped.get('missing', 0)} missing, "
+                     f"{skipped.get('corrupt', 0)} unreadable)")
+        for example in skipped.get("examples", [])[:5]:
+            lines.append(f"  - {example}")
+    lines.append("")
+    for section in sections:
+        lines += [section.rstrip(), ""]
+    for caption, png in figures:
+        if png is not None:
+            lines += [f"{caption}:", "", f"![{caption}]({Path(png).name})", ""]
     (out / "report.md").write_text("\n".join(lines))
     log.info("report written to %s", out)
     return out

@@ -1,0 +1,182 @@
+"""The model under evaluation, whatever it was loaded from, behind one small interface.
+
+:func:`load_eval_model` loads a source with :func:`mammut.load` (a run folder, a mammut
+checkpoint folder, a converted open_clip CoCa or openMaMMUT file, a local Hugging Face
+snapshot) and wraps the ``(model, preprocess, tokenizer)`` it gets in an :class:`EvalModel`:
+no-grad embedding and generation of batches on the chosen device, with bf16 autocast on
+request.
+
+A run folder trained with ``train.task: vqa`` keeps the prompt format it was trained on
+(``BOS [<image>] question "answer:"``, :class:`mammut.tasks.vqa.VqaEncoder`) for VQA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalModel", "load_eval_model", "default_device"]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _ids_of(out: Any) -> torch.Tensor:
+    """Token ids ``(b, n)`` from what ``generate`` returned (ids or a ``GenerationOutput``)."""
+    out = getattr(out, "tokens", out)
+    if not torch.is_tensor(out) or out.ndim != 2:
+        raise TypeError(f"model.generate: expected token ids (b, n), got {type(out).__name__}")
+    return out
+
+
+@dataclass
+class EvalModel:
+    """A loaded model with its image transform and tokenizer, on ``device``.
+
+    ``preprocess(pil_image) -> (3, H, W)``; ``tokenizer(texts) -> (b, n)`` ids and
+    ``tokenizer.decode(ids) -> list[str]``; ``vqa_encoder``: the prompt encoder of a run
+    fine-tuned for VQA (None otherwise)."""
+
+    model: nn.Module
+    preprocess: Callable[[Any], torch.Tensor]
+    tokenizer: Any
+    source: str = ""
+    device: torch.device = torch.device("cpu")
+    bf16: bool = False
+    vqa_encoder: Any = None
+
+    @property
+    def contrastive(self) -> bool:
+        return all(callable(getattr(self.model, n, None)) for n in ("embed_image", "embed_text"))
+
+    @property
+    def captioner(self) -> bool:
+        return callable(getattr(self.model, "generate", None))
+
+    @property
+    def media(self) -> bool:
+        """A media model (Flamingo): images ``(b, 1, c, h, w)`` and a media token in the prompt."""
+        return not self.contrastive and getattr(getattr(self.model, "config", None), "media_token_id", None) is not None
+
+    @property
+    def name(self) -> str:
+        return type(self.model).__name__
+
+    def require(self, what: str, task: str) -> None:
+        """A ``ValueError`` naming the source unless the model can ``what`` ("embed" / "generate")."""
+        ok = self.contrastive if what == "embed" else self.captioner
+        need = "a contrastive model (embed_image / embed_text)" if what == "embed" else "a captioning model (generate)"
+        if not ok:
+            raise ValueError(f"SOURCE: mammut eval {task} needs {need}, got {self.name} from {self.source}")
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    @torch.inference_mode()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings ``(b, l)``, float32 on the CPU."""
+        with self.autocast():
+            return self.model.embed_image(images.to(self.device, non_blocking=True)).float().cpu()
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised text embeddings ``(n, l)`` (texts longer than the context are cut)."""
+        out = []
+        for s in range(0, len(texts), batch_size):
+            ids = self.tokenize(texts[s:s + batch_size]).to(self.device)
+            with self.autocast():
+                out.append(self.model.embed_text(ids).float().cpu())
+        return torch.cat(out)
+
+    def prompt_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text as a decoding prompt: its ids with the start token, without end token or padding."""
+        rows = self.tokenize(texts).tolist()
+        eos, pad = getattr(self.tokenizer, "eos_id", None), getattr(self.tokenizer, "pad_id", 0)
+        out = []
+        for row in rows:
+            if eos is not None and eos in row[1:]:
+                row = row[:row.index(eos, 1)]
+            while row and row[-1] == pad:
+                row = row[:-1]
+            out.append(row)
+        return out
+
+    def media_prompt(self, n: int) -> list[list[int]] | None:
+        """``[bos, <image>]`` per row for a media model, else None (the model's start token)."""
+        if not self.media:
+            return None
+        cfg = self.model.config  # type: ignore[union-attr]
+        return [[cfg.bos_id, cfg.media_token_id]] * n
+
+    @torch.inference_mode()
+    def generate(self, images: torch.Tensor, prompts: list[list[int]] | None = None, **options: Any) -> list[str]:
+        """Decoded generations for ``images`` (``options``: ``GenerationConfig`` fields)."""
+        x = images.to(self.device, non_blocking=True)
+        if self.media:
+            x = x.unsqueeze(1)
+            if prompts is None:
+                prompts = self.media_prompt(len(images))
+        with self.autocast():
+            ids = _ids_of(self.model.generate(x, prompt=prompts, **options))
+        return [t.strip() for t in self.tokenizer.decode(ids.cpu())]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _run_vqa_encoder(source: Path, tokenizer: Any) -> Any:
+    """The VQA prompt encoder of a run folder trained with ``train.task: vqa`` (else None)."""
+    import yaml
+
+    cfg_path = source / "config.yaml"
+    if not cfg_path.is_file():
+        return None
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    if (cfg.get("train") or {}).get("task") != "vqa":
+        return None
+    from ..data.tokenizer import Tokenizer
+    from ..models import get_model_spec
+    from ..tasks.vqa import VqaEncoder
+    from ..train.build import MEDIA_TOKEN
+
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(source / "tokenizer.json")
+    media_id = tok.special_id(MEDIA_TOKEN) if get_model_spec(cfg["model"]["name"]).media else None
+    return VqaEncoder(tok, media_id)
+
+
+def load_eval_model(source: str | Path, *, device: str | torch.device | None = None, checkpoint: str | None = None,
+                    bf16: bool = False) -> EvalModel:
+    """Load ``source`` with :func:`mammut.load` for evaluation (eval mode, on ``device``;
+    default CUDA when present). A source without its preprocessing or tokenizer is a
+    ``ValueError`` saying which."""
+    from ..loading import MissingComponent, load
+
+    try:
+        dev = torch.device(device or default_device())
+    except RuntimeError as exc:
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {device!r} ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: expected a device of this machine, got {device!r} (CUDA is not available)")
+    model, preprocess, tokenizer = load(source, device=dev, checkpoint=checkpoint)
+    for part in (preprocess, tokenizer):
+        if isinstance(part, MissingComponent):  # the source was saved without it
+            raise ValueError(f"SOURCE: {part.what}: {part.reason}")
+    src = Path(source).expanduser()
+    vqa = _run_vqa_encoder(src, tokenizer) if src.is_dir() else None
+    log.info("evaluating %s (%s) on %s%s", source, type(model).__name__, dev, " with bf16 autocast" if bf16 else "")
+    return EvalModel(model.eval(), preprocess, tokenizer, str(source), dev, bf16, vqa)

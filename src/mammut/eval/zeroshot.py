@@ -1,0 +1,182 @@
+"""Zero-shot classification on an ImageFolder: ``mammut eval zeroshot SOURCE --data DIR``.
+
+Class ``k`` is the ``k``-th class folder (sorted, as torchvision's ``ImageFolder``); its name
+is the folder name (``_`` read as a space), or line ``k + 1`` of ``--classnames FILE``
+(``--classnames imagenet``: the 1,000 ImageNet names shipped in ``mammut/data/assets``, for
+the ImageNet validation set in folders named by WordNet id). Each class embedding is the
+re-normalised mean of its L2-normalised prompt embeddings (``--templates``: a file of one
+template per line with ``{}`` for the name, ``imagenet`` for CLIP's 80 ImageNet templates, the
+default, or one template given inline). Images are classified by cosine similarity; a tie
+with the true class counts against it.
+
+Metrics: top-1 and top-5 accuracy, mean per-class recall (the mean over classes of the share
+of their images classified right: "balanced accuracy"), per-class recall, the most confused
+pairs; files: ``confusion.csv`` (counts; row: true class, column: predicted, in class order)
+and the figures: the confusion matrix, per-class recall and a grid of images spread over the
+set with the predicted (P) and true (T) class.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.formats import read_image_folder, read_lines
+from .images import SkipCount, image_batches, seeded_subset
+from .metrics import classification_metrics, zero_shot_classifier, zero_shot_predictions
+from .model_source import EvalModel
+from .plots import plot_confusion, plot_image_grid, plot_per_class
+from .report import markdown_table
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate_zeroshot", "load_classnames", "load_templates", "shipped_list"]
+
+_SHIPPED = {"classnames": "imagenet_classnames.txt", "templates": "clip_imagenet_templates.txt"}
+
+
+def shipped_list(kind: str) -> list[str]:
+    """The ImageNet class names (``"classnames"``) or CLIP's 80 ImageNet templates (``"templates"``)."""
+    text = resources.files("mammut.data").joinpath("assets", _SHIPPED[kind]).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_templates(spec: str | None) -> list[str]:
+    """``None`` / ``"imagenet"``: CLIP's 80 templates; an existing file: its lines; a string
+    with ``{}``: that one template."""
+    if spec is None or spec == "imagenet":
+        templates = shipped_list("templates")
+    elif Path(spec).expanduser().is_file():
+        templates = read_lines(spec, "--templates")
+    elif "{}" in spec:
+        templates = [spec]
+    else:
+        raise FileNotFoundError(f"--templates: expected a file of templates, 'imagenet' or one template with {{}}, "
+                                f"got {spec!r} (no such file)")
+    for i, t in enumerate(templates):
+        if t.count("{}") != 1 or "{" in t.replace("{}", "") or "}" in t.replace("{}", ""):
+            raise ValueError(f"--templates: expected each template to hold one {{}} for the class name (and no other "
+                             f"braces), got template {i + 1} {t!r}")
+    return templates
+
+
+def load_classnames(spec: str | None, folders: Sequence[str]) -> list[str]:
+    """The class names for ``folders`` (sorted class folder names): from the folder names, the
+    shipped ImageNet list (``"imagenet"``) or a file of one name per line, in folder order."""
+    if spec is None:
+        return [f.replace("_", " ") for f in folders]
+    names = shipped_list("classnames") if spec == "imagenet" else read_lines(spec, "--classnames")
+    if len(names) != len(folders):
+        what = "the ImageNet list" if spec == "imagenet" else spec
+        raise ValueError(f"--classnames: expected one name per class folder of --data ({len(folders)}), got "
+                         f"{len(names)} in {what}")
+    return names
+
+
+def _confused_pairs(confusion: torch.Tensor, names: Sequence[str], top: int = 10) -> list[tuple[str, str, int, float]]:
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    support = confusion.sum(dim=1).clamp(min=1)
+    vals, idx = off.flatten().topk(min(top, off.numel()))
+    out = []
+    for v, i in zip(vals.tolist(), idx.tolist()):
+        if v == 0:
+            break
+        t, p = divmod(i, confusion.shape[1])
+        out.append((names[t], names[p], int(v), v / float(support[t])))
+    return out
+
+
+def evaluate_zeroshot(em: EvalModel, data: str | Path, out_dir: Path, *, classnames: str | None = None,
+                      templates: str | None = None, batch_size: int = 64, workers: int = 0,
+                      limit: int | None = None, progress: bool = True,
+                      grid: int = 16) -> tuple[dict[str, Any], list[str], list[tuple[str, Path | None]]]:
+    """Zero-shot classification of the ImageFolder ``data``; returns ``(metrics, report
+    sections, figures)`` with the figures written to ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    em.require("embed", "zeroshot")
+    folder = read_image_folder(data)
+    names = load_classnames(classnames, folder.classes)
+    temps = load_templates(templates)
+    keep = seeded_subset(len(folder.paths), limit)
+    paths = [folder.paths[i] for i in keep]
+    labels = [folder.labels[i] for i in keep]
+
+    t0 = time.perf_counter()
+    with tqdm(total=len(names) * len(temps), desc="class prompts", unit="text", disable=not progress,
+              leave=False) as bar:
+        def encode(texts: list[str]) -> torch.Tensor:
+            out = em.embed_texts(texts, batch_size=len(texts))
+            bar.update(len(texts))
+            return out
+
+        classifier = zero_shot_classifier(names, encode, templates=temps, batch_size=max(batch_size, 256))
+    text_s = time.perf_counter() - t0
+
+    skipped = SkipCount()
+    embeds, ok = [], []
+    t1 = time.perf_counter()
+    for idx, images in image_batches(paths, em.preprocess, skipped, batch_size=batch_size, workers=workers,
+                                     progress=progress, desc="zero-shot"):
+        embeds.append(em.embed_images(images))
+        ok += idx
+    image_s = time.perf_counter() - t1
+    if not ok:
+        raise ValueError(f"--data: expected readable images in {folder.root}, got none ({skipped.total} skipped)")
+    y = torch.tensor([labels[i] for i in ok])
+    ranks, preds = zero_shot_predictions(torch.cat(embeds), classifier, y)
+    k5 = min(5, len(names))
+    cls = classification_metrics(ranks, preds, y, len(names), ks=(1, k5))
+    confusion = cls.pop("confusion")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savetxt(out_dir / "confusion.csv", confusion.numpy(), fmt="%d", delimiter=",")
+    metrics: dict[str, Any] = {
+        "top1": cls["top1"], "top5": cls[f"top{k5}"], "mean_per_class_recall": cls["mean_per_class_recall"],
+        "n_images": len(ok), "n_classes": len(names), "chance_top1": 1 / len(names),
+        "skipped": skipped.as_dict(), "n_templates": len(temps),
+        "templates": temps if len(temps) <= 10 else f"{len(temps)} templates ({templates or 'imagenet'})",
+        "classnames": classnames or "folder names",
+        "per_class": {n: {"recall": r, "images": s} for n, r, s in zip(_unique(names), cls["per_class_recall"],
+                                                                       cls["support"])},
+        "images_per_s": len(ok) / image_s if image_s > 0 else None, "class_prompts_s": text_s,
+    }
+    if k5 != 5:
+        metrics["top5_note"] = f"only {len(names)} classes: top5 is top-{k5}"
+    table = markdown_table(["metric", "value"], [
+        ("top-1 accuracy", metrics["top1"]), (f"top-{k5} accuracy", metrics["top5"]),
+        ("mean per-class recall", metrics["mean_per_class_recall"]), ("chance (top-1)", metrics["chance_top1"]),
+        ("images", len(ok)), ("classes", len(names)), ("prompt templates", len(temps))])
+    sections = [f"## Zero-shot classification of {folder.root}\n\n{table}"]
+    pairs = _confused_pairs(confusion, names)
+    if pairs:
+        sections.append("Most confused (true -> predicted):\n\n" + markdown_table(
+            ["true class", "predicted as", "images", "share of the class"], pairs))
+    shown = sorted({round(s * (len(ok) - 1) / max(grid - 1, 1)) for s in range(min(grid, len(ok)))})  # spread out
+    figures = [
+        ("Confusion matrix", plot_confusion(confusion, names, out_dir / "confusion.png")),
+        ("Per-class recall", plot_per_class(cls["per_class_recall"], names, out_dir / "per_class.png")),
+        ("Images with the predicted (P) and true (T) class", plot_image_grid(
+            [paths[ok[j]] for j in shown], [names[int(preds[j])] for j in shown],
+            [[names[labels[ok[j]]]] for j in shown], out_dir / "examples.png", n=grid, labels=("P", "T"))),
+    ]
+    log.info("zero-shot: top-1 %.4f, top-5 %.4f, mean per-class recall %.4f on %d images (%d skipped)",
+             metrics["top1"], metrics["top5"], metrics["mean_per_class_recall"], len(ok), skipped.total)
+    return metrics, sections, figures
+
+
+def _unique(names: Sequence[str]) -> list[str]:
+    """Names made unique for use as keys (a repeated name gets `` (2)``, ...: ImageNet has two)."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
+    return out
