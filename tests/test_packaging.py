@@ -52,6 +52,7 @@ EXTRA_FOR = {
     "mammut.io": "io",  # our checkpoint format (save_pretrained / load_pretrained): safetensors
     "mammut.loading": "train",  # mammut.load: checkpoints, run folders (yaml), Hub snapshots (huggingface_hub)
     "mammut.preprocess": "train",  # ImagePreprocess: PIL + torchvision, imported per call
+    "mammut.apps": "search",  # mammut index / search / serve: faiss, FastAPI, uvicorn
     "mammut.convert": "interop",  # converters of others' weights: open_clip CoCa, its tokenizer
     "mammut.encoders.external": "interop",  # timm / transformers / vit-pytorch adapters
 }

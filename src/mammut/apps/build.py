@@ -1,0 +1,361 @@
+"""Build (or extend, or resume) an index folder: list the collection into chunks, embed each
+chunk (batched, DataLoader workers, bf16 optional), save its float16 embeddings and a done
+marker, then record the results in the metadata store and build the FAISS index.
+
+Under ``torchrun`` every rank embeds the chunks ``c`` with ``c % world_size == rank`` (rank 0
+plans and finishes; the ranks meet at two barriers on gloo). A killed build continues where it
+stopped when run again: chunks with a done marker are never embedded again. ``add=True`` lists
+the source again and embeds only the images the index does not have yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.datasets import ImageDecodeError
+from . import ann
+from .collection import list_items, open_item, source_kind
+from .encoder import Encoder
+from .folder import IndexFolder, write_atomic
+from .store import MetadataStore, Record
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BuildOptions", "BuildReport", "build"]
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    """What ``mammut index`` was asked for (see its ``--help``)."""
+
+    out: str | Path
+    source: str | None = None
+    add: bool = False
+    batch_size: int = 64
+    workers: int = 0
+    chunk_size: int = 1024
+    img_key: str = "filepath"
+    caption_key: str | None = None
+    image_root: str | None = None
+    ivf_threshold: int = 100_000
+    memory_budget: int | None = None
+    nlist: int | None = None
+    pq_m: int | None = None
+    train_size: int | None = None
+    nprobe: int = 32
+    rerank: int = 16
+    progress: bool = True
+
+    def check(self) -> None:
+        for name, value, low in (("--batch-size", self.batch_size, 1), ("--workers", self.workers, 0),
+                                 ("--chunk-size", self.chunk_size, 1), ("--ivf-threshold", self.ivf_threshold, 0),
+                                 ("--nprobe", self.nprobe, 1), ("--rerank", self.rerank, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+@dataclasses.dataclass
+class BuildReport:
+    """What a build did (on rank 0: for the whole index; elsewhere: this rank's share)."""
+
+    out: Path
+    embedded: int  # images embedded by this call (this rank)
+    corrupt: int  # unreadable images met by this call (this rank)
+    chunks_done: int  # chunks embedded by this call (this rank)
+    chunks_skipped: int  # chunks already done before this call
+    total: int  # images in the index (rank 0)
+    total_corrupt: int
+    seconds: float
+    index: str  # the index's description (rank 0)
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.embedded + self.corrupt) / self.seconds if self.seconds > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _dist_init() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        # gloo: only barriers cross processes; a long timeout, since ranks wait for the slowest
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    return rank, world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _broadcast(objects: list[Any], world: int) -> None:
+    """Rank 0's ``objects`` to every rank (in place)."""
+    if world > 1:
+        torch.distributed.broadcast_object_list(objects, src=0)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str) -> bool:
+    """Rank 0: create or extend the plan in the store. Returns False when there is nothing to do."""
+    info = folder.read_info() if folder.exists() else None
+    src = None
+    if opts.source is not None:  # as recorded in index.json: absolute, but a shard pattern as given
+        src = opts.source if source_kind(opts.source) == "shards" else str(Path(opts.source).expanduser().absolute())
+    if info is not None and info.get("model") != model_name:  # its vectors would not be comparable
+        raise ValueError(f"--model: {folder.root} was built with {info.get('model')}; add to it with that model, "
+                         f"got {model_name}")
+    sources = [s["source"] for s in (info or {}).get("sources", [])]
+    if info is not None and not opts.add:
+        if src is not None and src not in sources:
+            raise ValueError(f"--out: {folder.root} already holds an index of {', '.join(sources)}; "
+                             f"pass --add to add {opts.source}, or choose another --out")
+        if info.get("status") == "ready":
+            log.info("%s is up to date (pass --add to pick up new images)", folder.root)
+            return False
+        log.info("resuming the build of %s", folder.root)
+        return True
+    if src is not None:
+        scans = [{"source": src, "img_key": opts.img_key, "caption_key": opts.caption_key,
+                  "image_root": opts.image_root}]
+    elif info is not None:  # --add without SOURCE: look at every source of the index again
+        scans = [s for s in info.get("sources", []) if s.get("kind") in ("folder", "csv", "shards")]
+    else:
+        raise ValueError("SOURCE: expected a folder, CSV/TSV file or shard pattern to index")
+    folder.root.mkdir(parents=True, exist_ok=True)
+    info = dict(info or {})
+    for scan in scans:
+        items = list_items(scan["source"], img_key=scan.get("img_key") or "filepath",
+                           caption_key=scan.get("caption_key"), image_root=scan.get("image_root"))
+        with MetadataStore(folder.root, create=True) as store:
+            known = store.known()
+            new = [it for it in items if (it.path, it.member) not in known]
+            chunks = store.add_items(new, opts.chunk_size) if new else []
+        log.info("%s: %d images, %d new, in %d chunks of up to %d", scan["source"], len(items), len(new), len(chunks),
+                 opts.chunk_size)
+        if scan["source"] not in sources:
+            info.setdefault("sources", []).append({**scan, "kind": source_kind(scan["source"]),
+                                                   "added": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    info.update(model=model_name, status="building", chunk_size=opts.chunk_size)
+    info.setdefault("nprobe", opts.nprobe)  # search settings are the index's own, chosen when it was made
+    info.setdefault("rerank", opts.rerank)
+    folder.write_info(info)
+    return True
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+class _Images(Dataset):  # type: ignore[type-arg]
+    """Records -> (id, pixels or None, (width, height) or None, error or None)."""
+
+    def __init__(self, records: Sequence[Record], transform: Any) -> None:
+        self.records, self.transform = list(records), transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, tuple[int, int] | None, str | None]:
+        r = self.records[i]
+        try:
+            image = open_item(r.path, r.member, r.offset, r.size)
+        except (ImageDecodeError, OSError) as exc:
+            return r.id, None, None, str(exc)
+        return r.id, self.transform(image), image.size, None
+
+
+def _collate(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _batches(chunks: list[list[Record]], batch_size: int) -> list[list[int]]:
+    out, start = [], 0
+    for recs in chunks:
+        out += [list(range(start + s, start + min(s + batch_size, len(recs)))) for s in range(0, len(recs), batch_size)]
+        start += len(recs)
+    return out
+
+
+def _embed_chunks(folder: IndexFolder, encoder: Encoder, todo: list[int], records: dict[int, list[Record]],
+                  opts: BuildOptions, rank: int) -> tuple[int, int]:
+    """Embed chunks ``todo`` and write each when complete; returns (embedded, corrupt)."""
+    from tqdm.auto import tqdm
+
+    flat = [r for c in todo for r in records[c]]
+    loader = DataLoader(_Images(flat, encoder.preprocess), batch_sampler=_batches([records[c] for c in todo],
+                        opts.batch_size), num_workers=opts.workers, collate_fn=_collate)
+    chunk_of = {r.id: r.chunk for r in flat}
+    left = {c: len(records[c]) for c in todo}
+    acc: dict[int, dict[str, list[Any]]] = {}
+    embedded = corrupt = 0
+    bar = tqdm(total=len(flat), unit="img", desc=f"indexing (rank {rank})" if rank else "indexing",
+               disable=not opts.progress or rank != 0, dynamic_ncols=True)
+    with bar:
+        for batch in loader:
+            chunk = chunk_of[batch[0][0]]
+            a = acc.setdefault(chunk, {"ids": [], "sizes": [], "vecs": [], "corrupt": [], "errors": []})
+            good = [(i, px, size) for i, px, size, err in batch if err is None]
+            for i, _, _, err in batch:
+                if err is not None:
+                    a["corrupt"].append(i)
+                    if len(a["errors"]) < 20:
+                        a["errors"].append(err)
+                    log.warning("skipped an unreadable image: %s", err)
+            if good:
+                vecs = encoder.embed_images(torch.stack([px for _, px, _ in good]))
+                a["vecs"].append(np.asarray(vecs, dtype=np.float16))
+                a["ids"] += [i for i, _, _ in good]
+                a["sizes"] += [list(size) for _, _, size in good]
+            left[chunk] -= len(batch)
+            bar.update(len(batch))
+            if left[chunk] == 0:
+                _write_chunk(folder, chunk, acc.pop(chunk), encoder.dim, rank)
+                embedded += len(a["ids"])
+                corrupt += len(a["corrupt"])
+    return embedded, corrupt
+
+
+def _write_chunk(folder: IndexFolder, chunk: int, a: dict[str, list[Any]], dim: int, rank: int) -> None:
+    vecs = np.concatenate(a["vecs"]) if a["vecs"] else np.zeros((0, dim), np.float16)
+    buf = io.BytesIO()
+    np.save(buf, vecs)
+    write_atomic(folder.chunk_npy(chunk), buf.getvalue())
+    record = {"chunk": chunk, "ids": a["ids"], "sizes": a["sizes"], "corrupt": a["corrupt"], "errors": a["errors"],
+              "dim": int(vecs.shape[1]), "rank": rank}
+    write_atomic(folder.chunk_done(chunk), json.dumps(record).encode())  # last: the chunk is done
+    log.debug("chunk %d: %d embedded, %d unreadable", chunk, len(a["ids"]), len(a["corrupt"]))
+
+
+# ----------------------------------------------------------------------------- finishing
+
+
+def _vectors(folder: IndexFolder, chunks: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for c in chunks:
+        done = folder.read_chunk(c)
+        if done and done["ids"]:
+            yield np.asarray(done["ids"], np.int64), np.load(folder.chunk_npy(c), mmap_mode="r").astype(np.float32)
+
+
+def _sampler(folder: IndexFolder, chunks: list[int], counts: list[int], seed: int = 0) -> Any:
+    def sample(k: int) -> np.ndarray:
+        total = sum(counts)
+        picks = np.sort(np.random.default_rng(seed).choice(total, size=min(k, total), replace=False))
+        starts = np.cumsum([0, *counts])
+        out = []
+        for j, c in enumerate(chunks):
+            rows = picks[(picks >= starts[j]) & (picks < starts[j + 1])] - starts[j]
+            if len(rows):
+                out.append(np.load(folder.chunk_npy(c), mmap_mode="r")[rows].astype(np.float32))
+        return np.concatenate(out)
+
+    return sample
+
+
+def _finish(folder: IndexFolder, opts: BuildOptions, dim: int) -> tuple[dict[str, int], str]:
+    """Rank 0: record every done chunk in the store, then build or extend the FAISS index."""
+    info = folder.read_info()
+    with MetadataStore(folder.root) as store:
+        chunks = store.chunks()
+        missing = [c for c in chunks if folder.read_chunk(c) is None]
+        if missing:
+            raise RuntimeError(f"chunks {missing[:5]} were not embedded (a rank stopped early); run the same command "
+                               f"again to finish")
+        pending = {c for (c,) in store.db.execute("SELECT DISTINCT chunk FROM items WHERE status = 'pending'")}
+        for c in sorted(pending):
+            done = folder.read_chunk(c) or {"ids": [], "sizes": [], "corrupt": []}
+            store.mark_chunk([(i, row, w, h) for row, (i, (w, h)) in enumerate(zip(done["ids"], done["sizes"]))],
+                             done["corrupt"])
+        counts = store.counts()
+    n = counts["ok"]
+    if n == 0:
+        raise ValueError(f"SOURCE: none of the {counts['corrupt']} images could be read")
+    plan = ann.plan_index(n, dim, ivf_threshold=opts.ivf_threshold, memory_budget=opts.memory_budget,
+                          nlist=opts.nlist, pq_m=opts.pq_m, train_size=opts.train_size)
+    old = info.get("index") or {}
+    in_index = set(info.get("faiss_chunks", []))
+    new_chunks = [c for c in chunks if c not in in_index]
+    extend = (folder.faiss_path.is_file() and old.get("kind") == plan.kind and in_index
+              and (plan.kind == "flat" or n <= 2 * int(old.get("trained_on", old.get("n", 0)))))
+    if extend:
+        index = ann.read_index(folder.faiss_path, kind=plan.kind)
+        for ids, vecs in _vectors(folder, new_chunks):
+            index.add_with_ids(vecs, ids)
+        plan_info = {**old, "n": n, "bytes": plan.bytes}
+        log.info("added %d chunks to the %s index", len(new_chunks), plan.kind)
+    else:
+        per_chunk = [len((folder.read_chunk(c) or {"ids": []})["ids"]) for c in chunks]
+        index = ann.build_index(plan, lambda: _vectors(folder, chunks), _sampler(folder, chunks, per_chunk))
+        plan_info = {**dataclasses.asdict(plan), "trained_on": n}
+    ann.write_index(index, folder.faiss_path)
+    info.update(status="ready", dim=dim, index=plan_info, faiss_chunks=chunks, count=counts)
+    folder.write_info(info)
+    description = ann.IndexPlan(**{k: plan_info[k] for k in dataclasses.asdict(plan)}).describe()
+    return counts, description
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build(opts: BuildOptions, encoder: Encoder) -> BuildReport:
+    """Build, resume or extend the index folder ``opts.out`` with ``encoder`` (see the module doc)."""
+    opts.check()
+    started = time.perf_counter()
+    folder = IndexFolder(opts.out)
+    rank, world = _dist_init()
+    # rank 0 plans and lists the chunks still to embed; every rank takes every world-th of that
+    # one list (a failure to plan is sent too, so no rank waits for a plan that never comes)
+    shared: list[Any] = [None]
+    if rank == 0:
+        try:
+            work = _plan(folder, opts, encoder.name)
+            with MetadataStore(folder.root, readonly=True) as store:
+                chunks = store.chunks()
+            todo = [c for c in chunks if folder.read_chunk(c) is None] if work else []
+            shared[0] = {"work": work, "todo": todo, "skipped": len(chunks) - len(todo)}
+        except (ValueError, OSError) as exc:
+            shared[0] = {"error": f"{type(exc).__name__}: {exc}"}
+            _broadcast(shared, world)
+            raise
+    _broadcast(shared, world)
+    plan = shared[0]
+    if "error" in plan:
+        raise RuntimeError(f"rank 0 could not plan the index: {plan['error']}")
+    work, skipped = bool(plan["work"]), int(plan["skipped"])
+    mine = list(plan["todo"][rank::world])
+    embedded = corrupt = 0
+    if mine:
+        with MetadataStore(folder.root, readonly=True) as store:
+            records = {c: store.chunk_items(c) for c in mine}
+        log.info("rank %d: embedding %d chunks (%d images); %d chunks already done", rank, len(mine),
+                 sum(len(r) for r in records.values()), skipped)
+        embedded, corrupt = _embed_chunks(folder, encoder, mine, records, opts, rank)
+    done_now = len(mine)
+    _barrier(world)
+    total, total_corrupt, description = 0, 0, ""
+    if rank == 0:
+        info = folder.read_info()
+        if work or info.get("status") != "ready":
+            counts, description = _finish(folder, opts, encoder.dim)
+        else:
+            counts = info.get("count", {})
+            description = f"{info.get('index', {}).get('kind', '?')} index, unchanged"
+        total, total_corrupt = counts.get("ok", 0), counts.get("corrupt", 0)
+    _barrier(world)
+    return BuildReport(folder.root, embedded, corrupt, done_now, skipped, total, total_corrupt,
+                       time.perf_counter() - started, description)

@@ -1,0 +1,154 @@
+"""Handlers of ``mammut index``, ``mammut search`` and ``mammut serve`` (``args -> exit code``).
+User errors are ``ValueError``/``OSError`` naming the argument; ``mammut.cli`` prints them as
+one line and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from .demo import DEMO_INDEX, SCENES, is_run_folder, write_heldout_scenes
+
+log = logging.getLogger(__name__)
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines list every CPU build it tried
+
+__all__ = ["run_index", "run_search", "run_serve", "parse_size"]
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str, name: str = "--memory-budget") -> int:
+    """``"4G"``, ``"512M"``, ``"1.5G"``, ``"1000000"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"{name}: expected a size such as 4G, 512M or 1000000 (bytes), got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _encoder(model: str | None, folder: Any, args: argparse.Namespace) -> Any:
+    from .encoder import load_encoder
+
+    source = model
+    if source is None:
+        source = folder.read_info().get("model") if folder is not None and folder.exists() else None
+    if not source:
+        raise ValueError("--model: expected a run folder or checkpoint (the index does not name one)")
+    device = getattr(args, "device", None)
+    if device is None:
+        import os
+
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return load_encoder(source, device=device, bf16=getattr(args, "bf16", False))
+
+
+def _build_demo(run: Path, out: Path, n: int, args: argparse.Namespace | None = None) -> Any:
+    from .build import BuildOptions, build
+
+    csv = write_heldout_scenes(run, out / SCENES, n)
+    opts = BuildOptions(out=out, source=str(csv))
+    if args is not None:
+        opts = _build_options(args, out, str(csv))
+    return build(opts, _encoder(str(run.absolute()), None, args or argparse.Namespace()))
+
+
+def _build_options(args: argparse.Namespace, out: Path, source: str | None) -> Any:
+    from .build import BuildOptions
+
+    return BuildOptions(
+        out=out, source=source, add=args.add, batch_size=args.batch_size, workers=args.workers,
+        chunk_size=args.chunk_size, img_key=args.img_key, caption_key=args.caption_key,
+        image_root=args.image_root, ivf_threshold=args.ivf_threshold,
+        memory_budget=parse_size(args.memory_budget) if args.memory_budget else None, nlist=args.nlist,
+        pq_m=args.pq_m, train_size=args.train_size, nprobe=args.nprobe, rerank=args.rerank,
+        progress=not args.no_progress)
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from .build import build
+    from .folder import IndexFolder
+
+    if args.demo_heldout:
+        run = Path(args.demo_heldout).expanduser()
+        if args.source:
+            raise ValueError(f"SOURCE: --demo-heldout indexes the run's held-out scenes; got SOURCE {args.source} too")
+        out = Path(args.out).expanduser() if args.out else run / DEMO_INDEX
+        report = _build_demo(run, out, args.n, args)
+    else:
+        if not args.out:
+            raise ValueError("--out: expected the index folder to write, got none")
+        if not args.source and not args.add:  # --add alone: the sources of the index again
+            raise ValueError("SOURCE: expected a folder, CSV/TSV file or shard pattern (or --demo-heldout RUN)")
+        folder = IndexFolder(args.out)
+        if args.add and not folder.exists():
+            raise FileNotFoundError(f"--add: no index to add to in {folder.root} (build it first, without --add)")
+        opts = _build_options(args, folder.root, args.source)
+        opts.check()
+        report = build(opts, _encoder(args.model, folder, args))
+    if report.index:  # rank 0
+        print(f"{report.out}: {report.total} images indexed ({report.total_corrupt} unreadable, skipped); "
+              f"this run embedded {report.embedded} in {report.chunks_done} chunks "
+              f"({report.chunks_skipped} already done), {report.images_per_s:.1f} images/s; {report.index}")
+    return 0
+
+
+def _open(directory: str, args: argparse.Namespace) -> Any:
+    from .searcher import SearchIndex
+
+    return SearchIndex(directory, mmap=True if args.mmap else None, nprobe=args.nprobe)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from .searcher import check_k
+
+    if (args.query is None) == (args.image is None):
+        raise ValueError("QUERY: expected a text or --image FILE, got " + ("both" if args.query else "neither"))
+    if args.query is not None and not args.query.strip():
+        raise ValueError("QUERY: expected a non-empty text, got ''")
+    k = check_k(args.k, args.max_k)
+    index = _open(args.dir, args)
+    encoder = _encoder(args.model, index.folder, args)
+    if args.image:
+        from ..data.datasets import decode_image
+
+        vec = encoder.embed_images(encoder.preprocess(decode_image(Path(args.image).expanduser(), where="--image"))[None])
+    else:
+        vec = encoder.embed_texts([args.query.strip()])
+    hits = index.search(vec, k, args.max_k)[0]
+    if args.json:
+        print(json.dumps([{"rank": r + 1, **h.public(), "path": h.record.path, "member": h.record.member or None}
+                          for r, h in enumerate(hits)], indent=2))
+        return 0
+    width = max([4, *(len(h.record.name) for h in hits)])
+    print(f"{'rank':>4}  {'score':>6}  {'id':>7}  {'name':<{width}}  caption")
+    for r, h in enumerate(hits):
+        print(f"{r + 1:>4}  {h.score:6.3f}  {h.record.id:>7}  {h.record.name:<{width}}  {h.record.caption or ''}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .folder import IndexFolder
+    from .server import create_app
+
+    directory = Path(args.dir).expanduser()
+    if not IndexFolder(directory).exists() and is_run_folder(directory):
+        run, directory = directory, directory / DEMO_INDEX
+        if not IndexFolder(directory).exists() or IndexFolder(directory).read_info().get("status") != "ready":
+            log.info("%s is a run folder: indexing its held-out scenes into %s first", run, directory)
+            _build_demo(run, directory, 512)
+    if not args.max_upload_mb > 0:
+        raise ValueError(f"--max-upload-mb: expected a size > 0, got {args.max_upload_mb}")
+    max_upload = int(args.max_upload_mb * 2**20)
+    index = _open(str(directory), args)
+    app = create_app(index, _encoder(args.model, index.folder, args), max_upload_bytes=max_upload, max_k=args.max_k)
+    import uvicorn
+
+    print(f"serving {index.size} images of {directory} on http://{args.host}:{args.port} (API: /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,135 @@
+"""Query an index folder: :class:`SearchIndex` finds the nearest images of query vectors and
+hands out an image's bytes by its id (only ids of the metadata store: a client never names a
+path). An IVF-PQ index re-ranks ``k * rerank`` candidates exactly with the stored float16
+embeddings (memory-mapped), which brings its recall close to the exact index's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import mimetypes
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import ann
+from .collection import read_item
+from .folder import IndexFolder
+from .store import MetadataStore, Record
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Hit", "SearchIndex", "check_k", "DEFAULT_MAX_K"]
+
+DEFAULT_MAX_K = 1000
+
+
+def check_k(k: Any, max_k: int = DEFAULT_MAX_K) -> int:
+    """``k`` as an int in ``[1, max_k]``; ``ValueError`` naming it otherwise."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= max_k:
+        raise ValueError(f"k: expected an int in [1, {max_k}], got {k!r}")
+    return int(k)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """One result: the image's record and its cosine similarity to the query."""
+
+    score: float
+    record: Record
+
+    def public(self) -> dict[str, Any]:
+        return {**self.record.public(), "score": round(float(self.score), 6)}
+
+
+class SearchIndex:
+    """An index folder opened for search (thread-safe).
+
+    ``mmap``: memory-map the FAISS index (default: as the build planned, i.e. when it is larger
+    than the memory budget it was built for). ``nprobe``/``rerank`` default to the index's own.
+    """
+
+    def __init__(self, folder: str | Path, *, mmap: bool | None = None, nprobe: int | None = None,
+                 rerank: int | None = None) -> None:
+        self.folder = IndexFolder(folder)
+        self.info = self.folder.read_info()
+        if self.info.get("status") != "ready":
+            raise ValueError(f"DIR: the index in {self.folder.root} is not finished; run `mammut index` again to "
+                             f"complete it")
+        plan = self.info.get("index", {})
+        self.kind: str = plan.get("kind", "flat")
+        self.mmap = bool(plan.get("mmap", False)) if mmap is None else bool(mmap)
+        self.index = ann.read_index(self.folder.faiss_path, mmap=self.mmap, kind=self.kind)
+        self.nprobe = int(nprobe if nprobe is not None else self.info.get("nprobe", 32))
+        self.rerank = int(rerank if rerank is not None else self.info.get("rerank", 16))
+        self.dim = int(self.info["dim"])
+        self.store = MetadataStore(self.folder.root, readonly=True)
+        self._lock = threading.Lock()  # one SQLite connection for every thread
+        self._chunks: dict[int, np.ndarray] = {}
+        log.info("opened %s: %d images, %s index%s", self.folder.root, self.size, self.kind,
+                 " (memory-mapped)" if self.mmap else "")
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def model(self) -> str:
+        return str(self.info.get("model", ""))
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries: np.ndarray, k: int, max_k: int = DEFAULT_MAX_K) -> list[list[Hit]]:
+        """The ``k`` nearest images of each query vector ``(q, dim)`` (fewer if the index is smaller)."""
+        k = check_k(k, max_k)
+        q = np.asarray(queries, dtype=np.float32)
+        q = q[None] if q.ndim == 1 else q
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries: expected vectors of size {self.dim}, got shape {tuple(q.shape)}")
+        k_eff = min(k, self.size)
+        if k_eff == 0:
+            return [[] for _ in q]
+        fetch = min(self.size, k_eff * self.rerank) if self.kind != "flat" and self.rerank > 1 else k_eff
+        scores, ids = ann.search_index(self.index, q, fetch, nprobe=self.nprobe)
+        with self._lock:
+            records = self.store.get(sorted({int(i) for i in ids.ravel() if i >= 0}))
+            out = []
+            for qi in range(len(q)):
+                row = [(float(s), records[int(i)]) for s, i in zip(scores[qi], ids[qi]) if int(i) in records]
+                if fetch > k_eff:
+                    row = self._exact(q[qi], [r for _, r in row])
+                out.append([Hit(s, r) for s, r in row[:k_eff]])
+        return out
+
+    def _exact(self, query: np.ndarray, records: list[Record]) -> list[tuple[float, Record]]:
+        vecs = np.stack([self._chunk(r.chunk)[r.row] for r in records]).astype(np.float32) if records else \
+            np.zeros((0, self.dim), np.float32)
+        scores = vecs @ query
+        order = np.argsort(-scores, kind="stable")
+        return [(float(scores[j]), records[j]) for j in order]
+
+    def _chunk(self, chunk: int) -> np.ndarray:
+        arr = self._chunks.get(chunk)
+        if arr is None:
+            arr = self._chunks[chunk] = np.load(self.folder.chunk_npy(chunk), mmap_mode="r")
+        return arr
+
+    # ------------------------------------------------------------------ images
+    def record(self, image_id: int) -> Record | None:
+        """The record of an indexed (readable) image, or None."""
+        with self._lock:
+            rec = self.store.get([int(image_id)]).get(int(image_id))
+        return rec if rec is not None and rec.status == "ok" else None
+
+    def image_bytes(self, image_id: int) -> tuple[bytes, str]:
+        """``(bytes, media type)`` of an indexed image; ``KeyError`` for an id the index does not have."""
+        rec = self.record(image_id)
+        if rec is None:
+            raise KeyError(f"id: no image {image_id} in this index")
+        media = mimetypes.guess_type(rec.member or rec.path)[0] or "application/octet-stream"
+        return read_item(rec.path, rec.member, rec.offset, rec.size), media

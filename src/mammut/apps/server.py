@@ -1,0 +1,207 @@
+"""``mammut serve``: a FastAPI app over a :class:`SearchIndex` and an :class:`Encoder`.
+
+    GET  /                         the search page (plain HTML + JS)
+    GET  /api/info                 the index: size, model, index kind, limits
+    GET  /api/search?q=TEXT&k=10   text -> nearest images
+    POST /api/search/image         an uploaded image (form field ``file``, query ``k``) -> nearest images
+    GET  /api/images/{id}          an indexed image's bytes, by id only
+    POST /api/images/{id}/caption  a generated caption of an indexed image
+    POST /api/caption              a generated caption of an uploaded image
+    GET  /openapi.json, /docs      the API's schema and its documentation page
+
+Bad input is a 4xx with ``{"detail": "..."}`` naming the parameter: an empty query, ``k``
+outside ``[1, max_k]`` (422), an upload that is not an image (400) or is larger than
+``max_upload_bytes`` (413), an unknown id (404). Model calls run in FastAPI's thread pool,
+one at a time per model; the event loop keeps answering meanwhile.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from pydantic import BaseModel
+
+from ..data.datasets import ImageDecodeError, decode_image
+from .encoder import Encoder
+from .page import PAGE
+from .searcher import DEFAULT_MAX_K, SearchIndex, check_k
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_app", "DEFAULT_MAX_UPLOAD"]
+
+DEFAULT_MAX_UPLOAD = 10 * 2**20
+MAX_PIXELS = 40_000_000  # an upload decoding to more pixels than this is refused before decoding
+
+
+class ResultModel(BaseModel):
+    id: int
+    name: str
+    caption: str | None
+    width: int | None
+    height: int | None
+    score: float
+    image_url: str
+
+
+class SearchResponse(BaseModel):
+    query: str
+    k: int
+    results: list[ResultModel]
+
+
+class CaptionResponse(BaseModel):
+    id: int | None
+    caption: str
+
+
+class InfoResponse(BaseModel):
+    size: int
+    dim: int
+    model: str
+    index: str
+    max_k: int
+    max_upload_bytes: int
+
+
+def _results(hits: list[Any]) -> list[ResultModel]:
+    return [ResultModel(**h.public(), image_url=f"/api/images/{h.record.id}") for h in hits]
+
+
+def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+               max_k: int = DEFAULT_MAX_K, caption_cache: int = 4096) -> FastAPI:
+    """The web app (see the module doc)."""
+    if max_upload_bytes < 1:
+        raise ValueError(f"--max-upload-mb: expected a size > 0, got {max_upload_bytes} bytes")
+    if max_k < 1:
+        raise ValueError(f"--max-k: expected an int >= 1, got {max_k}")
+    app = FastAPI(title="mammut search", version="1",
+                  description=f"Search and caption the {index.size} images of {index.folder.root.name}.")
+    captions: collections.OrderedDict[int, str] = collections.OrderedDict()
+    cache_lock = threading.Lock()
+
+    def k_of(k: int) -> int:
+        try:
+            return check_k(k, max_k)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    async def read_upload(file: UploadFile) -> Image.Image:
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"file: expected an image of at most {max_upload_bytes} bytes, got more")
+        if not data:
+            raise HTTPException(400, "file: expected an image file, got an empty upload")
+        try:
+            with Image.open(io.BytesIO(data)) as probe:  # header only: refuse pixel bombs before decoding
+                w, h = probe.size
+        except Image.DecompressionBombError:
+            raise HTTPException(413, f"file: expected an image of at most {MAX_PIXELS} pixels, got more") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise HTTPException(400, f"file: expected an image file (PNG, JPEG, WebP, ...), got "
+                                     f"{file.filename or 'an upload'} ({type(exc).__name__})") from None
+        if w * h > MAX_PIXELS:
+            raise HTTPException(413, f"file: expected an image of at most {MAX_PIXELS} pixels, got {w}x{h}")
+        try:
+            return decode_image(data, where=file.filename or "upload")
+        except ImageDecodeError as exc:
+            raise HTTPException(400, f"file: {exc}") from None
+
+    @app.middleware("http")
+    async def refuse_large_bodies(request: Request, call_next: Any) -> Response:
+        # before the multipart parser spools the body anywhere: the declared length is checked here,
+        # what is actually read is checked again in read_upload
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length is not None and length.isdigit() \
+                and int(length) > max_upload_bytes + 64 * 1024:
+            return JSONResponse({"detail": f"file: expected an image of at most {max_upload_bytes} bytes, "
+                                           f"got a request of {length} bytes"}, status_code=413)
+        return await call_next(request)  # type: ignore[no-any-return]
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return PAGE
+
+    @app.get("/api/info", response_model=InfoResponse)
+    def info() -> InfoResponse:
+        """The index: how many images, which model, which FAISS index, the request limits."""
+        model = Path(index.model).name or index.model  # its name: the server's paths stay on the server
+        return InfoResponse(size=index.size, dim=index.dim, model=model, index=index.kind, max_k=max_k,
+                            max_upload_bytes=max_upload_bytes)
+
+    @app.get("/api/search", response_model=SearchResponse)
+    def search_text(q: str = Query(..., description="the text to search for"),
+                    k: int = Query(10, description=f"how many results, 1..{max_k}")) -> SearchResponse:
+        """The ``k`` images nearest to a text."""
+        k = k_of(k)
+        text = q.strip()
+        if not text:
+            raise HTTPException(422, "q: expected a non-empty query, got ''")
+        if len(text) > 1000:
+            raise HTTPException(422, f"q: expected at most 1000 characters, got {len(text)}")
+        vec = encoder.embed_texts([text])
+        return SearchResponse(query=text, k=k, results=_results(index.search(vec, k, max_k)[0]))
+
+    @app.post("/api/search/image", response_model=SearchResponse)
+    async def search_image(file: UploadFile = File(..., description="an image file"),
+                           k: int = Query(10, description=f"how many results, 1..{max_k}")) -> SearchResponse:
+        """The ``k`` images nearest to an uploaded image."""
+        k = k_of(k)
+        image = await read_upload(file)
+        def run() -> SearchResponse:
+            vec = encoder.embed_images(encoder.preprocess(image)[None])
+            return SearchResponse(query=file.filename or "upload", k=k, results=_results(index.search(vec, k, max_k)[0]))
+
+        return await run_in_threadpool(run)
+
+    @app.get("/api/images/{image_id}", responses={200: {"content": {"image/*": {}}}, 404: {}})
+    def image(image_id: int) -> Response:
+        """An indexed image, by its id (the only way to read a file through this server)."""
+        try:
+            data, media = index.image_bytes(image_id)
+        except KeyError as exc:
+            raise HTTPException(404, str(exc.args[0])) from None
+        except OSError as exc:
+            log.warning("image %d could not be read: %s", image_id, exc)
+            raise HTTPException(410, f"id: image {image_id} is no longer readable") from None
+        return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/api/images/{image_id}/caption", response_model=CaptionResponse)
+    def caption_indexed(image_id: int) -> CaptionResponse:
+        """A caption of an indexed image, generated by the model (KV-cached greedy decoding)."""
+        with cache_lock:
+            if image_id in captions:
+                captions.move_to_end(image_id)
+                return CaptionResponse(id=image_id, caption=captions[image_id])
+        try:
+            data, _ = index.image_bytes(image_id)
+            picture = decode_image(data, where=f"image {image_id}")
+        except KeyError as exc:
+            raise HTTPException(404, str(exc.args[0])) from None
+        except (OSError, ImageDecodeError) as exc:
+            log.warning("image %d could not be read: %s", image_id, exc)
+            raise HTTPException(410, f"id: image {image_id} is no longer readable") from None
+        text = encoder.caption(encoder.preprocess(picture)[None])[0]
+        with cache_lock:
+            captions[image_id] = text
+            while len(captions) > caption_cache:
+                captions.popitem(last=False)
+        return CaptionResponse(id=image_id, caption=text)
+
+    @app.post("/api/caption", response_model=CaptionResponse)
+    async def caption_upload(file: UploadFile = File(..., description="an image file")) -> CaptionResponse:
+        """A caption of an uploaded image, generated by the model."""
+        image = await read_upload(file)
+        text = await run_in_threadpool(lambda: encoder.caption(encoder.preprocess(image)[None])[0])
+        return CaptionResponse(id=None, caption=text)
+
+    return app
