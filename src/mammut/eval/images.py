@@ -101,6 +101,26 @@ def image_batches(paths: Sequence[Path], preprocess: Callable[[Any], torch.Tenso
                 yield indices, images
 
 
+def embed_image_files(embed: Callable[[torch.Tensor], torch.Tensor], paths: Sequence[Path],
+                      preprocess: Callable[[Any], torch.Tensor], *, what: str, **batching: Any
+                      ) -> tuple[torch.Tensor, list[int], SkipCount, float]:
+    """Embeddings ``(k, l)`` of the readable files among ``paths`` through ``embed``, with their
+    indices, the skip count and the seconds it took; no readable file is a ``ValueError``
+    naming ``what`` (e.g. the data source). ``batching``: :func:`image_batches`'s options."""
+    import time
+
+    skipped = SkipCount()
+    embeds, ok = [], []
+    t0 = time.perf_counter()
+    for idx, images in image_batches(paths, preprocess, skipped, **batching):
+        embeds.append(embed(images))
+        ok += idx
+    seconds = time.perf_counter() - t0
+    if not ok:
+        raise ValueError(f"--data: expected readable images in {what}, got none ({skipped.total} skipped)")
+    return torch.cat(embeds), ok, skipped, seconds
+
+
 def seeded_subset(n: int, limit: int | None, seed: int = 0) -> list[int]:
     """``range(n)``, or with ``limit`` a seeded random ``limit`` of it (sorted): the same items every run."""
     if limit is None or limit >= n:

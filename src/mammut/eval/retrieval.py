@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..data.formats import read_captioned_images
-from .images import SkipCount, image_batches, seeded_subset
+from .images import embed_image_files, seeded_subset
 from .metrics import retrieval_recall
 from .model_source import EvalModel
 from .plots import plot_recall_curves
@@ -66,16 +66,9 @@ def evaluate_retrieval(em: EvalModel, data: str | Path, out_dir: Path, *, images
     paths = [ds.paths[i] for i in keep]
     captions = [ds.captions[i] for i in keep]
 
-    skipped = SkipCount()
-    embeds, ok = [], []
-    t0 = time.perf_counter()
-    for idx, batch in image_batches(paths, em.preprocess, skipped, batch_size=batch_size, workers=workers,
-                                    progress=progress, desc="retrieval images"):
-        embeds.append(em.embed_images(batch))
-        ok += idx
-    image_s = time.perf_counter() - t0
-    if not ok:
-        raise ValueError(f"--data: expected readable images for {ds.source}, got none ({skipped.total} skipped)")
+    embeds, ok, skipped, image_s = embed_image_files(
+        em.embed_images, paths, em.preprocess, what=str(ds.source), batch_size=batch_size, workers=workers,
+        progress=progress, desc="retrieval images")
     texts, owner = [], []
     for j, i in enumerate(ok):
         texts += captions[i]
@@ -87,7 +80,7 @@ def evaluate_retrieval(em: EvalModel, data: str | Path, out_dir: Path, *, images
     for s in tqdm(range(0, len(texts), 256), desc="retrieval captions", unit="batch", disable=not progress, leave=False):
         text_emb.append(em.embed_texts(texts[s:s + 256], batch_size=256))
     text_s = time.perf_counter() - t1
-    img, txt = torch.cat(embeds), torch.cat(text_emb)
+    img, txt = embeds, torch.cat(text_emb)
     curve_ks = tuple(range(1, min(_CURVE_MAX, max(len(ok), len(texts))) + 1))
     rec = retrieval_recall(img, txt, ks=tuple(sorted(set(KS) | set(curve_ks))), text_to_image=owner)
     per_image = [len(captions[i]) for i in ok]

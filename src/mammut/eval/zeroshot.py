@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..data.formats import read_image_folder, read_lines
-from .images import SkipCount, image_batches, seeded_subset
+from .images import embed_image_files, seeded_subset
 from .metrics import classification_metrics, zero_shot_classifier, zero_shot_predictions
 from .model_source import EvalModel
 from .plots import plot_confusion, plot_image_grid, plot_per_class
@@ -121,18 +121,11 @@ def evaluate_zeroshot(em: EvalModel, data: str | Path, out_dir: Path, *, classna
         classifier = zero_shot_classifier(names, encode, templates=temps, batch_size=max(batch_size, 256))
     text_s = time.perf_counter() - t0
 
-    skipped = SkipCount()
-    embeds, ok = [], []
-    t1 = time.perf_counter()
-    for idx, images in image_batches(paths, em.preprocess, skipped, batch_size=batch_size, workers=workers,
-                                     progress=progress, desc="zero-shot"):
-        embeds.append(em.embed_images(images))
-        ok += idx
-    image_s = time.perf_counter() - t1
-    if not ok:
-        raise ValueError(f"--data: expected readable images in {folder.root}, got none ({skipped.total} skipped)")
+    embeds, ok, skipped, image_s = embed_image_files(
+        em.embed_images, paths, em.preprocess, what=str(folder.root), batch_size=batch_size, workers=workers,
+        progress=progress, desc="zero-shot")
     y = torch.tensor([labels[i] for i in ok])
-    ranks, preds = zero_shot_predictions(torch.cat(embeds), classifier, y)
+    ranks, preds = zero_shot_predictions(embeds, classifier, y)
     k5 = min(5, len(names))
     cls = classification_metrics(ranks, preds, y, len(names), ks=(1, k5))
     confusion = cls.pop("confusion")
