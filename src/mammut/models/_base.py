@@ -189,7 +189,9 @@ class ModelBase(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> "ModelBase":
-        """Load a model written by ``save_pretrained`` (no network)."""
+        """Load a model written by ``save_pretrained`` (no network). The preprocessing and the
+        tokenizer saved beside it (``save_pretrained(dir, preprocess=, tokenizer=)``) come back
+        with it through ``model, preprocess, tokenizer = mammut.load(directory)``."""
         from ..io.checkpoint import load_pretrained
 
         return load_pretrained(directory, model_class=cls, **kwargs)
