@@ -4,7 +4,9 @@ server keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,8 @@ def index_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def client(index_dir) -> TestClient:
-    return TestClient(create_app(SearchIndex(index_dir), ColourEncoder(), max_upload_bytes=20_000, max_k=50))
+    return TestClient(create_app(SearchIndex(index_dir), ColourEncoder(), max_upload_bytes=20_000, max_k=50),
+                      base_url="http://127.0.0.1")
 
 
 def _png(colour: str, size: tuple[int, int] = (30, 30)) -> bytes:
@@ -119,12 +122,71 @@ def test_no_request_reads_a_file_outside_the_collection(client, index_dir):
         assert b"not to be served" not in r.content and b"SQLite" not in r.content
 
 
+def test_a_chunked_upload_over_the_limit_is_refused_while_it_arrives(client):
+    head = _multipart(b"")[:-len(b"\r\n--b--\r\n")]  # a file part that goes on and on
+
+    def body():  # no Content-Length: the size is only known by counting what arrives
+        yield head
+        for _ in range(100):
+            yield b"x" * 10_000
+
+    r = client.post("/api/caption", content=body(), headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413, r.text
+    assert r.json()["detail"] == "file: expected an image of at most 20000 bytes, got a request of more than 85536 bytes"
+    assert client.get("/api/search", params={"q": "red", "k": 1}).json()["results"][0]["name"] == "red-0.png"
+    ok = client.post("/api/caption", content=iter([_multipart(_png("blue"))]),
+                     headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert ok.status_code == 200 and ok.json()["caption"] == "a blue picture"  # a small chunked upload is fine
+
+    # at the ASGI level: the app stops pulling the body soon after the limit, it does not take it all
+    pulled, sent = [], []
+
+    async def receive():
+        pulled.append(1)
+        return {"type": "http.request", "body": head if len(pulled) == 1 else b"x" * 10_000, "more_body": len(pulled) < 1000}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/caption", "raw_path": b"/api/caption", "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"multipart/form-data; boundary=b")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(client.app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    assert len(pulled) <= 10  # 20 KB + 64 KB allowed: 9 chunks of 10 KB, not 1000
+    assert json.loads(b"".join(m.get("body", b"") for m in sent))["detail"].startswith("file: ")
+
+
+def _multipart(data: bytes) -> bytes:
+    return (b'--b\r\nContent-Disposition: form-data; name="file"; filename="q.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--b--\r\n")
+
+
+@pytest.mark.parametrize("url", [f"/api/images/{2**63}", f"/api/images/{10**30}", "/api/images/-5"])
+def test_an_id_out_of_range_is_a_422(client, url):
+    assert client.get(url).status_code == 422
+    r = client.post(f"{url}/caption")
+    assert r.status_code == 422 and "image_id" in r.text
+    assert client.get(f"/api/images/{2**63 - 1}").status_code == 404  # the largest id: asked, not there
+
+
+def test_requests_naming_another_host_are_refused(client, index_dir):
+    assert client.get("/api/info", headers={"Host": "attacker.example"}).status_code == 400  # DNS rebinding
+    assert client.get("/api/info", headers={"Host": "localhost:8000"}).status_code == 200
+    lan = TestClient(create_app(SearchIndex(index_dir), ColourEncoder(), allowed_hosts=["photos.lan"]),
+                     base_url="http://photos.lan")
+    assert lan.get("/api/info").status_code == 200
+    assert lan.get("/api/info", headers={"Host": "127.0.0.1"}).status_code == 400
+
+
 def test_a_real_model_captions_with_kv_cached_generation(tmp_path):
     run = train_tiny(tmp_path / "run")
     pics = colour_folder(tmp_path / "pics")
     encoder = load_encoder(run)
     build(BuildOptions(out=tmp_path / "idx", source=str(pics), progress=False), encoder)
-    client = TestClient(create_app(SearchIndex(tmp_path / "idx"), encoder))
+    client = TestClient(create_app(SearchIndex(tmp_path / "idx"), encoder), base_url="http://localhost")
     hits = client.get("/api/search", params={"q": "a red square", "k": 5}).json()["results"]
     assert len(hits) == 5 and all(-1.0 <= h["score"] <= 1.0 for h in hits)
     r = client.post(f"/api/images/{hits[0]['id']}/caption")

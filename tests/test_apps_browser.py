@@ -89,7 +89,8 @@ def test_search_upload_and_caption_in_a_real_browser(server, artifacts, tmp_path
             cards = page.locator(".card")
             expect(cards).to_have_count(8)
             expect(cards.first).to_contain_text("#1 purple-0.png")
-            assert page.locator(".card img").first.evaluate("img => img.complete && img.naturalWidth") == 20 + 4
+            # the image may still be loading: wait for it to decode (a rejection, a broken image, fails the test)
+            assert page.locator(".card img").first.evaluate("img => img.decode().then(() => img.naturalWidth)") == 20 + 4
             page.screenshot(path=str(artifacts / "1-text-search.png"), full_page=True)
 
             cards.first.locator("button.caption-this").click()  # caption a result

@@ -123,6 +123,97 @@ def test_add_embeds_only_the_new_images(tmp_path):
     assert sorted(r.id for r in MetadataStore(tmp_path / "idx").get(range(100)).values()) == list(range(len(NAMES)))
 
 
+def test_add_under_another_spelling_of_the_path_adds_nothing(tmp_path):
+    pics = colour_folder(tmp_path / "pics")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "link").symlink_to(pics)
+    _build(pics, tmp_path / "idx", chunk_size=3)
+    counting = CountingEncoder()
+    for other in (tmp_path / "x" / ".." / "pics", tmp_path / "link"):
+        report = build(BuildOptions(out=tmp_path / "idx", source=str(other), add=True, progress=False), counting)
+        assert counting.embedded == 0 and report.total == len(NAMES), other
+    info = IndexFolder(tmp_path / "idx").read_info()
+    assert [s["source"] for s in info["sources"]] == [str(pics.resolve())]
+    assert SearchIndex(tmp_path / "idx").size == len(NAMES)
+
+
+def test_add_keeps_the_index_settings_unless_given_again(tmp_path):
+    pics = tmp_path / "pics"
+    for n in NAMES[:4]:
+        draw(pics / f"{n}.png", n)
+    _build(pics, tmp_path / "idx", memory_budget=100, nlist=3, train_size=2000)  # 100 bytes: over budget, mmap
+    folder = IndexFolder(tmp_path / "idx")
+    assert folder.read_info()["index"]["mmap"] is True
+    settings = {"ivf_threshold": 100_000, "memory_budget": 100, "nlist": 3, "pq_m": None, "train_size": 2000}
+    assert folder.read_info()["settings"] == settings
+    draw(pics / "black.png", "black")
+    build(BuildOptions(out=tmp_path / "idx", add=True, progress=False), ColourEncoder())  # none given: the index's
+    assert folder.read_info()["settings"] == settings and folder.read_info()["index"]["mmap"] is True
+    assert SearchIndex(tmp_path / "idx").mmap
+    draw(pics / "white.png", "white")
+    build(BuildOptions(out=tmp_path / "idx", add=True, memory_budget=2**30, progress=False), ColourEncoder())
+    assert folder.read_info()["settings"] == {**settings, "memory_budget": 2**30}  # given anew: kept from now on
+    assert folder.read_info()["index"]["mmap"] is False and SearchIndex(tmp_path / "idx").size == 6
+
+
+def test_a_stop_between_the_faiss_file_and_index_json_does_not_duplicate_vectors(tmp_path, monkeypatch):
+    pics = tmp_path / "pics"
+    for n in NAMES[:4]:
+        draw(pics / f"{n}.png", n)
+    _build(pics, tmp_path / "idx", chunk_size=2)
+    for n in NAMES[4:]:
+        draw(pics / f"{n}.png", n)
+
+    class Killed(BaseException):
+        pass
+
+    write_info = IndexFolder.write_info
+
+    def stop_before_ready(self, info):
+        if info.get("status") == "ready":
+            raise Killed  # index.faiss is written, index.json not yet
+        write_info(self, info)
+
+    monkeypatch.setattr(IndexFolder, "write_info", stop_before_ready)
+    with pytest.raises(Killed):
+        build(BuildOptions(out=tmp_path / "idx", source=str(pics), add=True, chunk_size=2, progress=False),
+              ColourEncoder())
+    monkeypatch.setattr(IndexFolder, "write_info", write_info)
+    assert ann.read_index(tmp_path / "idx" / "index.faiss").ntotal == len(NAMES)  # the new vectors are in
+    counting = CountingEncoder()
+    build(BuildOptions(out=tmp_path / "idx", source=str(pics), chunk_size=2, progress=False), counting)  # resume
+    assert counting.embedded == 0
+    index = SearchIndex(tmp_path / "idx")
+    assert index.size == len(NAMES)  # not len(NAMES) + the new ones again
+    ids = [h.record.id for h in index.search(ColourEncoder().embed_texts(["black"]), 100)[0]]
+    assert sorted(ids) == list(range(len(NAMES)))
+
+
+def test_bad_index_files_and_settings_are_one_line_errors(tmp_path):
+    pics = colour_folder(tmp_path / "pics")
+    with pytest.raises(ValueError, match=r"--train-size: expected an int >= 624, got 10"):
+        _build(pics, tmp_path / "a", train_size=10)
+    with pytest.raises(ValueError, match=r"--train-size: expected at least 39 training vectors per IVF list "
+                                         r"\(39 x --nlist 100 = 3900\), got 1000"):
+        _build(pics, tmp_path / "a", nlist=100, train_size=1000)
+    for name, value in (("nlist", 0), ("pq_m", -1), ("memory_budget", 0)):
+        with pytest.raises(ValueError, match=f"--{name.replace('_', '-')}: expected an int >= 1, got {value}"):
+            _build(pics, tmp_path / "a", **{name: value})
+    counting = CountingEncoder()
+    with pytest.raises(ValueError, match=r"--pq-m: expected a divisor of the embedding size"):
+        _build(pics, tmp_path / "a", counting, pq_m=7)
+    assert counting.embedded == 0 and not (tmp_path / "a").exists()  # refused before any work
+
+    _build(pics, tmp_path / "idx")
+    faiss_file = tmp_path / "idx" / "index.faiss"
+    faiss_file.write_bytes(faiss_file.read_bytes()[:40])  # cut short
+    with pytest.raises(ValueError, match=r"DIR: expected a FAISS index in .*index.faiss, got a file faiss cannot read"):
+        SearchIndex(tmp_path / "idx")
+    faiss_file.unlink()
+    with pytest.raises(FileNotFoundError, match=r"DIR: expected the FAISS index .*index.faiss, got no such file"):
+        SearchIndex(tmp_path / "idx")
+
+
 def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(64, d))
@@ -269,6 +360,10 @@ def test_cli_index_search_and_errors(tiny_run, tmp_path, capsys):
         (["index", str(pics), "--model", str(tiny_run), "--out", str(out), "--batch-size", "0"],
          "--batch-size: expected an int >= 1, got 0"),
         (["index", str(pics), "--add", "--out", str(tmp_path / "none")], "--add: no index to add to in"),
+        (["search", str(out), "cat", "--model", str(tmp_path)], f"--model: {out} was built with {tiny_run}"),
+        (["serve", str(out), "--model", str(tmp_path)], f"--model: {out} was built with {tiny_run}"),
+        (["index", str(pics), "--model", str(tiny_run), "--out", str(tmp_path / "i4"), "--train-size", "5"],
+         "--train-size: expected an int >= 624, got 5"),
         (["index", str(pics), "--model", str(tiny_run), "--out", str(tmp_path / "i3"), "--memory-budget", "lots"],
          "--memory-budget: expected a size such as 4G"),
     ]:
@@ -313,7 +408,7 @@ def test_serve_a_run_folder_indexes_its_heldout_scenes_first(tiny_run, tmp_path,
     scenes = len((run / "search-index" / "heldout-scenes" / "captions.csv").read_text().splitlines()) - 1
     assert 100 < scenes <= 512  # the tiny run's 20 emoji have fewer than 512 distinct held-out captions
     assert f"serving {scenes} images of" in capsys.readouterr().out
-    client = TestClient(served["app"])
+    client = TestClient(served["app"], base_url="http://127.0.0.1:8000")
     info = client.get("/api/info").json()
     assert info["size"] == scenes and info["model"] == "run"  # the model's name, not the server's path
     first = client.get("/api/search", params={"q": "a cat", "k": 3}).json()["results"][0]

@@ -64,8 +64,9 @@ def register_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
     ix.add_argument("--img-key", default="filepath", help="CSV: the image path column (default filepath)")
     ix.add_argument("--caption-key", default=None, help="CSV: the caption column (default: title, if present)")
     ix.add_argument("--image-root", default=None, help="CSV: folder relative image paths start from (default: the CSV's)")
-    ix.add_argument("--ivf-threshold", type=int, default=100_000,
-                    help="from this many images on, an IVF-PQ index instead of the exact one (default 100000)")
+    ix.add_argument("--ivf-threshold", type=int, default=None,
+                    help="from this many images on, an IVF-PQ index instead of the exact one (default 100000; "
+                         "with --add or a resumed build, the index settings default to the index's own)")
     ix.add_argument("--memory-budget", default=None,
                     help="most memory the index may take, e.g. 2G: picks exact vs IVF-PQ and the PQ code size; "
                          "an index that cannot fit is memory-mapped at search time")

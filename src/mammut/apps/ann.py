@@ -24,10 +24,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IndexPlan", "plan_index", "build_index", "read_index", "search_index"]
+__all__ = ["IndexPlan", "plan_index", "check_pq_m", "build_index", "read_index", "search_index"]
 
 _PQ_M = (64, 48, 32, 24, 16, 12, 8, 4, 2, 1)  # candidate code sizes, bytes a vector
-_MIN_PER_CENTROID = 39  # faiss's k-means wants at least 39 training points per centroid
+_MIN_PER_CENTROID = MIN_PER_CENTROID = 39  # faiss's k-means wants at least 39 training points per centroid
+MIN_TRAIN = MIN_PER_CENTROID * 16  # the fewest training vectors of the smallest (4-bit) PQ code book
 _MIN_IVF = 1_000  # fewer vectors than this are never IVF (too few to train on)
 
 
@@ -82,9 +83,7 @@ def plan_index(n: int, dim: int, *, ivf_threshold: int = 100_000, memory_budget:
     bits = 8 if train >= 256 * _MIN_PER_CENTROID else max(4, int(math.log2(max(train // _MIN_PER_CENTROID, 16))))
     divisors = [m for m in _PQ_M if dim % m == 0]
     if pq_m is not None:
-        if pq_m not in divisors:
-            raise ValueError(f"--pq-m: expected a divisor of the embedding size {dim} among {divisors}, got {pq_m}")
-        choices = [pq_m]
+        choices = [check_pq_m(pq_m, dim)]
     else:
         default = max(m for m in divisors if m <= max(1, min(32, dim // 2)))
         choices = [m for m in divisors if m <= default]
@@ -100,6 +99,14 @@ def plan_index(n: int, dim: int, *, ivf_threshold: int = 100_000, memory_budget:
                     "search will memory-map it", chosen, (memory_budget or 0) / 2**20)
     return IndexPlan("ivfpq", n, dim, nlist=lists, pq_m=chosen, pq_bits=bits, train_size=train,
                      bytes=_ivfpq_bytes(n, dim, lists, chosen, bits), mmap=mmap)
+
+
+def check_pq_m(pq_m: int, dim: int) -> int:
+    """``pq_m`` if a PQ code of that many bytes can split ``dim``; ``ValueError`` naming --pq-m otherwise."""
+    divisors = [m for m in _PQ_M if dim % m == 0]
+    if pq_m not in divisors:
+        raise ValueError(f"--pq-m: expected a divisor of the embedding size {dim} among {divisors}, got {pq_m}")
+    return pq_m
 
 
 def _faiss() -> Any:
@@ -146,7 +153,15 @@ def read_index(path: str | Path, *, mmap: bool = False, kind: str = "flat") -> A
     flags = 0
     if mmap:
         flags = (faiss.IO_FLAG_MMAP_IFC if kind == "flat" else faiss.IO_FLAG_MMAP) | faiss.IO_FLAG_READ_ONLY
-    return faiss.read_index(str(path), flags)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"DIR: expected the FAISS index {path}, got no such file; run `mammut index` again "
+                                f"to rebuild it")
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as exc:  # faiss's own error: the file is cut short or not an index
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"DIR: expected a FAISS index in {path}, got a file faiss cannot read ({reason}); "
+                         f"delete it and run `mammut index` again to rebuild it") from None
 
 
 def search_index(index: Any, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -50,7 +50,7 @@ class BuildOptions:
     img_key: str = "filepath"
     caption_key: str | None = None
     image_root: str | None = None
-    ivf_threshold: int = 100_000
+    ivf_threshold: int | None = None  # None: the index's own (index.json "settings"), else 100000
     memory_budget: int | None = None
     nlist: int | None = None
     pq_m: int | None = None
@@ -59,12 +59,38 @@ class BuildOptions:
     rerank: int = 16
     progress: bool = True
 
-    def check(self) -> None:
+    def check(self, dim: int | None = None) -> None:
+        """Refuse bad options before any work; ``dim``: the embedding size (to check ``pq_m``)."""
         for name, value, low in (("--batch-size", self.batch_size, 1), ("--workers", self.workers, 0),
                                  ("--chunk-size", self.chunk_size, 1), ("--ivf-threshold", self.ivf_threshold, 0),
-                                 ("--nprobe", self.nprobe, 1), ("--rerank", self.rerank, 0)):
+                                 ("--nprobe", self.nprobe, 1), ("--rerank", self.rerank, 0),
+                                 ("--memory-budget", self.memory_budget, 1), ("--nlist", self.nlist, 1),
+                                 ("--pq-m", self.pq_m, 1), ("--train-size", self.train_size, ann.MIN_TRAIN)):
+            if value is None and name in _SETTING_FLAGS.values():
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        if self.nlist is not None and self.train_size is not None and \
+                self.train_size < ann.MIN_PER_CENTROID * self.nlist:
+            raise ValueError(f"--train-size: expected at least {ann.MIN_PER_CENTROID} training vectors per IVF list "
+                             f"({ann.MIN_PER_CENTROID} x --nlist {self.nlist} = "
+                             f"{ann.MIN_PER_CENTROID * self.nlist}), got {self.train_size}")
+        if self.pq_m is not None and dim is not None:
+            ann.check_pq_m(self.pq_m, dim)
+
+
+# the index settings kept in index.json, reused by a later build (--add, resume) unless given anew
+_SETTING_FLAGS = {"ivf_threshold": "--ivf-threshold", "memory_budget": "--memory-budget", "nlist": "--nlist",
+                  "pq_m": "--pq-m", "train_size": "--train-size"}
+_SETTING_DEFAULTS: dict[str, int | None] = {"ivf_threshold": 100_000, "memory_budget": None, "nlist": None,
+                                            "pq_m": None, "train_size": None}
+
+
+def _settings(opts: BuildOptions, info: dict[str, Any]) -> dict[str, int | None]:
+    """The index settings of this build: those given, else the index's recorded ones, else the defaults."""
+    saved = info.get("settings") or {}
+    return {k: getattr(opts, k) if getattr(opts, k) is not None else saved.get(k, default)
+            for k, default in _SETTING_DEFAULTS.items()}
 
 
 @dataclasses.dataclass
@@ -116,14 +142,14 @@ def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str) -> bool:
     """Rank 0: create or extend the plan in the store. Returns False when there is nothing to do."""
     info = folder.read_info() if folder.exists() else None
     src = None
-    if opts.source is not None:  # as recorded in index.json: absolute, but a shard pattern as given
-        src = opts.source if source_kind(opts.source) == "shards" else str(Path(opts.source).expanduser().absolute())
+    if opts.source is not None:  # as recorded in index.json: resolved, but a shard pattern as given
+        src = opts.source if source_kind(opts.source) == "shards" else str(Path(opts.source).expanduser().resolve())
     if info is not None and info.get("model") != model_name:  # its vectors would not be comparable
         raise ValueError(f"--model: {folder.root} was built with {info.get('model')}; add to it with that model, "
                          f"got {model_name}")
     sources = [s["source"] for s in (info or {}).get("sources", [])]
     if info is not None and not opts.add:
-        if src is not None and src not in sources:
+        if src is not None and src not in sources and src not in {str(Path(s).resolve()) for s in sources}:
             raise ValueError(f"--out: {folder.root} already holds an index of {', '.join(sources)}; "
                              f"pass --add to add {opts.source}, or choose another --out")
         if info.get("status") == "ready":
@@ -145,6 +171,7 @@ def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str) -> bool:
                            caption_key=scan.get("caption_key"), image_root=scan.get("image_root"))
         with MetadataStore(folder.root, create=True) as store:
             known = store.known()
+            known |= {(str(Path(p).resolve()), m) for p, m in known}  # paths recorded before they were resolved
             new = [it for it in items if (it.path, it.member) not in known]
             chunks = store.add_items(new, opts.chunk_size) if new else []
         log.info("%s: %d images, %d new, in %d chunks of up to %d", scan["source"], len(items), len(new), len(chunks),
@@ -274,8 +301,8 @@ def _finish(folder: IndexFolder, opts: BuildOptions, dim: int) -> tuple[dict[str
         chunks = store.chunks()
         missing = [c for c in chunks if folder.read_chunk(c) is None]
         if missing:
-            raise RuntimeError(f"chunks {missing[:5]} were not embedded (a rank stopped early); run the same command "
-                               f"again to finish")
+            raise ValueError(f"--out: chunks {missing[:5]} of {folder.root} were not embedded (a rank stopped "
+                             f"early); run the same command again to finish")
         pending = {c for (c,) in store.db.execute("SELECT DISTINCT chunk FROM items WHERE status = 'pending'")}
         for c in sorted(pending):
             done = folder.read_chunk(c) or {"ids": [], "sizes": [], "corrupt": []}
@@ -285,25 +312,35 @@ def _finish(folder: IndexFolder, opts: BuildOptions, dim: int) -> tuple[dict[str
     n = counts["ok"]
     if n == 0:
         raise ValueError(f"SOURCE: none of the {counts['corrupt']} images could be read")
-    plan = ann.plan_index(n, dim, ivf_threshold=opts.ivf_threshold, memory_budget=opts.memory_budget,
-                          nlist=opts.nlist, pq_m=opts.pq_m, train_size=opts.train_size)
+    settings = _settings(opts, info)
+    plan = ann.plan_index(n, dim, **settings)  # type: ignore[arg-type]
     old = info.get("index") or {}
     in_index = set(info.get("faiss_chunks", []))
     new_chunks = [c for c in chunks if c not in in_index]
     extend = (folder.faiss_path.is_file() and old.get("kind") == plan.kind and in_index
               and (plan.kind == "flat" or n <= 2 * int(old.get("trained_on", old.get("n", 0)))))
+    index = None
     if extend:
-        index = ann.read_index(folder.faiss_path, kind=plan.kind)
+        try:
+            index = ann.read_index(folder.faiss_path, kind=plan.kind)
+        except ValueError as exc:
+            log.warning("%s; building the index again", exc)
+        if index is not None and int(index.ntotal) != int(old.get("n", -1)):
+            # written, then stopped before index.json said so: it may hold the new chunks already
+            log.warning("%s holds %d vectors, index.json records %s: building it again", folder.faiss_path,
+                        index.ntotal, old.get("n"))
+            index = None
+    if index is not None:
         for ids, vecs in _vectors(folder, new_chunks):
             index.add_with_ids(vecs, ids)
-        plan_info = {**old, "n": n, "bytes": plan.bytes}
+        plan_info = {**old, "n": n, "bytes": plan.bytes, "mmap": plan.mmap}
         log.info("added %d chunks to the %s index", len(new_chunks), plan.kind)
     else:
         per_chunk = [len((folder.read_chunk(c) or {"ids": []})["ids"]) for c in chunks]
         index = ann.build_index(plan, lambda: _vectors(folder, chunks), _sampler(folder, chunks, per_chunk))
         plan_info = {**dataclasses.asdict(plan), "trained_on": n}
     ann.write_index(index, folder.faiss_path)
-    info.update(status="ready", dim=dim, index=plan_info, faiss_chunks=chunks, count=counts)
+    info.update(status="ready", dim=dim, index=plan_info, faiss_chunks=chunks, count=counts, settings=settings)
     folder.write_info(info)
     description = ann.IndexPlan(**{k: plan_info[k] for k in dataclasses.asdict(plan)}).describe()
     return counts, description
@@ -314,7 +351,7 @@ def _finish(folder: IndexFolder, opts: BuildOptions, dim: int) -> tuple[dict[str
 
 def build(opts: BuildOptions, encoder: Encoder) -> BuildReport:
     """Build, resume or extend the index folder ``opts.out`` with ``encoder`` (see the module doc)."""
-    opts.check()
+    opts.check(encoder.dim)
     started = time.perf_counter()
     folder = IndexFolder(opts.out)
     rank, world = _dist_init()
@@ -335,7 +372,7 @@ def build(opts: BuildOptions, encoder: Encoder) -> BuildReport:
     _broadcast(shared, world)
     plan = shared[0]
     if "error" in plan:
-        raise RuntimeError(f"rank 0 could not plan the index: {plan['error']}")
+        raise ValueError(f"rank 0 could not plan the index: {plan['error']}")
     work, skipped = bool(plan["work"]), int(plan["skipped"])
     mine = list(plan["todo"][rank::world])
     embedded = corrupt = 0

@@ -35,7 +35,7 @@ FOLDER_EXTENSIONS: tuple[str, ...] = (*IMAGE_EXTENSIONS, "gif", "tif", "tiff")
 class Item:
     """One image of a collection: a file (``member == ""``) or a member of a tar shard."""
 
-    path: str  # absolute file or shard path
+    path: str  # the file's or shard's resolved path (absolute, no links, no ".."): one path per file
     member: str = ""  # tar member name ("" for a file)
     offset: int = -1  # byte offset of the member's data in the shard
     size: int = -1  # the member's size in bytes
@@ -72,7 +72,7 @@ def _sidecar_caption(image: Path) -> str | None:
 
 def _folder_items(root: Path) -> list[Item]:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in FOLDER_EXTENSIONS and p.is_file())
-    return [Item(str(p.absolute()), caption=_sidecar_caption(p)) for p in files]
+    return [Item(str(p.resolve()), caption=_sidecar_caption(p)) for p in files]
 
 
 def _csv_items(path: Path, img_key: str, caption_key: str | None, image_root: str | None) -> list[Item]:
@@ -106,7 +106,7 @@ def _csv_items(path: Path, img_key: str, caption_key: str | None, image_root: st
             if key in seen:  # several captions of one image: one item, the first caption
                 continue
             seen[key] = len(items)
-            items.append(Item(str(fp.absolute()), caption=caption))
+            items.append(Item(key, caption=caption))
     except csv.Error as exc:
         raise ValueError(f"SOURCE: {path} row {reader.line_num} is not valid CSV ({exc})") from None
     if missing:
@@ -119,7 +119,7 @@ def _shard_items(pattern: str) -> list[Item]:
     for shard in expand_shards(pattern, key="SOURCE"):
         if "://" in shard or shard.startswith("pipe:"):
             raise ValueError(f"SOURCE: expected local shard files, got {shard}")
-        path = str(Path(shard).absolute())
+        path = str(Path(shard).resolve())
         images: dict[str, tarfile.TarInfo] = {}
         texts: dict[str, tarfile.TarInfo] = {}
         try:
@@ -158,6 +158,10 @@ def list_items(source: str, *, img_key: str = "filepath", caption_key: str | Non
         items = _shard_items(source)
     if not items:
         raise ValueError(f"SOURCE: no images found in {source}")
+    unique = list({(it.path, it.member): it for it in reversed(items)}.values())[::-1]  # the first of each
+    if len(unique) < len(items):  # two names (links) of one file: indexed once
+        log.info("%s: %d names of images already listed under another name", source, len(items) - len(unique))
+        items = unique
     log.info("%s (%s): %d images", source, kind, len(items))
     return items
 

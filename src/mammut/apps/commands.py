@@ -48,6 +48,19 @@ def _encoder(model: str | None, folder: Any, args: argparse.Namespace) -> Any:
     return load_encoder(source, device=device, bf16=getattr(args, "bf16", False))
 
 
+def _same_model(model: str | None, index: Any) -> None:
+    """``--model``, when given, must be the index's: vectors of another model are not comparable."""
+    if model is None or not index.model:
+        return
+
+    def key(name: str) -> str:
+        return name if name.startswith("hf-hub:") else str(Path(name).expanduser().resolve())
+
+    if key(model) != key(index.model):
+        raise ValueError(f"--model: {index.folder.root} was built with {index.model}; search it with that model "
+                         f"(or leave --model out), got {model}")
+
+
 def _build_demo(run: Path, out: Path, n: int, args: argparse.Namespace | None = None) -> Any:
     from .build import BuildOptions, build
 
@@ -113,6 +126,7 @@ def run_search(args: argparse.Namespace) -> int:
         raise ValueError("QUERY: expected a non-empty text, got ''")
     k = check_k(args.k, args.max_k)
     index = _open(args.dir, args)
+    _same_model(args.model, index)
     encoder = _encoder(args.model, index.folder, args)
     if args.image:
         from ..data.datasets import decode_image
@@ -134,7 +148,7 @@ def run_search(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from .folder import IndexFolder
-    from .server import create_app
+    from .server import create_app, default_allowed_hosts
 
     directory = Path(args.dir).expanduser()
     if not IndexFolder(directory).exists() and is_run_folder(directory):
@@ -146,7 +160,9 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-upload-mb: expected a size > 0, got {args.max_upload_mb}")
     max_upload = int(args.max_upload_mb * 2**20)
     index = _open(str(directory), args)
-    app = create_app(index, _encoder(args.model, index.folder, args), max_upload_bytes=max_upload, max_k=args.max_k)
+    _same_model(args.model, index)
+    app = create_app(index, _encoder(args.model, index.folder, args), max_upload_bytes=max_upload, max_k=args.max_k,
+                     allowed_hosts=default_allowed_hosts(args.host))
     import uvicorn
 
     print(f"serving {index.size} images of {directory} on http://{args.host}:{args.port} (API: /docs)", flush=True)

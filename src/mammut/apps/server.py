@@ -24,11 +24,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data.datasets import ImageDecodeError, decode_image
 from .encoder import Encoder
@@ -37,10 +39,70 @@ from .searcher import DEFAULT_MAX_K, SearchIndex, check_k
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_app", "DEFAULT_MAX_UPLOAD"]
+__all__ = ["create_app", "default_allowed_hosts", "DEFAULT_MAX_UPLOAD"]
 
 DEFAULT_MAX_UPLOAD = 10 * 2**20
 MAX_PIXELS = 40_000_000  # an upload decoding to more pixels than this is refused before decoding
+FORM_OVERHEAD = 64 * 1024  # what a multipart request may carry besides the file itself
+MAX_ID = 2**63 - 1  # ids are SQLite integers
+
+
+def default_allowed_hosts(host: str = "127.0.0.1") -> list[str]:
+    """The ``Host`` headers the server answers: this machine's names, and ``host`` (what it binds).
+    Any other name is refused (400), so a page of another site cannot reach the server through a
+    DNS name rebound to this machine. Binding all interfaces (``0.0.0.0``/``::``) allows any name."""
+    if host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    return list(dict.fromkeys(["127.0.0.1", "localhost", "::1", host]))
+
+
+class _BodyTooLarge(HTTPException):
+    pass
+
+
+class _BodyLimit:
+    """Refuse a POST whose body is over ``limit`` bytes with a 413: the declared Content-Length at
+    once, and the bytes actually received as they arrive (a chunked upload declares none), before
+    the multipart parser spools more than ``limit`` of them anywhere."""
+
+    def __init__(self, app: ASGIApp, limit: int, detail: str) -> None:
+        self.app, self.limit, self.detail = app, limit, detail
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await self._refuse(scope, receive, send, f"a request of {int(length)} bytes")
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:  # an HTTPException: FastAPI's body parsing lets it through
+                    raise _BodyTooLarge(413, f"{self.detail}, got a request of more than {self.limit} bytes")
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:  # read outside a route (its handler answers it there)
+            if started:
+                raise
+            await self._refuse(scope, receive, send, f"a request of more than {self.limit} bytes")
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, got: str) -> None:
+        await JSONResponse({"detail": f"{self.detail}, got {got}"}, status_code=413,
+                           headers={"Connection": "close"})(scope, receive, send)
 
 
 class ResultModel(BaseModel):
@@ -78,14 +140,22 @@ def _results(hits: list[Any]) -> list[ResultModel]:
 
 
 def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-               max_k: int = DEFAULT_MAX_K, caption_cache: int = 4096) -> FastAPI:
-    """The web app (see the module doc)."""
+               max_k: int = DEFAULT_MAX_K, caption_cache: int = 4096,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The web app (see the module doc). ``allowed_hosts``: the ``Host`` names answered (default:
+    :func:`default_allowed_hosts`; a request naming another gets a 400)."""
     if max_upload_bytes < 1:
         raise ValueError(f"--max-upload-mb: expected a size > 0, got {max_upload_bytes} bytes")
     if max_k < 1:
         raise ValueError(f"--max-k: expected an int >= 1, got {max_k}")
     app = FastAPI(title="mammut search", version="1",
                   description=f"Search and caption the {index.size} images of {index.folder.root.name}.")
+    hosts = default_allowed_hosts() if allowed_hosts is None else list(allowed_hosts)
+    if not hosts:
+        raise ValueError("allowed_hosts: expected at least one host name, got []")
+    app.add_middleware(_BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD,  # type: ignore[arg-type]
+                       detail=f"file: expected an image of at most {max_upload_bytes} bytes")
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)  # outermost: checked first
     captions: collections.OrderedDict[int, str] = collections.OrderedDict()
     cache_lock = threading.Lock()
 
@@ -101,6 +171,9 @@ def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = 
             raise HTTPException(413, f"file: expected an image of at most {max_upload_bytes} bytes, got more")
         if not data:
             raise HTTPException(400, "file: expected an image file, got an empty upload")
+        return await run_in_threadpool(decode_upload, data, file.filename or "an upload")
+
+    def decode_upload(data: bytes, filename: str) -> Image.Image:  # in the thread pool: not on the event loop
         try:
             with Image.open(io.BytesIO(data)) as probe:  # header only: refuse pixel bombs before decoding
                 w, h = probe.size
@@ -108,24 +181,13 @@ def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = 
             raise HTTPException(413, f"file: expected an image of at most {MAX_PIXELS} pixels, got more") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise HTTPException(400, f"file: expected an image file (PNG, JPEG, WebP, ...), got "
-                                     f"{file.filename or 'an upload'} ({type(exc).__name__})") from None
+                                     f"{filename} ({type(exc).__name__})") from None
         if w * h > MAX_PIXELS:
             raise HTTPException(413, f"file: expected an image of at most {MAX_PIXELS} pixels, got {w}x{h}")
         try:
-            return decode_image(data, where=file.filename or "upload")
+            return decode_image(data, where=filename)
         except ImageDecodeError as exc:
             raise HTTPException(400, f"file: {exc}") from None
-
-    @app.middleware("http")
-    async def refuse_large_bodies(request: Request, call_next: Any) -> Response:
-        # before the multipart parser spools the body anywhere: the declared length is checked here,
-        # what is actually read is checked again in read_upload
-        length = request.headers.get("content-length")
-        if request.method == "POST" and length is not None and length.isdigit() \
-                and int(length) > max_upload_bytes + 64 * 1024:
-            return JSONResponse({"detail": f"file: expected an image of at most {max_upload_bytes} bytes, "
-                                           f"got a request of {length} bytes"}, status_code=413)
-        return await call_next(request)  # type: ignore[no-any-return]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -164,7 +226,7 @@ def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = 
         return await run_in_threadpool(run)
 
     @app.get("/api/images/{image_id}", responses={200: {"content": {"image/*": {}}}, 404: {}})
-    def image(image_id: int) -> Response:
+    def image(image_id: int = PathParam(..., ge=0, le=MAX_ID)) -> Response:
         """An indexed image, by its id (the only way to read a file through this server)."""
         try:
             data, media = index.image_bytes(image_id)
@@ -176,7 +238,7 @@ def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = 
         return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/api/images/{image_id}/caption", response_model=CaptionResponse)
-    def caption_indexed(image_id: int) -> CaptionResponse:
+    def caption_indexed(image_id: int = PathParam(..., ge=0, le=MAX_ID)) -> CaptionResponse:
         """A caption of an indexed image, generated by the model (KV-cached greedy decoding)."""
         with cache_lock:
             if image_id in captions:
