@@ -80,6 +80,20 @@ def test_coco_captions_layout(tmp_path):
     ds = read_captioned_images(path)  # images next to the file
     assert ds.layout == "coco" and ds.ids == [1, 2]  # image 3 has no caption; image 9 is not listed
     assert ds.captions == [["one"], ["two a", "two b"]]
+    assert ds.left_out() == {"images_without_captions": 1, "captions_unknown_image": 1, "empty_captions": 0}
+
+
+def test_csv_empty_caption_cells_are_counted_and_left_out(tmp_path):
+    for name in ("a", "b"):
+        _png(tmp_path / f"{name}.png")
+    path = tmp_path / "pairs.csv"
+    path.write_text("filepath,title\na.png,first of a\na.png,\nb.png,  \n")
+    ds = read_captioned_images(path)
+    assert [p.name for p in ds.paths] == ["a.png"] and ds.captions == [["first of a"]]
+    assert ds.left_out() == {"images_without_captions": 1, "captions_unknown_image": 0, "empty_captions": 2}
+    path.write_text("filepath,title\na.png,\n")
+    with pytest.raises(ValueError, match=r"--data: expected rows .* non-empty 'title', got none .*1 empty caption"):
+        read_captioned_images(path)
 
 
 def test_csv_groups_rows_by_image(tmp_path):

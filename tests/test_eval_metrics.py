@@ -255,3 +255,21 @@ def test_emoji_name_accuracy() -> None:
     assert strict["acc_1"] == 0.0 and strict["acc_2"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="equal length"):
         emoji_name_accuracy(caps, names[:2])
+
+
+def test_nan_or_inf_embeddings_are_rejected_not_scored_as_hits() -> None:
+    # without the check every comparison with NaN is False: pessimistic rank 0, a "perfect" score
+    img, txt = torch.full((4, 8), float("nan")), torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"image_embeds: expected finite embeddings, got 4 of 4 rows with NaN or inf"):
+        retrieval_recall(img, txt)
+    txt[1, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"text_embeds: expected finite embeddings, got 1 of 4 rows"):
+        retrieval_recall(torch.randn(4, 8), txt, normalize=False)
+    cls = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"image_embeds: expected finite .* 4 of 4 rows"):
+        zero_shot_accuracy(img, cls, [0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"image_embeds: expected finite .* 4 of 4 rows"):
+        zero_shot_predictions(img, cls, [0, 1, 2, 0])
+    cls[2] = float("nan")
+    with pytest.raises(ValueError, match=r"class_embeds: expected finite .* 1 of 3 rows"):
+        zero_shot_predictions(torch.randn(4, 8), cls, [0, 1, 2, 0])

@@ -134,6 +134,7 @@ def test_zeroshot_known_accuracy_confusion_and_skips(tmp_path):
     assert metrics["top1"] == pytest.approx(8 / 9)
     assert metrics["top5"] == pytest.approx(1.0) and "top-4" in metrics["top5_note"]
     assert metrics["mean_per_class_recall"] == pytest.approx((1 + 2 / 3 + 1 + 1) / 4)
+    assert (metrics["limit"], metrics["n_total"], metrics["comparable_to_published"]) == (None, 10, False)  # 1 corrupt
     assert metrics["per_class"]["green"] == {"recall": pytest.approx(2 / 3), "images": 3}
     assert metrics["skipped"]["corrupt"] == 1 and metrics["skipped"]["missing"] == 0
     confusion = (tmp_path / "out" / "confusion.csv").read_text().split()
@@ -234,6 +235,13 @@ def test_retrieval_csv_matches_the_json(tmp_path):
     # "green too" (blue's) ties with green's caption: green image rank 1, blue image's only caption misses
     assert metrics["i2t_R@1"] == pytest.approx(1 / 3) and metrics["t2i_R@1"] == pytest.approx(3 / 4)
     assert metrics["texts_shared_by_images"] == 0
+    # an image skipped: the full set (4 images) was asked for, but the numbers are not the published protocol's
+    assert (metrics["limit"], metrics["n_total"], metrics["comparable_to_published"]) == (None, 4, False)
+    assert metrics["data_left_out"] == {"images_without_captions": 0, "captions_unknown_image": 0, "empty_captions": 0}
+    csv.write_text("filepath,title\nred.png,a red thing\ngreen.png,green\nblue.png,\n")
+    metrics, _, _ = evaluate_retrieval(fake(), csv, tmp_path / "out", progress=False)
+    assert (metrics["limit"], metrics["n_total"], metrics["comparable_to_published"]) == (None, 2, True)
+    assert metrics["data_left_out"]["empty_captions"] == 1 and metrics["data_left_out"]["images_without_captions"] == 1
 
 
 def test_image_to_text_chance_by_hand():
@@ -265,6 +273,7 @@ def test_captioning_bleu_by_hand_with_several_references(tmp_path):
     assert metrics["bleu1"] == pytest.approx(p[0], rel=1e-6)
     assert metrics["bleu4"] == pytest.approx(math.prod(p) ** 0.25, rel=1e-6)
     assert metrics["n_images"] == 2 and metrics["skipped"]["corrupt"] == 1
+    assert (metrics["limit"], metrics["n_total"], metrics["comparable_to_published"]) == (None, 3, False)
     assert metrics["references_per_image"] == 1.5 and metrics["generation"] == {"max_new_tokens": 5}
     assert em.model.prompts[0] == (None, {"max_new_tokens": 5})
     assert 0 < metrics["rouge_l"] <= 1 and metrics["cider_d"] > 0
@@ -335,6 +344,15 @@ def test_vqa_prompt_template_and_limit(tmp_path):
     metrics, _, _ = evaluate_vqa(em, tmp_path / "q.json", tmp_path / "a.json", tmp_path, tmp_path / "out",
                                  prompt="Question: {question} Answer:", limit=4, progress=False)
     assert metrics["n_questions"] == 4 and metrics["accuracy"] == 1.0  # one answer each: exact match
+    assert (metrics["limit"], metrics["n_total"], metrics["comparable_to_published"]) == (4, 6, False)
+    from mammut.eval.report import write_task_report
+
+    report = (write_task_report(tmp_path / "rep", "VQA", metrics) / "report.md").read_text()
+    assert "- full set: 6 questions; --limit 4 (a seeded random subset); comparable to published numbers: NO" in report
+    assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["limit"] == 4
+    metrics, _, _ = evaluate_vqa(em, tmp_path / "q.json", tmp_path / "a.json", tmp_path, tmp_path / "out",
+                                 progress=False)
+    assert (metrics["limit"], metrics["n_total"], metrics["comparable_to_published"]) == (None, 6, True)
     texts = [em.tokenizer.decode(torch.tensor([row + [2]]))[0] for row in em.model.prompts[0][0]]
     assert all(t.startswith("Question: q") and t.endswith("? Answer:") for t in texts)
     with pytest.raises(ValueError, match=r"--prompt: expected a template with a \{question\} field"):

@@ -108,6 +108,10 @@ def test_questions_are_pure_functions_of_the_index_and_heldout_uses_heldout_pair
     ("couldnt've", "couldn't've"), ("3.5", "3.5"), ("end.", "end"), ("100,978", "100978"),
     ("red,blue", "red blue"), ("ice-cream", "ice cream"), ("2:50 pm", "2:50 pm"), ("An apple", "apple"),
     ("none", "0"), ("TEN", "10"), ("(a) hot dog?", "hot dog"), ("its", "its"),
+    # the official code's punctuation list and rules: '$', '#', '&' kept; a mark next to a space is
+    # deleted, else spaced; a digit,digit anywhere deletes every listed mark
+    ("$5", "$5"), ("#1", "#1"), ("a & b", "& b"), ("x-ray, left", "x ray left"), ("1,000-2,000", "10002000"),
+    ("yes!", "yes"), ("Im", "im"), ("shes", "shes"), ("couldntve", "couldntve"), ("somebody'd", "somebodyd"),
 ])
 def test_vqav2_normalisation(raw, expected):
     assert normalize_answer(raw) == expected
@@ -127,6 +131,18 @@ def test_vqav2_accuracy_rule():
     assert vqa_accuracy("2", ["2"] + ["x"] * 9, leave_one_out=True) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="at least one reference"):
         vqa_accuracy("x", [])
+
+
+@pytest.mark.parametrize("prediction, references, expected", [
+    # ten identical references: compared as given (stripped only), as the official evaluation does
+    ("yes.", ["yes"] * 10, 0.0), ("two", ["2"] * 10, 0.0), ("the dog", ["dog"] * 10, 0.0), ("Yes", ["yes"] * 10, 0.0),
+    (" yes\n", ["yes"] * 10, 1.0), ("yes", ["yes"] * 10, 1.0),
+    # references that differ: both sides processed
+    ("Two.", ["2"] * 4 + ["3"] * 6, 1.0), ("the dog", ["dog"] * 9 + ["a dog!"], 1.0),
+    ("yes.", ["yes"] * 2 + ["no"] * 8, pytest.approx(0.6)),
+])
+def test_vqav2_processes_answers_only_where_the_references_differ(prediction, references, expected):
+    assert vqa_accuracy(prediction, references, leave_one_out=True) == expected
 
 
 def test_accuracy_per_type_with_baseline_and_table():

@@ -160,7 +160,7 @@ def _hub_snapshot(repo_id: str) -> Path:
     """The snapshot folder of ``repo_id`` in the local Hugging Face cache; never the network."""
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.utils import LocalEntryNotFoundError  # .errors only from 0.25
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("hf-hub: sources need huggingface_hub: pip install 'mammut-vl[io]'") from err
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
@@ -268,7 +268,10 @@ def _load_open_clip(path: Path, kind: str, device: Any, dtype: torch.dtype | Non
     family = _family(state_dict, weights)
     if model_cfg is None:
         name, model_cfg = detect_open_clip_architecture(state_dict, family=family, where=str(weights))
-        log.info("%s: recognised as %s", weights, name)
+        log.warning("%s: no %s beside the weights; assumed the %s config from tensor shapes, which cannot show "
+                    "head counts: %s. If the model was trained with other heads, pass its config: "
+                    "mammut.%s.from_open_clip(config_dict, path)", weights, OPEN_CLIP_CONFIG, name,
+                    _heads_text(model_cfg), "MaMMUT" if family == "mammut" else "CoCa")
     model_cfg = _with_weights_image_size(model_cfg, state_dict)
     if family == "coca":
         from .convert.open_clip import coca_from_open_clip as convert
@@ -282,6 +285,14 @@ def _load_open_clip(path: Path, kind: str, device: Any, dtype: torch.dtype | Non
     vision = model_cfg.get("vision_cfg", {})
     preprocess = ImagePreprocess.open_clip(int(vision.get("image_size", 224)), {k: v for k, v in preprocess_cfg.items() if k != "size"})
     return model, preprocess, CLIPTokenizer(context_length=length)
+
+
+def _heads_text(model_cfg: dict[str, Any]) -> str:
+    """``"vision 12 heads (head width 64), text 8 heads"`` of an open_clip model config."""
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    head_width = int(vision.get("head_width", 64))
+    return (f"vision {int(vision.get('width', 768)) // head_width} heads (head width {head_width}), "
+            f"text {int(text.get('heads', 8))} heads")
 
 
 def _family(state_dict: dict[str, torch.Tensor], where: Path) -> str:

@@ -64,6 +64,14 @@ class CaptionedImages:
     source: Path
     layout: str  # "karpathy", "coco" or "csv"
     split: str | None = None
+    images_without_captions: int = 0  # COCO layout: images listed with no caption (left out)
+    captions_unknown_image: int = 0  # COCO layout: captions naming an image id not in "images" (left out)
+    empty_captions: int = 0  # CSV: empty caption cells (left out; an image with only those counts above)
+
+    def left_out(self) -> dict[str, int]:
+        """What reading the annotation file left out, by reason."""
+        return {"images_without_captions": self.images_without_captions,
+                "captions_unknown_image": self.captions_unknown_image, "empty_captions": self.empty_captions}
 
 
 @dataclass
@@ -222,7 +230,8 @@ def _coco(data: dict[str, Any], src: Path, images: Path, arg: str) -> CaptionedI
         log.warning("%s: %d images have no caption; left out", src, len(by_id) - len(ids))
     if not ids:
         raise ValueError(f"{arg}: expected captions for the images of {src}, got none that match an image id")
-    return CaptionedImages([by_id[k] for k in ids], [caps[k] for k in ids], ids, src, "coco", None)
+    return CaptionedImages([by_id[k] for k in ids], [caps[k] for k in ids], ids, src, "coco", None,
+                           images_without_captions=len(by_id) - len(ids), captions_unknown_image=unknown)
 
 
 def _csv(src: Path, images: Path, img_key: str, caption_key: str, arg: str) -> CaptionedImages:
@@ -233,6 +242,7 @@ def _csv(src: Path, images: Path, img_key: str, caption_key: str, arg: str) -> C
         if key not in columns:
             raise ValueError(f"{opt}: expected a column of {src} ({', '.join(columns) or 'no header'}), got {key!r}")
     order: dict[Path, list[str]] = {}
+    empty = 0
     try:
         for row in reader:
             rel, text = row.get(img_key) or "", row.get(caption_key) or ""
@@ -240,14 +250,23 @@ def _csv(src: Path, images: Path, img_key: str, caption_key: str, arg: str) -> C
                 raise ValueError(f"{arg}: expected an image path in column {img_key!r} of {src} row {reader.line_num}, "
                                  f"got an empty cell")
             fp = Path(rel) if Path(rel).is_absolute() else images / rel
-            order.setdefault(fp, []).append(text)
+            captions = order.setdefault(fp, [])
+            if text.strip():
+                captions.append(text)
+            else:
+                empty += 1
     except csv.Error as exc:
         raise ValueError(f"{arg}: expected valid {'TSV' if sep == chr(9) else 'CSV'}, got {src} row "
                          f"{reader.line_num} ({exc})") from None
-    if not order:
-        raise ValueError(f"{arg}: expected rows of image-caption pairs, got none in {src}")
-    paths = list(order)
-    return CaptionedImages(paths, [order[p] for p in paths], [str(p) for p in paths], src, "csv", None)
+    paths = [p for p, caps in order.items() if caps]
+    if empty:
+        log.warning("%s: %d rows have an empty %r cell; left out (%d images with no caption left)", src, empty,
+                    caption_key, len(order) - len(paths))
+    if not paths:
+        raise ValueError(f"{arg}: expected rows of image-caption pairs with a non-empty {caption_key!r}, got none "
+                         f"in {src} ({empty} empty caption cells)")
+    return CaptionedImages(paths, [order[p] for p in paths], [str(p) for p in paths], src, "csv", None,
+                           images_without_captions=len(order) - len(paths), empty_captions=empty)
 
 
 def read_captioned_images(path: str | Path, images: str | Path | None = None, *, split: str | None = "test",

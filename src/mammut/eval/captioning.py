@@ -19,7 +19,7 @@ from typing import Any
 
 from ..data.formats import read_captioned_images
 from .caption_metrics import caption_scores
-from .images import SkipCount, image_batches, seeded_subset
+from .images import SkipCount, coverage, image_batches, seeded_subset
 from .model_source import EvalModel
 from .plots import plot_image_grid
 from .report import markdown_table
@@ -76,7 +76,8 @@ def evaluate_captioning(em: EvalModel, data: str | Path, out_dir: Path, *, image
         **{k: scores.get(k) for k in LABELS if k in scores}, "n_images": len(ok),
         "references_per_image": scores["references_per_image"], "tokenizer": scores["tokenizer"],
         "absent": scores["absent"], "generation": options or {"strategy": "greedy"}, "layout": ds.layout,
-        "split": ds.split, "skipped": skipped.as_dict(), "images_per_s": len(ok) / gen_s if gen_s > 0 else None,
+        "split": ds.split, "skipped": skipped.as_dict(), **coverage(limit, len(ds.paths), len(keep), skipped.total),
+        "data_left_out": ds.left_out(), "images_per_s": len(ok) / gen_s if gen_s > 0 else None,
         "mean_caption_words": sum(len(c.split()) for c in generated) / len(generated),
         "empty_captions": sum(not c.strip() for c in generated),
     }

@@ -129,3 +129,11 @@ def seeded_subset(n: int, limit: int | None, seed: int = 0) -> list[int]:
         raise ValueError(f"--limit: expected an integer >= 1, got {limit!r}")
     g = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(n, generator=g)[:limit].tolist())
+
+
+def coverage(limit: int | None, n_total: int, n_selected: int, skipped: int, unit: str = "images") -> dict[str, Any]:
+    """What part of the data set a task evaluated: ``{"limit", "n_total", "comparable_to_published"}``
+    (``n_total``: the size of the full set in ``unit``; comparable: every item selected, no ``--limit``
+    cut, and no image skipped)."""
+    return {"limit": limit, "n_total": n_total, "n_total_unit": unit,
+            "comparable_to_published": n_selected == n_total and skipped == 0}

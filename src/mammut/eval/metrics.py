@@ -32,7 +32,12 @@ def _check_embeds(x: object, arg: str) -> torch.Tensor:
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"{arg} must have shape (n, dim) with n >= 1, got {tuple(x.shape)}")
-    return x.detach().float()
+    x = x.detach().float()
+    bad = int((~torch.isfinite(x)).any(dim=1).sum())
+    if bad:
+        # a NaN compares False with everything, so a pessimistic rank would come out 0: a "hit"
+        raise ValueError(f"{arg}: expected finite embeddings, got {bad} of {x.shape[0]} rows with NaN or inf")
+    return x
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:

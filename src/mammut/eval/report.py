@@ -223,6 +223,17 @@ def write_task_report(out_dir: str | Path, title: str, metrics: dict[str, Any], 
              ("throughput (questions/s)", metrics.get("questions_per_s")),
              ("wall time (s)", metrics.get("wall_time_s"))]
     lines += [f"- {k}: {_fmt(v)}" for k, v in facts if v is not None]
+    if "comparable_to_published" in metrics:
+        unit = metrics.get("n_total_unit", "images")
+        limit = metrics.get("limit")
+        cut = f"--limit {limit} (a seeded random subset)" if limit is not None else "no --limit"
+        lines.append(f"- full set: {metrics.get('n_total')} {unit}; {cut}; comparable to published numbers: "
+                     + ("yes" if metrics["comparable_to_published"] else
+                        "NO (a subset was evaluated or images were skipped)"))
+    left_out = {k: v for k, v in (metrics.get("data_left_out") or {}).items() if v}
+    if left_out:
+        lines.append("- left out when reading the data: " + ", ".join(f"{v} {k.replace('_', ' ')}"
+                                                                        for k, v in left_out.items()))
     skipped = metrics.get("skipped") or {}
     if skipped:
         lines.append(f"- images skipped: {skipped.get('total', 0)} ({skipped.get('missing', 0)} missing, "

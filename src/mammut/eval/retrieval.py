@@ -9,8 +9,14 @@ and every caption is embedded once (captions longer than the model's context are
 image -> text: an image is retrieved right at K when any of its own captions is among the K
 captions most similar to it; text -> image: a caption when its one image is among the K most
 similar images. Identical captions of different images count as different answers (reported
-as ``texts_shared_by_images``); ties count against the model. Images that are missing or
-unreadable are left out with their captions, and counted.
+as ``texts_shared_by_images``); ties count against the model. So where two images share a
+caption string, image -> text counts that caption as a miss at R@1 for both images (the other
+image's copy has the same embedding, hence ties with it), while common evaluation code (e.g. a
+``topk`` over the similarities) breaks such ties arbitrarily, usually by index, and may count a
+hit: with shared texts our image -> text recall can be slightly below a published figure.
+Images that are missing or unreadable are left out with their captions, and counted. metrics.json
+records ``limit``, ``n_total`` and ``comparable_to_published`` (no ``--limit`` cut, no image
+skipped).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 import torch
 
 from ..data.formats import read_captioned_images
-from .images import embed_image_files, seeded_subset
+from .images import coverage, embed_image_files, seeded_subset
 from .metrics import retrieval_recall
 from .model_source import EvalModel
 from .plots import plot_recall_curves
@@ -95,10 +101,12 @@ def evaluate_retrieval(em: EvalModel, data: str | Path, out_dir: Path, *, images
         "n_images": len(ok), "n_texts": len(texts), "captions_per_image": len(texts) / len(ok),
         "texts_shared_by_images": sum(len(v) > 1 for v in owners.values()),
         "layout": ds.layout, "split": ds.split, "skipped": skipped.as_dict(),
+        **coverage(limit, len(ds.paths), len(keep), skipped.total), "data_left_out": ds.left_out(),
         "images_per_s": len(ok) / image_s if image_s > 0 else None, "texts_per_s": len(texts) / text_s if text_s else None,
         "curve": {"i2t": [rec[f"i2t_R@{k}"] for k in curve_ks], "t2i": [rec[f"t2i_R@{k}"] for k in curve_ks]},
         "protocol": "image->text: a hit if any caption of the image ranks within K; text->image: a hit if its image "
-                    "ranks within K; ties count against the model",
+                    "ranks within K; ties count against the model (a caption string shared by several images is "
+                    "a miss at R@1 for image->text, where common code breaks the tie arbitrarily)",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [("image -> text", *(metrics[f"i2t_R@{k}"] for k in KS)),

@@ -1,32 +1,42 @@
-"""VQA accuracy: the VQAv2 answer normalisation and the "3 annotators" rule, per question type.
+"""VQA accuracy: the VQAv2 evaluation rule (answer processing only where annotators differ, and
+"3 annotators" leave-one-out accuracy), per question type.
 
-Written from the published description of the VQA evaluation (visualqa.org/evaluation):
+Written to give the number the official VQAv2 evaluation (GT-Vision-Lab/VQA, ``vqaEval.py``,
+which the evaluation server runs) gives for the same answers, quirks included:
 
-1. whitespace (newlines, tabs) becomes one space; everything is lower-cased;
-2. a comma between two digits is dropped (``100,978`` -> ``100978``); every other punctuation
-   mark except the apostrophe (possessives: ``girl's``), the colon (times: ``2:50``) and the
-   period becomes a space;
-3. periods are removed unless they are a decimal point (followed by a digit: ``3.5``);
-4. per word: number words become digits (``zero`` .. ``ten``; ``none`` -> ``0`` as in the
-   reference script), the articles ``a``, ``an``, ``the`` are dropped, and a contraction missing
-   its apostrophe gets it back (``dont`` -> ``don't``).
+* Every answer, predicted or reference, has newlines and tabs turned into spaces and is stripped.
+* **If the (ten) reference answers are all the same string**, the prediction must equal it
+  exactly after that: no lower-casing, no punctuation, number or article processing (``"yes."``,
+  ``"Yes"``, ``"two"`` and ``"the dog"`` all score 0 against ten ``"yes"`` / ``"2"`` / ``"dog"``).
+  This is a large share of VQAv2 (most yes/no questions), so it matters for any model whose
+  answers are not in the annotators' exact form, not only for unclean references.
+* **Otherwise** prediction and references go through :func:`normalize_answer`:
 
-The same processing is applied to the reference answers (the reference script skips it when
-all ten annotators gave the same string; VQAv2's stored answers are already clean, so the
-difference only matters for data that is not). Where the reference script deletes a mark
-instead of spacing it (when the same mark also sits next to a space, or a digit,digit occurs
-anywhere in the answer), this module follows the published description: a space.
+  1. punctuation: the marks ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` are each deleted if
+     that mark stands next to a space anywhere in the answer, or if the answer holds a
+     digit-comma-digit anywhere (``100,978`` -> ``100978``; then every listed mark is deleted),
+     and otherwise become a space. Other marks (``' : # $ % & * ^ | ~``) are kept;
+  2. a period not followed by a digit is removed (``end.`` -> ``end``, ``3.5`` stays; as in the
+     official code at most 32 per answer);
+  3. lower-case; per word: ``none``, ``zero`` .. ``ten`` become digits, the articles ``a``,
+     ``an``, ``the`` are dropped, and a contraction missing one of its apostrophes gets it back
+     (``dont`` -> ``don't``, ``couldnt've`` -> ``couldn't've``; not ``couldntve``), with the
+     official table's word list (no ``im``, ``shes``, ``its``, ``well``, ...) and its one inverted
+     entry (``somebody'd`` -> ``somebodyd``).
 
-Accuracy of one answer against ``n`` reference answers: ``min(#equal references / min(3, n), 1)``
-after normalisation, so three agreeing annotators make an answer fully right and a single
-reference is an exact match. ``leave_one_out=True`` averages that over the ``n`` subsets of
-``n - 1`` references, the official protocol for VQAv2's ten answers per question.
+Accuracy of one answer against ``n`` reference answers: ``min(#equal references / min(3, n), 1)``,
+so three agreeing annotators make an answer fully right. ``leave_one_out=True`` averages that
+over the ``n`` subsets of ``n - 1`` references, the official protocol for VQAv2's ten answers per
+question. Outside VQAv2's protocol, a single reference (e.g. generated training data) is compared
+after :func:`normalize_answer` on both sides.
+
+``mammut eval vqa`` writes the model's answers unchanged to ``answers.json`` (the official
+results format): the official evaluation of that file gives the accuracy reported here.
 """
 
 from __future__ import annotations
 
 import re
-import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,13 +49,14 @@ NUMBER_WORDS: dict[str, str] = {
 }
 ARTICLES = frozenset({"a", "an", "the"})
 
-# contractions written without their apostrophe -> with it; words that are also ordinary
-# English words ("its", "well", "were", "shed", "hell", "id", "lets") are left alone
+# contractions written without their apostrophe -> with it: the words of the official table; words
+# that are also ordinary English words ("its", "well", "were", "shed", "hell", "id", "lets") and
+# "i'm", "i've", "i'd've", "she's" (whose table keys never match a lower-cased word) are not in it
 _CONTRACTED = (
     "ain't aren't can't couldn't could've couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't "
-    "he'd he'd've he's how'd how'll how's i'd've i'm i've isn't it'd it'd've it'll ma'am mightn't mightn't've "
-    "might've mustn't must've needn't not've o'clock oughtn't shan't she'd've she's should've shouldn't "
-    "shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's "
+    "he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've "
+    "might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't "
+    "shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's "
     "something'd something'd've something'll that's there'd there'd've there're there's they'd they'd've they'll "
     "they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd where's "
     "where've who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've y'all "
@@ -54,50 +65,64 @@ _CONTRACTED = (
 
 
 def _contraction_forms(word: str) -> set[str]:
-    """Spellings of ``word`` with some of its apostrophes left out (``couldn't've`` ->
-    ``couldntve``, ``couldnt've``, ``couldn'tve``)."""
-    parts = word.split("'")
-    forms = {parts[0]}
-    for part in parts[1:]:
-        forms = {f + sep + part for f in forms for sep in ("", "'")}
-    return {f for f in forms if f != word}
+    """Spellings of ``word`` with exactly one of its apostrophes left out (``couldn't've`` ->
+    ``couldnt've``, ``couldn'tve``)."""
+    cuts = [i for i, c in enumerate(word) if c == "'"]
+    return {word[:i] + word[i + 1:] for i in cuts}
 
 
 CONTRACTIONS: dict[str, str] = {form: word for word in _CONTRACTED for form in _contraction_forms(word)}
+CONTRACTIONS["somebody'd"] = "somebodyd"  # the official table's inverted entry
 
-_PUNCT_TO_SPACE = re.compile("[" + re.escape("".join(c for c in string.punctuation if c not in "':.")) + "]")
-_DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
+_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
+_DIGIT_COMMA = re.compile(r"\d,\d")
 _NON_DECIMAL_PERIOD = re.compile(r"\.(?!\d)")
+_MAX_PERIODS = 32  # the official code passes re.UNICODE (32) where re.sub takes its count
+
+
+def _clean(answer: str, arg: str) -> str:
+    if not isinstance(answer, str):
+        raise TypeError(f"{arg}: expected a str, got {type(answer).__name__}")
+    return answer.replace("\n", " ").replace("\t", " ").strip()
 
 
 def normalize_answer(answer: str) -> str:
-    """The VQAv2 normalisation of one answer (see the module docstring), e.g.
-    ``"Two dogs."`` -> ``"2 dogs"``, ``"The cat's  toy!"`` -> ``"cat's toy"``, ``"dont"`` -> ``"don't"``."""
-    if not isinstance(answer, str):
-        raise TypeError(f"answer: expected a str, got {type(answer).__name__}")
-    text = " ".join(answer.split()).lower()
-    text = _DIGIT_COMMA.sub("", text)
-    text = _PUNCT_TO_SPACE.sub(" ", text)
-    text = _NON_DECIMAL_PERIOD.sub("", text)
+    """The VQAv2 answer processing (see the module docstring; applied where the references
+    differ), e.g. ``"Two dogs."`` -> ``"2 dogs"``, ``"The cat's  toy!"`` -> ``"cat's toy"``,
+    ``"dont"`` -> ``"don't"``, ``"$5"`` -> ``"$5"``."""
+    text = _clean(answer, "answer")
+    delete_all = _DIGIT_COMMA.search(text) is not None
+    out = text
+    for mark in _PUNCT:
+        if delete_all or mark + " " in text or " " + mark in text:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    out = _NON_DECIMAL_PERIOD.sub("", out, count=_MAX_PERIODS)
     words = []
-    for word in text.split():
+    for word in out.lower().split():
         word = NUMBER_WORDS.get(word, word)
-        if word in ARTICLES:
-            continue
-        words.append(CONTRACTIONS.get(word, word))
-    return " ".join(words)
+        if word not in ARTICLES:
+            words.append(word)
+    return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
 def vqa_accuracy(prediction: str, references: str | Sequence[str], *, leave_one_out: bool = False) -> float:
     """Accuracy in ``[0, 1]`` of ``prediction`` against reference answers (one string or several,
-    e.g. VQAv2's ten): ``min(#references equal to it / min(3, n), 1)`` after
-    :func:`normalize_answer`; ``leave_one_out`` averages it over the ``n`` subsets of ``n - 1``
-    references (VQAv2's official protocol; needs ``n >= 2``)."""
+    e.g. VQAv2's ten): ``min(#references equal to it / min(3, n), 1)``; ``leave_one_out`` averages
+    it over the ``n`` subsets of ``n - 1`` references (VQAv2's official protocol; needs ``n >= 2``).
+
+    Equality as in the official VQAv2 evaluation: answers are compared as given (newlines and tabs
+    made spaces, stripped) when the references are all the same string, and after
+    :func:`normalize_answer` when they differ; a single reference: after :func:`normalize_answer`."""
     refs = [references] if isinstance(references, str) else list(references)
     if not refs:
         raise ValueError("references: expected at least one reference answer, got none")
-    pred = normalize_answer(prediction)
-    equal = [normalize_answer(r) == pred for r in refs]
+    pred = _clean(prediction, "prediction")
+    refs = [_clean(r, "references") for r in refs]
+    if len(refs) == 1 or len(set(refs)) > 1:
+        pred, refs = normalize_answer(pred), [normalize_answer(r) for r in refs]
+    equal = [r == pred for r in refs]
     if not leave_one_out:
         return min(sum(equal) / min(3, len(refs)), 1.0)
     if len(refs) < 2:

@@ -7,10 +7,13 @@ on (``BOS [<image>] question "answer:"``, ``mammut.tasks.vqa.VqaEncoder``); any 
 ``--prompt`` (default ``"{question} answer:"``, the same words) after its start token, and a
 media model (Flamingo) its ``<image>`` token right after the start token.
 
-Scoring: VQAv2's answer normalisation (:mod:`mammut.eval.vqa`) and its accuracy, ``min(#equal
-annotator answers / 3, 1)`` averaged over the leave-one-out subsets of the (ten) answers,
-overall, per answer type (``yes/no``, ``number``, ``other``) and per question type. Answers are
-written as ``answers.json`` in the official results format (``[{"question_id", "answer"}]``).
+Scoring: the official VQAv2 evaluation's rule (:mod:`mammut.eval.vqa`): answers compared as
+given where the annotators' answers are all the same string, after VQAv2's answer processing
+where they differ; accuracy ``min(#equal annotator answers / 3, 1)`` averaged over the
+leave-one-out subsets of the (ten) answers, overall, per answer type (``yes/no``, ``number``,
+``other``) and per question type. The model's answers are written unchanged as ``answers.json``
+in the official results format (``[{"question_id", "answer"}]``); the official evaluation of that
+file gives the accuracy reported here.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 
 from ..data.formats import VqaQuestion, read_vqa
-from .images import SkipCount, image_batches, seeded_subset
+from .images import SkipCount, coverage, image_batches, seeded_subset
 from .model_source import EvalModel
 from .plots import plot_bars, plot_image_grid
 from .report import markdown_table
@@ -39,8 +42,8 @@ DEFAULT_PROMPT = "{question} answer:"
 
 
 def question_accuracy(prediction: str, answers: list[str]) -> float:
-    """VQAv2 accuracy of one answer: leave-one-out over the annotators' answers (a single
-    answer: exact match after normalisation)."""
+    """VQAv2 accuracy of one answer (the official rule, :func:`mammut.eval.vqa.vqa_accuracy`):
+    leave-one-out over the annotators' answers (a single answer: match after normalisation)."""
     return vqa_accuracy(prediction, answers, leave_one_out=len(answers) >= 2)
 
 
@@ -113,9 +116,12 @@ def evaluate_vqa(em: EvalModel, questions: str | Path, annotations: str | Path, 
         "prompt": "the run's VQA prompt (BOS [<image>] question answer:)" if em.vqa_encoder is not None
         and prompt is None else (prompt or DEFAULT_PROMPT),
         "generation": options, "skipped": skipped.as_dict(),
+        **coverage(limit, len(vqa.questions), len(qs), skipped.total, unit="questions"),
         "questions_per_s": len(done) / gen_s if gen_s > 0 else None,
-        "scoring": "VQAv2: answers normalised (mammut.eval.vqa), min(#equal answers / 3, 1) averaged over the "
-                   "leave-one-out subsets of the annotators' answers",
+        "scoring": "official VQAv2 rule: answers compared as given where the annotators' answers are all the same, "
+                   "after VQAv2 answer processing (mammut.eval.vqa) where they differ; min(#equal answers / 3, 1) "
+                   "averaged over the leave-one-out subsets of the annotators' answers; answers.json holds the "
+                   "answers unchanged",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "answers.json").write_text(json.dumps(

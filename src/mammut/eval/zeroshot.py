@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..data.formats import read_image_folder, read_lines
-from .images import embed_image_files, seeded_subset
+from .images import coverage, embed_image_files, seeded_subset
 from .metrics import classification_metrics, zero_shot_classifier, zero_shot_predictions
 from .model_source import EvalModel
 from .plots import plot_confusion, plot_image_grid, plot_per_class
@@ -134,7 +134,8 @@ def evaluate_zeroshot(em: EvalModel, data: str | Path, out_dir: Path, *, classna
     metrics: dict[str, Any] = {
         "top1": cls["top1"], "top5": cls[f"top{k5}"], "mean_per_class_recall": cls["mean_per_class_recall"],
         "n_images": len(ok), "n_classes": len(names), "chance_top1": 1 / len(names),
-        "skipped": skipped.as_dict(), "n_templates": len(temps),
+        "skipped": skipped.as_dict(), **coverage(limit, len(folder.paths), len(keep), skipped.total),
+        "n_templates": len(temps),
         "templates": temps if len(temps) <= 10 else f"{len(temps)} templates ({templates or 'imagenet'})",
         "classnames": classnames or "folder names",
         "per_class": {n: {"recall": r, "images": s} for n, r, s in zip(_unique(names), cls["per_class_recall"],
