@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["plot_recall_curves", "plot_per_class", "plot_confusion", "plot_bars", "plot_image_grid"]
+__all__ = ["plot_recall_curves", "plot_per_class", "plot_confusion", "plot_bars", "plot_image_grid", "caption_grid"]
 
 
 def _plt() -> Any:
@@ -133,7 +133,22 @@ def plot_image_grid(paths: Sequence[Path], generated: Sequence[str], references:
     whose generated text equals a reference (case-insensitive) is titled in green."""
     from PIL import Image
 
-    n = min(n, len(paths), len(generated), len(references))
+    def picture(i: int) -> Any:
+        with Image.open(paths[i]) as img:
+            img = img.convert("RGB")
+            img.thumbnail((256, 256))
+            return img
+
+    n = min(n, len(paths))
+    return caption_grid(picture, n, generated, references, path, title=title, labels=labels)
+
+
+def caption_grid(picture: Any, n: int, generated: Sequence[str], references: Sequence[Sequence[str]], path: Path, *,
+                 title: str = "", labels: tuple[str, str] = ("G", "R"), nearest: bool = False) -> Path | None:
+    """A grid of ``n`` pictures (``picture(i)``: anything ``imshow`` takes) titled with the
+    generated text and up to two references, in green where the text equals a reference
+    (case-insensitive); ``nearest``: no smoothing (small synthetic scenes)."""
+    n = min(n, len(generated), len(references))
     if n == 0:
         return None
     plt = _plt()
@@ -144,10 +159,7 @@ def plot_image_grid(paths: Sequence[Path], generated: Sequence[str], references:
         ax.axis("off")
         if i >= n:
             continue
-        with Image.open(paths[i]) as img:
-            img = img.convert("RGB")
-            img.thumbnail((256, 256))
-            ax.imshow(img)
+        ax.imshow(picture(i), interpolation="nearest" if nearest else "antialiased")
         refs = list(references[i])
         ok = generated[i].strip().lower() in {r.strip().lower() for r in refs}
         text = [textwrap.fill(f"{labels[0]}: {generated[i]}", 36)]

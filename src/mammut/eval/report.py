@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,26 +72,13 @@ def plot_loss_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | No
 def plot_scenes(images: torch.Tensor, generated: Sequence[str], truth: Sequence[str], path: Path, n: int = 16) -> Path | None:
     """A grid of scenes, each titled with the generated (G) and true (T) caption; a generated
     caption that equals the truth is drawn in green."""
-    n = min(n, len(images), len(generated), len(truth))
-    if n == 0:
-        return None
-    plt = _plt()
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.6 * rows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= n:
-            continue
-        ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).float().numpy(), interpolation="nearest")
-        ok = generated[i].strip().lower() == truth[i].strip().lower()
-        g = textwrap.fill("G: " + generated[i], 34)
-        t = textwrap.fill("T: " + truth[i], 34)
-        ax.set_title(f"{g}\n{t}", fontsize=7.5, color="darkgreen" if ok else "black", loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from .plots import caption_grid
+
+    def picture(i: int) -> Any:
+        return images[i].permute(1, 2, 0).clamp(0, 1).float().numpy()
+
+    return caption_grid(picture, min(n, len(images)), generated, [[t] for t in truth], path, labels=("G", "T"),
+                        nearest=True)
 
 
 def retrieval_table(metrics: dict[str, Any]) -> str:
