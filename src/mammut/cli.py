@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             return _embed(args)
         handler = getattr(args, "handler", None)
         if handler is not None:
-            return int(handler(args))
+            return int(handler(args, lambda text: print(text, flush=True)))
     except (ConfigError, ValueError, OSError) as exc:  # user errors and the machine's (disk full): one line
         if os.environ.get("MAMMUT_DEBUG"):
             raise

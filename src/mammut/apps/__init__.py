@@ -1,6 +1,7 @@
 """Applications on top of the library (photo search and captioning: ``mammut index``,
 ``search``, ``serve``). ``register_commands(subparsers)`` adds their CLI commands; each sets
-``handler`` (``args -> exit code``) with ``set_defaults``. This module imports only argparse:
+``handler`` (``(args, emit) -> exit code``; ``emit(text)`` writes the command's output, the
+CLI's stdout) with ``set_defaults``. This module imports only argparse:
 a command's dependencies load when it runs.
 
 Modules: ``collection`` (what a source holds), ``store`` (SQLite metadata), ``folder`` (an
@@ -12,26 +13,29 @@ index folder's layout), ``ann`` (FAISS indexes), ``build`` (embedding, resume, `
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+
+Emit = Callable[[str], None]
 
 __all__ = ["register_commands"]
 
 
-def _index(args: argparse.Namespace) -> int:
+def _index(args: argparse.Namespace, emit: Emit) -> int:
     from .commands import run_index
 
-    return run_index(args)
+    return run_index(args, emit)
 
 
-def _search(args: argparse.Namespace) -> int:
+def _search(args: argparse.Namespace, emit: Emit) -> int:
     from .commands import run_search
 
-    return run_search(args)
+    return run_search(args, emit)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, emit: Emit) -> int:
     from .commands import run_serve
 
-    return run_serve(args)
+    return run_serve(args, emit)
 
 
 def _model_args(p: argparse.ArgumentParser, default_help: str) -> None:

@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def _build_options(args: argparse.Namespace, out: Path, source: str | None) -> A
         progress=not args.no_progress)
 
 
-def run_index(args: argparse.Namespace) -> int:
+def run_index(args: argparse.Namespace, emit: Callable[[str], None]) -> int:
     from .build import build
     from .folder import IndexFolder
 
@@ -105,7 +106,7 @@ def run_index(args: argparse.Namespace) -> int:
         opts.check()
         report = build(opts, _encoder(args.model, folder, args))
     if report.index:  # rank 0
-        print(f"{report.out}: {report.total} images indexed ({report.total_corrupt} unreadable, skipped); "
+        emit(f"{report.out}: {report.total} images indexed ({report.total_corrupt} unreadable, skipped); "
               f"this run embedded {report.embedded} in {report.chunks_done} chunks "
               f"({report.chunks_skipped} already done), {report.images_per_s:.1f} images/s; {report.index}")
     return 0
@@ -117,7 +118,7 @@ def _open(directory: str, args: argparse.Namespace) -> Any:
     return SearchIndex(directory, mmap=True if args.mmap else None, nprobe=args.nprobe)
 
 
-def run_search(args: argparse.Namespace) -> int:
+def run_search(args: argparse.Namespace, emit: Callable[[str], None]) -> int:
     from .searcher import check_k
 
     if (args.query is None) == (args.image is None):
@@ -136,17 +137,18 @@ def run_search(args: argparse.Namespace) -> int:
         vec = encoder.embed_texts([args.query.strip()])
     hits = index.search(vec, k, args.max_k)[0]
     if args.json:
-        print(json.dumps([{"rank": r + 1, **h.public(), "path": h.record.path, "member": h.record.member or None}
+        emit(json.dumps([{"rank": r + 1, **h.public(), "path": h.record.path, "member": h.record.member or None}
                           for r, h in enumerate(hits)], indent=2))
         return 0
     width = max([4, *(len(h.record.name) for h in hits)])
-    print(f"{'rank':>4}  {'score':>6}  {'id':>7}  {'name':<{width}}  caption")
-    for r, h in enumerate(hits):
-        print(f"{r + 1:>4}  {h.score:6.3f}  {h.record.id:>7}  {h.record.name:<{width}}  {h.record.caption or ''}")
+    rows = [f"{'rank':>4}  {'score':>6}  {'id':>7}  {'name':<{width}}  caption"]
+    rows += [f"{r + 1:>4}  {h.score:6.3f}  {h.record.id:>7}  {h.record.name:<{width}}  {h.record.caption or ''}"
+             for r, h in enumerate(hits)]
+    emit("\n".join(rows))
     return 0
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace, emit: Callable[[str], None]) -> int:
     from .folder import IndexFolder
     from .server import create_app, default_allowed_hosts
 
@@ -165,6 +167,6 @@ def run_serve(args: argparse.Namespace) -> int:
                      allowed_hosts=default_allowed_hosts(args.host))
     import uvicorn
 
-    print(f"serving {index.size} images of {directory} on http://{args.host}:{args.port} (API: /docs)", flush=True)
+    emit(f"serving {index.size} images of {directory} on http://{args.host}:{args.port} (API: /docs)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
