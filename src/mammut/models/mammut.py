@@ -213,19 +213,21 @@ class MaMMUT(ContrastiveCaptioner):
                                            directions=cfg.contrastive_directions)
 
     # ------------------------------------------------------------------ image side
-    def image_embed_and_context(self, tokens: torch.Tensor, *, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_embed_and_context(self, tokens: torch.Tensor, *, normalize: bool = True,
+                                context: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens ``(b, m, image_dim)`` -> (embedding ``(b, l)``, L2-normalised unless
-        ``normalize=False``; context ``(b, m', d)``)."""
+        ``normalize=False``; context ``(b, m', d)``, or None with ``context=False`` where the
+        embedding does not need it: ``image_pool="norm_mean"``)."""
         if self.img_pool is not None:
             pooled = self.img_pool(tokens)
-            embed, context = pooled[:, 0], pooled[:, 1:]
+            embed, ctx = pooled[:, 0], pooled[:, 1:]
         elif self.img_norm is not None:
-            embed, context = self.img_norm(tokens.mean(dim=1)), self.img_proj(tokens)
+            embed, ctx = self.img_norm(tokens.mean(dim=1)), self.img_proj(tokens) if context else None
         else:
-            context = self.img_proj(tokens)
-            embed = context.mean(dim=1)
+            ctx = self.img_proj(tokens)
+            embed = ctx.mean(dim=1)
         embed = self.img_to_latents(embed)
-        return (F.normalize(embed, dim=-1) if normalize else embed), context
+        return (F.normalize(embed, dim=-1) if normalize else embed), ctx
 
     def image_context(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """What the captioning pass cross-attends to, ``(b, m', d)`` (used by generation)."""
@@ -234,7 +236,7 @@ class MaMMUT(ContrastiveCaptioner):
     def embed_image(self, images: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None,
                     *, normalize: bool = True) -> torch.Tensor:
         """Image embeddings ``(b, l)``, L2-normalised unless ``normalize=False``."""
-        return self.image_embed_and_context(self.image_tokens(images, image_tokens), normalize=normalize)[0]
+        return self.image_embed_and_context(self.image_tokens(images, image_tokens), normalize=normalize, context=False)[0]
 
     # ------------------------------------------------------------------ text side
     def _learned_positions(self, positions: torch.Tensor, *, check: bool = True) -> torch.Tensor:
