@@ -17,6 +17,8 @@ as an additive bias built once per call for all layers.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,7 @@ from .linear import Linear
 from .masks import additive_mask, causal_mask, combine_masks
 from .norms import make_norm
 from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_
+from .token_step import TokenStep
 
 __all__ = ["attend", "Attention", "CrossAttention"]
 
@@ -122,11 +125,20 @@ def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: tuple |
     return out if parts is None or parts[1] is None else out * parts[1]
 
 
-def _heads(t: torch.Tensor, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> torch.Tensor:
-    """A strided view of a fused projection's contiguous output ``t`` (heads picked out,
-    reordered) in one call, instead of slicing, viewing and permuting; ``offset`` is the
-    storage offset of its first element (``t.storage_offset()`` plus the heads skipped)."""
-    return t.as_strided(shape, strides, offset)
+def _split_heads(qkv: torch.Tensor, n: int, h: int, g: int, d: int,
+                 tables: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries ``(b, h, n, d)`` and keys/values ``(2, b, g, n, d)`` as strided views of the fused
+    projection's output ``qkv`` ``(b, n, (h + 2g) d)`` (one call each, instead of slicing,
+    viewing and permuting), queries and keys rotated in place by ``tables``
+    (``RotaryEmbedding.tables``) when given."""
+    if not qkv.is_contiguous():
+        qkv = qkv.contiguous()
+    b, big, at = qkv.shape[0], h + 2 * g, qkv.storage_offset()
+    q = qkv.as_strided((b, h, n, d), (n * big * d, d, big * d, 1), at)
+    kv = qkv.as_strided((2, b, g, n, d), (g * d, n * big * d, d, big * d, 1), at + h * d)  # keys, values
+    if tables is not None:  # queries and keys at once (q and kv see it)
+        apply_rotary_(qkv.as_strided((b, n, h + g, d), (n * big * d, big * d, d, 1), at), *tables)
+    return q, kv
 
 
 def attend(
@@ -250,13 +262,7 @@ class Attention(nn.Module):
             q = qk[:, :, :h].transpose(1, 2)
             kv = torch.cat((qk[:, :, h:], v), dim=2).view(b, n, 2, g, d).permute(2, 0, 3, 1, 4)
         else:  # strided views of the projection, one call each, rotated in place
-            if not qkv.is_contiguous():
-                qkv = qkv.contiguous()
-            at = qkv.storage_offset()
-            q = _heads(qkv, (b, h, n, d), (n * big * d, d, big * d, 1), at)
-            kv = _heads(qkv, (2, b, g, n, d), (g * d, n * big * d, d, big * d, 1), at + h * d)  # keys, values
-            if tables is not None:  # queries and keys at once (q and kv see it)
-                apply_rotary_(_heads(qkv, (b, n, h + g, d), (n * big * d, big * d, d, 1), at), *tables)
+            q, kv = _split_heads(qkv, n, h, g, d, tables)
         k, v = cache.append_kv(self, kv)  # keys and values together: one copy into the cache
         if n == 1 and (mask is None or mask.shape[1] == 1):  # one query: it sees every cached key
             dtype, read = q.dtype, mask is not None and mask.device.type == "cpu" and not cache.static
@@ -265,6 +271,21 @@ class Attention(nn.Module):
             return self.to_out(_one_query(q, k, v, parts))
         out = attend(q, k, v, causal=causal, mask=mask)
         return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
+
+    def token_step(self) -> Callable[[torch.Tensor, TokenStep], torch.Tensor]:
+        """This layer's one-token decoding step as a plain function ``(x (b, 1, dim), step) ->
+        (b, 1, dim)``: ``forward`` with the step's cache, positions and mask (no autograd, no
+        dropout), the same kernels and values, weights bound once (see ``token_step.py``)."""
+        w, bias, w_out, b_out = self.to_qkv.weight, self.to_qkv.bias, self.to_out.weight, self.to_out.bias
+        h, g, d, rotary, layer = self.heads, self.kv_heads, self.dim_head, self.rotary, self
+
+        def step(x: torch.Tensor, s: TokenStep) -> torch.Tensor:
+            qkv = F.linear(x, w, bias)
+            q, kv = _split_heads(qkv, 1, h, g, d, None if rotary is None else s.tables(rotary))
+            k, v = s.cache.append_kv(layer, kv)
+            return F.linear(_one_query(q, k, v, s.parts(q.dtype, _mask_parts)), w_out, b_out)
+
+        return step
 
 
 class CrossAttention(nn.Module):
@@ -313,6 +334,23 @@ class CrossAttention(nn.Module):
         g, d = self.kv_heads, self.dim_head
         # contiguous per head: a cache keeps them, and every decoding step multiplies by them
         return k.view(b, m, g, d).transpose(1, 2).contiguous(), v.view(b, m, g, d).transpose(1, 2).contiguous()
+
+    def token_step(self) -> Callable[[torch.Tensor, torch.Tensor, TokenStep], torch.Tensor]:
+        """The one-token decoding step as a plain function ``(x (b, 1, dim), context, step) ->
+        (b, 1, dim)``: ``forward`` with the step's cache and no context mask, weights bound once
+        (rows that share an image's keys/values, as beams do, go through ``forward``)."""
+        w_q, b_q, w_out, b_out = self.to_q.weight, self.to_q.bias, self.to_out.weight, self.to_out.bias
+        h, d, layer = self.heads, self.dim_head, self
+
+        def step(x: torch.Tensor, context: torch.Tensor, s: TokenStep) -> torch.Tensor:
+            k, v = s.cache.cross(layer, lambda: layer.project_context(context))
+            b = x.shape[0]
+            if k.shape[0] != b:
+                return layer(x, context, cache=s.cache)
+            q = F.linear(x, w_q, b_q).view(b, 1, h, d).transpose(1, 2)
+            return F.linear(_one_query(q, k, v, None), w_out, b_out)
+
+        return step
 
     def forward(
         self,

@@ -11,6 +11,8 @@ All blocks are pre-norm and residual: ``x (b, n, dim) -> (b, n, dim)``.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ from .attention import Attention, CrossAttention
 from .feedforward import FeedForward
 from .kv_cache import KVCache
 from .norms import make_norm
+from .token_step import TokenStep
 
 __all__ = ["ParallelBlock", "TransformerBlock", "CrossAttentionBlock"]
 
@@ -62,6 +65,16 @@ class ParallelBlock(nn.Module):
             x, h = x[:, -only_last:], h[:, -only_last:]
         return x + out + self.ff(h)
 
+    def token_step(self) -> Callable[[torch.Tensor, TokenStep], torch.Tensor]:
+        """``forward`` for one cached token as a plain function (see ``token_step.py``)."""
+        norm, attn, ff = self.norm.function(), self.attn.token_step(), self.ff.function()
+
+        def step(x: torch.Tensor, s: TokenStep) -> torch.Tensor:
+            h = norm(x)
+            return x + attn(h, s) + ff(h)
+
+        return step
+
 
 class TransformerBlock(nn.Module):
     """Sequential pre-norm block: attention then feed-forward."""
@@ -104,6 +117,17 @@ class TransformerBlock(nn.Module):
         out = self.attn(self.norm1(x), causal=causal, mask=mask, positions=positions, cache=cache, only_last=only_last)
         x = (x if only_last is None else x[:, -only_last:]) + out
         return x if self.ff is None else x + self.ff(self.norm2(x))
+
+    def token_step(self) -> Callable[[torch.Tensor, TokenStep], torch.Tensor]:
+        """``forward`` for one cached token as a plain function (see ``token_step.py``)."""
+        norm1, attn = self.norm1.function(), self.attn.token_step()
+        norm2, ff = (None, None) if self.ff is None else (self.norm2.function(), self.ff.function())
+
+        def step(x: torch.Tensor, s: TokenStep) -> torch.Tensor:
+            x = x + attn(norm1(x), s)
+            return x if ff is None else x + ff(norm2(x))
+
+        return step
 
 
 class CrossAttentionBlock(nn.Module):
@@ -157,3 +181,19 @@ class CrossAttentionBlock(nn.Module):
         if self.ff is not None:
             out = out + self.ff(h)
         return out
+
+    def token_step(self) -> Callable[[torch.Tensor, torch.Tensor, TokenStep], torch.Tensor]:
+        """``forward`` for one cached token (no context mask) as a plain function ``(x,
+        context, step)`` (see ``token_step.py``)."""
+        norm, attn = self.norm.function(), self.attn.token_step()
+        ff = None if self.ff is None else self.ff.function()
+        norm2 = None if self.norm2 is None else self.norm2.function()
+
+        def step(x: torch.Tensor, context: torch.Tensor, s: TokenStep) -> torch.Tensor:
+            h = norm(x)
+            out = x + attn(h, context, s)
+            if norm2 is not None:
+                return out + ff(norm2(out))  # type: ignore[misc]
+            return out if ff is None else out + ff(h)
+
+        return step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,12 +40,20 @@ class FeedForward(nn.Module):
         self.dropout = Dropout(dropout)  # stands down inside no_dropout() (generation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.proj_in(x)
-        if self.activation == "swiglu":
-            h, gate = h.chunk(2, dim=-1)
-            h = F.silu(gate) * h
-        elif self.activation == "quickgelu":
-            h = h * torch.sigmoid(1.702 * h)
-        else:
-            h = F.gelu(h)
-        return self.proj_out(self.dropout(h))
+        return self.proj_out(self.dropout(_activate(self.proj_in(x), self.activation)))
+
+    def function(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``forward`` without dropout as a plain function, weights bound once (decoding
+        steps, see ``token_step.py``)."""
+        w_in, b_in, w_out, b_out, activation = self.proj_in.weight, self.proj_in.bias, self.proj_out.weight, \
+            self.proj_out.bias, self.activation
+        return lambda x: F.linear(_activate(F.linear(x, w_in, b_in), activation), w_out, b_out)
+
+
+def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        h, gate = h.chunk(2, dim=-1)
+        return F.silu(gate) * h
+    if activation == "quickgelu":
+        return h * torch.sigmoid(1.702 * h)
+    return F.gelu(h)

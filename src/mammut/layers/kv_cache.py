@@ -69,6 +69,8 @@ class KVCache:
         # index); tensors here with batch as dim 0 are reordered with the cache
         self.state: dict[str, torch.Tensor] = {}
         self._call: dict[tuple[str, int], tuple[Any, Any]] | None = None
+        # a model's one-token step functions, built once per cache (see ``token_step.token_plan``)
+        self.plans: dict[int, tuple[nn.Module, Any]] = {}
 
     # ---------------------------------------------------------------- per call
     def begin_call(self) -> None:

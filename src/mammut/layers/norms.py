@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,11 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
 
+    def function(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``forward`` as a plain function, weights bound once (decoding steps)."""
+        shape, weight, bias, eps = tuple(self.weight.shape), self.weight, self.bias, self.eps
+        return lambda x: torch.layer_norm(x, shape, weight, bias, eps)  # F.layer_norm's kernel, one call less
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain."""
@@ -32,6 +39,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+
+    def function(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``forward`` as a plain function, weights bound once (decoding steps)."""
+        shape, weight, eps = tuple(self.weight.shape), self.weight, self.eps
+        return lambda x: F.rms_norm(x, shape, weight, eps)
 
 
 def make_norm(kind: str, dim: int, *, bias: bool = False) -> nn.Module:

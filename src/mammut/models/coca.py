@@ -35,6 +35,7 @@ from torch import nn
 
 from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, ParallelBlock, TransformerBlock, make_norm
 from ..layers.masks import decoder_mask, padding_mask, positions_from_mask
+from ..layers.token_step import TokenStep, run_token_plan, token_plan
 from ..losses import ContrastiveLoss
 from . import register_model
 from ._captioner import ContrastiveCaptioner
@@ -300,9 +301,16 @@ class CoCa(ContrastiveCaptioner):
             positions = positions_from_mask(keep)[:, -text.shape[1]:]
         mask = decoder_mask(keep, cache=cache)
         x = self._embed_tokens(text, positions, check=first)
+        plan = token_plan(self, cache, text, self._token_steps)
+        if plan is not None:  # a cached one-token step: the layers' plain step functions
+            return self.norm(run_token_plan(plan, x, context, TokenStep(cache, positions, mask)))  # type: ignore[arg-type]
         for layer in self.unimodal_layers:
             x = layer(x, causal=True, mask=mask, positions=positions, cache=cache)
         return self._multimodal(x, context, mask=mask, positions=positions, cache=cache)
+
+    def _token_steps(self) -> list[tuple[Any, Any]]:
+        return [(layer.token_step(), None) for layer in self.unimodal_layers] + [
+            (layer.block.token_step(), layer.cross.token_step()) for layer in self.multimodal_layers]
 
     # ------------------------------------------------------------------ losses
     def text_and_caption_loss(self, text: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,

@@ -42,6 +42,7 @@ from ..layers import AttentionPooler, CrossAttentionBlock, KVCache, Linear, Para
 from ..layers.blocks import TransformerBlock
 from ..layers.dropout import stochastic
 from ..layers.masks import decoder_mask, padding_mask, positions_from_mask
+from ..layers.token_step import TokenStep, run_token_plan, token_plan
 from ..losses import ContrastiveLoss
 from . import register_model
 from ._captioner import ContrastiveCaptioner, LossOutput
@@ -332,12 +333,19 @@ class MaMMUT(ContrastiveCaptioner):
             positions = positions_from_mask(keep)[:, -text.shape[1]:]
         x = self._embed_tokens(text, positions, check=first) if states is None else states
         mask = decoder_mask(keep, cache=cache)
+        plan = token_plan(self, cache, text, self._token_steps) if states is None else None
+        if plan is not None:  # a cached one-token step: the layers' plain step functions
+            return self.norm(run_token_plan(plan, x, context, TokenStep(cache, positions, mask)))  # type: ignore[arg-type]
         for i, layer in enumerate(self.layers[start:], start):
             if states is None or i > start:
                 x = layer.block(x, causal=True, mask=mask, positions=positions, cache=cache)
             if layer.cross is not None:
                 x = layer.cross(x, context, cache=cache)
         return self.norm(x)
+
+    def _token_steps(self) -> list[tuple[Any, Any]]:
+        return [(layer.block.token_step(), None if layer.cross is None else layer.cross.token_step())
+                for layer in self.layers]
 
     def _causal_passes(self, text: torch.Tensor, inputs: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both passes when the contrastive pass is causal: (text embeddings ``(b, l)``,
