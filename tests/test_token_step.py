@@ -65,7 +65,7 @@ def test_step_functions_equal_the_modules_bitwise(name):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kind", ["mammut", "mammut_gqa_attnpool", "coca", "coca_open_clip_style"])
+@pytest.mark.parametrize("kind", ["mammut", "mammut_gqa_attnpool", "coca", "coca_open_clip_style", "flamingo"])
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_generate_gives_the_same_tokens_and_scores_either_way(kind, strategy):
     """Rows ending at eos (they leave the batch), beams sharing an image's keys/values (the

@@ -34,6 +34,7 @@ from ..layers import CrossAttention, FeedForward, KVCache, Linear, ParallelBlock
 from ..layers.masks import decoder_mask, positions_from_mask
 from ..layers.blocks import TransformerBlock
 from ..layers.perceiver import PerceiverLayer, PerceiverResampler
+from ..layers.token_step import TokenStep, token_plan
 from . import register_model
 from ._base import ModelBase
 from ._checks import check_finite, check_labels, check_text
@@ -409,10 +410,12 @@ class FlamingoPaLM(ModelBase):
             media_index = self._media_index(text, keep, t, cache)
             media_mask = media_attention_mask(media_index, time_mask, t, num_latents, only_immediate=cfg.only_attend_immediate_media)
         x = self.token_emb(text)
-        for layer in self.layers:
-            if layer.xattn is not None and media is not None:
+        plan = token_plan(self, cache, text, lambda: [layer.block.token_step() for layer in self.layers])
+        step = None if plan is None else TokenStep(cache, positions, mask)  # type: ignore[arg-type]
+        for i, layer in enumerate(self.layers):
+            if layer.xattn is not None and media is not None:  # gated, media-masked: the module
                 x = layer.xattn(x, media, media_mask=media_mask, cache=cache)
-            x = layer.block(x, causal=True, mask=mask, positions=positions, cache=cache)
+            x = layer.block(x, causal=True, mask=mask, positions=positions, cache=cache) if plan is None else plan[i](x, step)
         return self.norm(x)
 
     def forward(
