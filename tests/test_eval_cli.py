@@ -161,6 +161,17 @@ def test_bad_input_is_one_line_and_exit_2(run, data, tmp_path, capsys):
                  "--images", str(data / "vqa"), *out])
     assert "--templates: expected a file of templates" in _error(
         capsys, ["eval", "zeroshot", str(run), "--data", str(data / "folder"), "--templates", "missing.txt", *out])
+    mapping = tmp_path / "classes.tsv"
+    mapping.write_text("red\tred\nblue\tblue\npurple\tpurple\n")
+    assert "--classnames: expected each of the 3 class folders of --data once" in _error(
+        capsys, ["eval", "zeroshot", str(run), "--data", str(data / "folder"), "--classnames", str(mapping), *out])
+    mapping.write_text("red\tred\nblue\n")
+    assert "--classnames: expected every line to be folder<TAB>name or none" in _error(
+        capsys, ["eval", "zeroshot", str(run), "--data", str(data / "folder"), "--classnames", str(mapping), *out])
+    # checked before the model loads: a missing model is not what the error is about
+    assert "--classnames: expected every line" in _error(
+        capsys, ["eval", "zeroshot", str(tmp_path / "no-run"), "--data", str(data / "folder"), "--classnames",
+                 str(mapping), *out])
     assert "length_penalty" in _error(capsys, ["eval", "caption", str(run), "--data", str(data / "captions.json"),
                                                "--beams", "2", "--length-penalty", "nan", *out])
     assert "--device: expected cpu, cuda or cuda:N, got 'tpu'" in _error(

@@ -170,6 +170,57 @@ def test_zeroshot_classnames_and_templates_options(tmp_path):
         load_templates(str(bad))
 
 
+def test_zeroshot_classnames_folder_tab_name_mapping(tmp_path):
+    """A ``folder<TAB>name`` file maps folders to names in any line order; a plain file keeps
+    its folder order; a missing, unknown or repeated folder and a mixed file name the culprits."""
+    from mammut.eval.zeroshot import evaluate_zeroshot, load_classnames
+
+    folders = ["n01", "n02", "n03", "n04"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("tench\ngoldfish\ngreat white shark\ntiger shark\n")
+    mapping = tmp_path / "map.tsv"
+    mapping.write_text("# folder<TAB>name\nn03\tgreat white shark\n\nn01\ttench\nn04\ttiger shark\nn02\tgoldfish\n")
+    assert load_classnames(str(mapping), folders) == load_classnames(str(plain), folders) == \
+        ["tench", "goldfish", "great white shark", "tiger shark"]
+
+    def error(text: str) -> str:
+        mapping.write_text(text)
+        with pytest.raises(ValueError) as exc:
+            load_classnames(str(mapping), folders)
+        return str(exc.value)
+
+    msg = error("n01\ttench\nn02\tgoldfish\nn04\ttiger shark\n")
+    assert msg.startswith("--classnames: expected each of the 4 class folders of --data once") and \
+        "got 1 missing (named on no line): folder 'n03' in " in msg and "repeated" not in msg and "unknown" not in msg
+    msg = error("n01\ttench\nn02\tgoldfish\nn03\tshark\nn04\ttiger shark\nn99\tcarp\n")
+    assert "got 1 unknown (not a class folder of --data): folder 'n99' (line 5) in" in msg and "missing" not in msg
+    msg = error("n01\ttench\nn02\tgoldfish\nn03\tshark\nn04\ttiger shark\nn02\tcarp\n")
+    assert "got 1 repeated: folder 'n02' (lines 2, 5) in" in msg and "missing" not in msg
+    msg = error("n01\ttench\nn02\tgoldfish\nn0e\tshark\nn04\ttiger shark\n")  # a typo: both sides named
+    assert "unknown (not a class folder of --data): folder 'n0e' (line 3); 1 missing" in msg
+    assert msg.endswith("folder 'n03' in " + str(mapping))
+    msg = error("".join(f"x{i}\tname\n" for i in range(8)))
+    assert "8 unknown (not a class folder of --data): folders 'x0' (line 1), " in msg
+    assert "'x4' (line 5) and 3 more;" in msg
+    assert "4 missing (named on no line): folders 'n01', 'n02', 'n03', 'n04' in" in msg
+    msg = error("n01\ttench\ngoldfish\nn03\tshark\n\ntiger shark\n")
+    assert "expected every line to be folder<TAB>name or none" in msg and "2 without" in msg and \
+        msg.endswith("without a tab: lines 2, 5")
+    msg = error("n01\ttench\tTinca tinca\nn02\tgoldfish\nn03\tshark\nn04\ttiger shark\n")
+    assert "expected folder<TAB>name lines with one tab" in msg and msg.endswith(": line 1")
+
+    data = tmp_path / "folder"
+    draw(data / "c0" / "0.png", "red")
+    draw(data / "c1" / "0.png", "green")
+    mapping.write_text("c1\tgreen\nc0\tred\n")  # not in folder order: the mapping decides
+    metrics, _, _ = evaluate_zeroshot(fake(), data, tmp_path / "out", classnames=str(mapping), templates="a {}",
+                                      progress=False)
+    assert metrics["top1"] == 1.0 and list(metrics["per_class"]) == ["red", "green"]
+    mapping.write_text("c1\tgreen\nc2\tred\n")
+    with pytest.raises(ValueError, match=r"--classnames: .*'c2' \(line 2\).* missing .*: folder 'c0'"):
+        evaluate_zeroshot(fake(), data, tmp_path / "out", classnames=str(mapping), progress=False)
+
+
 def test_zeroshot_needs_a_contrastive_model(tmp_path):
     from mammut.eval.zeroshot import evaluate_zeroshot
 

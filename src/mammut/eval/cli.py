@@ -98,8 +98,9 @@ def task_parser() -> argparse.ArgumentParser:
     _common(z, 64)
     z.add_argument("--data", required=True, help="ImageFolder: one sub-folder of images per class")
     z.add_argument("--classnames", default=None,
-                   help="file of class names, one per line in sorted folder order, or 'imagenet' (the shipped "
-                        "ImageNet-1k names); default: the folder names")
+                   help="file of class names: one per line in sorted folder order, or 'folder<TAB>name' lines "
+                        "in any order naming every class folder once; or 'imagenet' (the shipped ImageNet-1k "
+                        "names); default: the folder names")
     z.add_argument("--templates", default=None,
                    help="file of prompt templates with {} for the class name, 'imagenet' (CLIP's 80, the default), "
                         "or one template such as 'a photo of a {}.'")
@@ -135,6 +136,12 @@ def run_task(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         raise ValueError(f"--workers: expected an integer >= 0, got {args.workers}")
     out = Path(args.out) if args.out else Path("runs") / f"eval-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     started = time.perf_counter()
+    if args.task == "zeroshot":  # a bad folder, names or templates file: the error comes before the model loads
+        from ..data.formats import read_image_folder
+        from .zeroshot import load_classnames, load_templates
+
+        load_classnames(args.classnames, read_image_folder(args.data).classes)
+        load_templates(args.templates)
     em = load_eval_model(args.source, device=args.device, checkpoint=args.checkpoint, bf16=args.bf16)
     common = dict(batch_size=args.batch_size, workers=args.workers, limit=args.limit, progress=not args.no_progress)
     if args.task == "zeroshot":

@@ -1,9 +1,13 @@
 """Zero-shot classification on an ImageFolder: ``mammut eval zeroshot SOURCE --data DIR``.
 
 Class ``k`` is the ``k``-th class folder (sorted, as torchvision's ``ImageFolder``); its name
-is the folder name (``_`` read as a space), or line ``k + 1`` of ``--classnames FILE``
-(``--classnames imagenet``: the 1,000 ImageNet names shipped in ``mammut/data/assets``, for
-the ImageNet validation set in folders named by WordNet id). Each class embedding is the
+is the folder name (``_`` read as a space), or comes from ``--classnames FILE`` in one of two
+formats: one name per line, line ``k + 1`` naming class ``k`` (so the file must follow the
+sorted folder order), or ``folder<TAB>name`` lines (e.g. ``n01440764<TAB>tench``) in any order,
+naming every class folder exactly once (a missing, unknown or repeated folder is an error, as
+is a file mixing the two formats). ``--classnames imagenet``: the 1,000 ImageNet names shipped
+in ``mammut/data/assets``, in WordNet-id order, for the ImageNet validation set in folders
+named by WordNet id. Each class embedding is the
 re-normalised mean of its L2-normalised prompt embeddings (``--templates``: a file of one
 template per line with ``{}`` for the name, ``imagenet`` for CLIP's 80 ImageNet templates, the
 default, or one template given inline). Images are classified by cosine similarity; a tie
@@ -69,15 +73,60 @@ def load_templates(spec: str | None) -> list[str]:
 
 def load_classnames(spec: str | None, folders: Sequence[str]) -> list[str]:
     """The class names for ``folders`` (sorted class folder names): from the folder names, the
-    shipped ImageNet list (``"imagenet"``) or a file of one name per line, in folder order."""
+    shipped ImageNet list (``"imagenet"``), a file of one name per line in folder order, or a
+    file of ``folder<TAB>name`` lines in any order (every folder exactly once)."""
     if spec is None:
         return [f.replace("_", " ") for f in folders]
     names = shipped_list("classnames") if spec == "imagenet" else read_lines(spec, "--classnames")
+    if spec != "imagenet" and any("\t" in n for n in names):
+        return _mapped_classnames(spec, folders)
     if len(names) != len(folders):
         what = "the ImageNet list" if spec == "imagenet" else spec
         raise ValueError(f"--classnames: expected one name per class folder of --data ({len(folders)}), got "
                          f"{len(names)} in {what}")
     return names
+
+
+def _some(items: Sequence[str], what: str, show: int = 5) -> str:
+    """``items`` for an error message: ``what`` (plural for several), the first ``show``, then
+    how many more (``"lines 2, 5"``)."""
+    text = f"{what}{'s' if len(items) != 1 else ''} " + ", ".join(items[:show])
+    return text + (f" and {len(items) - show} more" if len(items) > show else "")
+
+
+def _mapped_classnames(spec: str, folders: Sequence[str]) -> list[str]:
+    """The names of a ``folder<TAB>name`` file, in folder order; a file mixing lines with and
+    without a tab, a line with more than one tab, or a folder missing, unknown (not a class
+    folder of ``--data``) or repeated is a ``ValueError`` naming the lines or folders."""
+    text = Path(spec).expanduser().read_bytes().decode("utf-8-sig")  # read_lines checked it reads
+    lines = [(i + 1, line.strip()) for i, line in enumerate(text.splitlines())]
+    lines = [(i, line) for i, line in lines if line and not line.startswith("#")]  # as read_lines
+    plain = [f"{i}" for i, line in lines if "\t" not in line]
+    if plain:
+        raise ValueError(f"--classnames: expected every line to be folder<TAB>name or none (one name per line in "
+                         f"folder order), got {len(lines) - len(plain)} lines with a tab and {len(plain)} without "
+                         f"in {spec}; without a tab: {_some(plain, 'line')}")
+    extra = [f"{i}" for i, line in lines if line.count("\t") > 1]
+    if extra:
+        raise ValueError(f"--classnames: expected folder<TAB>name lines with one tab, got more than one in {spec}: "
+                         f"{_some(extra, 'line')}")
+    where: dict[str, list[int]] = {}
+    mapped: dict[str, str] = {}
+    for i, line in lines:
+        folder, name = (part.strip() for part in line.split("\t"))
+        where.setdefault(folder, []).append(i)
+        mapped[folder] = name
+    known = set(folders)
+    repeated = [f"{f!r} (lines {', '.join(map(str, at))})" for f, at in where.items() if len(at) > 1]
+    unknown = [f"{f!r} (line {at[0]})" for f, at in where.items() if f not in known]
+    missing = [repr(f) for f in folders if f not in mapped]
+    problems = ([f"{len(repeated)} repeated: {_some(repeated, 'folder')}"] if repeated else []) + \
+        ([f"{len(unknown)} unknown (not a class folder of --data): {_some(unknown, 'folder')}"] if unknown else []) + \
+        ([f"{len(missing)} missing (named on no line): {_some(missing, 'folder')}"] if missing else [])
+    if problems:
+        raise ValueError(f"--classnames: expected each of the {len(folders)} class folders of --data once, got "
+                         f"{'; '.join(problems)} in {spec}")
+    return [mapped[f] for f in folders]
 
 
 def _confused_pairs(confusion: torch.Tensor, names: Sequence[str], top: int = 10) -> list[tuple[str, str, int, float]]:
