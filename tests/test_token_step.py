@@ -127,3 +127,44 @@ def test_no_plan_under_autograd_or_acting_dropout_or_for_a_prompt():
     assert ts.token_plan(model, cache, text, build) is None  # autograd on
     with torch.no_grad():
         assert ts.token_plan(model, cache, text, build) == ["plan"]  # built once per cache
+
+
+class _Adapter(torch.nn.Module):
+    """A LoRA-style wrapper: the base linear plus a low-rank update, with a forward of its own."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2) -> None:
+        super().__init__()
+        self.base = base
+        self.weight = base.weight  # what a wrapper exposing its base weight looks like
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.up.weight, std=0.5)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("part", ["self q/k/v", "cross query", "feed-forward", "norm"])
+def test_replaced_parts_keep_their_own_forward(part):
+    """An adapter around a projection (or torch's own LayerNorm in place of mammut's) is run
+    as a module: its forward counts, never just the weight it exposes."""
+    model = mammut()
+    base, _ = steps(model, plans=True)
+    layer = model.layers[0]
+    if part == "self q/k/v":
+        layer.block.attn.to_qkv = _Adapter(layer.block.attn.to_qkv)
+    elif part == "cross query":
+        layer.cross.attn.to_q = _Adapter(layer.cross.attn.to_q)
+    elif part == "feed-forward":
+        layer.block.ff.proj_out = _Adapter(layer.block.ff.proj_out)
+    else:
+        norm = torch.nn.LayerNorm(model.config.dim, elementwise_affine=True, bias=False)
+        with torch.no_grad():
+            norm.weight.mul_(2.0)
+        layer.block.norm = norm
+    fast, used = steps(model, plans=True)
+    slow, _ = steps(model, plans=False)
+    assert used
+    assert not torch.equal(fast[-1], base[-1])  # the replacement changed the output ...
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)  # ... the same way on both paths

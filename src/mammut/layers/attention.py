@@ -25,7 +25,7 @@ from torch import nn
 
 from .dropout import stochastic
 from .kv_cache import KVCache
-from .linear import Linear
+from .linear import Linear, plain_linear
 from .masks import additive_mask, causal_mask, combine_masks
 from .norms import make_norm
 from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_
@@ -275,9 +275,15 @@ class Attention(nn.Module):
     def token_step(self) -> Callable[[torch.Tensor, TokenStep], torch.Tensor]:
         """This layer's one-token decoding step as a plain function ``(x (b, 1, dim), step) ->
         (b, 1, dim)``: ``forward`` with the step's cache, positions and mask (no autograd, no
-        dropout), the same kernels and values, weights bound once (see ``token_step.py``)."""
+        dropout), the same kernels and values, weights bound once (see ``token_step.py``).
+        A subclass, or projections that are not plain linears (an adapter's wrapper), get
+        ``forward`` itself."""
+        layer = self
+        if type(self) is not Attention or not plain_linear(self.to_qkv, self.to_out) or \
+                not (self.rotary is None or type(self.rotary) is RotaryEmbedding):
+            return lambda x, s: layer(x, causal=True, mask=s.mask, positions=s.positions, cache=s.cache)
         w, bias, w_out, b_out = self.to_qkv.weight, self.to_qkv.bias, self.to_out.weight, self.to_out.bias
-        h, g, d, rotary, layer = self.heads, self.kv_heads, self.dim_head, self.rotary, self
+        h, g, d, rotary = self.heads, self.kv_heads, self.dim_head, self.rotary
 
         def step(x: torch.Tensor, s: TokenStep) -> torch.Tensor:
             qkv = F.linear(x, w, bias)
@@ -338,9 +344,13 @@ class CrossAttention(nn.Module):
     def token_step(self) -> Callable[[torch.Tensor, torch.Tensor, TokenStep], torch.Tensor]:
         """The one-token decoding step as a plain function ``(x (b, 1, dim), context, step) ->
         (b, 1, dim)``: ``forward`` with the step's cache and no context mask, weights bound once
-        (rows that share an image's keys/values, as beams do, go through ``forward``)."""
+        (rows that share an image's keys/values, as beams do, go through ``forward``; so does
+        everything for a subclass or projections that are not plain linears)."""
+        layer = self
+        if type(self) is not CrossAttention or not plain_linear(self.to_q, self.to_out):
+            return lambda x, context, s: layer(x, context, cache=s.cache)
         w_q, b_q, w_out, b_out = self.to_q.weight, self.to_q.bias, self.to_out.weight, self.to_out.bias
-        h, d, layer = self.heads, self.dim_head, self
+        h, d = self.heads, self.dim_head
 
         def step(x: torch.Tensor, context: torch.Tensor, s: TokenStep) -> torch.Tensor:
             k, v = s.cache.cross(layer, lambda: layer.project_context(context))

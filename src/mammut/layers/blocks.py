@@ -19,10 +19,21 @@ from torch import nn
 from .attention import Attention, CrossAttention
 from .feedforward import FeedForward
 from .kv_cache import KVCache
-from .norms import make_norm
+from .norms import make_norm, norm_function
 from .token_step import TokenStep
 
 __all__ = ["ParallelBlock", "TransformerBlock", "CrossAttentionBlock"]
+
+
+def _plain(block: nn.Module, cls: type) -> bool:
+    """Whether ``block`` is exactly ``cls`` with mammut's attention and feed-forward (their own
+    checks go further), so that its step can be a plain function."""
+    return type(block) is cls and type(block.attn) is Attention and (block.ff is None or type(block.ff) is FeedForward)
+
+
+def _module_step(block: nn.Module) -> Callable[[torch.Tensor, TokenStep], torch.Tensor]:
+    """The block's own ``forward`` for one cached token (a subclass or replaced parts)."""
+    return lambda x, s: block(x, causal=True, mask=s.mask, positions=s.positions, cache=s.cache)
 
 
 class ParallelBlock(nn.Module):
@@ -67,7 +78,9 @@ class ParallelBlock(nn.Module):
 
     def token_step(self) -> Callable[[torch.Tensor, TokenStep], torch.Tensor]:
         """``forward`` for one cached token as a plain function (see ``token_step.py``)."""
-        norm, attn, ff = self.norm.function(), self.attn.token_step(), self.ff.function()
+        if not _plain(self, ParallelBlock):
+            return _module_step(self)
+        norm, attn, ff = norm_function(self.norm), self.attn.token_step(), self.ff.function()
 
         def step(x: torch.Tensor, s: TokenStep) -> torch.Tensor:
             h = norm(x)
@@ -120,8 +133,10 @@ class TransformerBlock(nn.Module):
 
     def token_step(self) -> Callable[[torch.Tensor, TokenStep], torch.Tensor]:
         """``forward`` for one cached token as a plain function (see ``token_step.py``)."""
-        norm1, attn = self.norm1.function(), self.attn.token_step()
-        norm2, ff = (None, None) if self.ff is None else (self.norm2.function(), self.ff.function())
+        if not _plain(self, TransformerBlock):
+            return _module_step(self)
+        norm1, attn = norm_function(self.norm1), self.attn.token_step()
+        norm2, ff = (None, None) if self.ff is None else (norm_function(self.norm2), self.ff.function())
 
         def step(x: torch.Tensor, s: TokenStep) -> torch.Tensor:
             x = x + attn(norm1(x), s)
@@ -185,9 +200,12 @@ class CrossAttentionBlock(nn.Module):
     def token_step(self) -> Callable[[torch.Tensor, torch.Tensor, TokenStep], torch.Tensor]:
         """``forward`` for one cached token (no context mask) as a plain function ``(x,
         context, step)`` (see ``token_step.py``)."""
-        norm, attn = self.norm.function(), self.attn.token_step()
+        if type(self) is not CrossAttentionBlock or type(self.attn) is not CrossAttention or \
+                not (self.ff is None or type(self.ff) is FeedForward):
+            return lambda x, context, s: self(x, context, cache=s.cache)
+        norm, attn = norm_function(self.norm), self.attn.token_step()
         ff = None if self.ff is None else self.ff.function()
-        norm2 = None if self.norm2 is None else self.norm2.function()
+        norm2 = None if self.norm2 is None else norm_function(self.norm2)
 
         def step(x: torch.Tensor, context: torch.Tensor, s: TokenStep) -> torch.Tensor:
             h = norm(x)

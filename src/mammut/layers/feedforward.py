@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dropout import Dropout
-from .linear import Linear
+from .linear import Linear, plain_linear
 
 __all__ = ["FeedForward"]
 
@@ -44,7 +44,10 @@ class FeedForward(nn.Module):
 
     def function(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """``forward`` without dropout as a plain function, weights bound once (decoding
-        steps, see ``token_step.py``)."""
+        steps, see ``token_step.py``); the module itself (called as usual) when it or its
+        projections are not exactly mammut's / torch's classes (e.g. wrapped by an adapter)."""
+        if type(self) is not FeedForward or not plain_linear(self.proj_in, self.proj_out) or type(self.dropout) is not Dropout:
+            return self
         w_in, b_in, w_out, b_out, activation = self.proj_in.weight, self.proj_in.bias, self.proj_out.weight, \
             self.proj_out.bias, self.activation
         return lambda x: F.linear(_activate(F.linear(x, w_in, b_in), activation), w_out, b_out)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Linear", "linear"]
+__all__ = ["Linear", "linear", "plain_linear"]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,3 +29,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+def plain_linear(*modules: nn.Module) -> bool:
+    """Whether every module is exactly a ``Linear`` or ``nn.Linear`` (its forward is
+    ``F.linear(x, weight, bias)``), not a subclass or a wrapper (LoRA, quantised) with a
+    forward of its own: decoding steps read such modules' weights directly only then."""
+    return all(type(m) in (Linear, nn.Linear) for m in modules)

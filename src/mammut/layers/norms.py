@@ -24,7 +24,10 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
 
     def function(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``forward`` as a plain function, weights bound once (decoding steps)."""
+        """``forward`` as a plain function, weights bound once (decoding steps); a subclass
+        gets itself (its own ``forward``)."""
+        if type(self) is not LayerNorm:
+            return self
         shape, weight, bias, eps = tuple(self.weight.shape), self.weight, self.bias, self.eps
         return lambda x: torch.layer_norm(x, shape, weight, bias, eps)  # F.layer_norm's kernel, one call less
 
@@ -41,9 +44,17 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
 
     def function(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``forward`` as a plain function, weights bound once (decoding steps)."""
+        """``forward`` as a plain function, weights bound once (decoding steps); a subclass
+        gets itself (its own ``forward``)."""
+        if type(self) is not RMSNorm:
+            return self
         shape, weight, eps = tuple(self.weight.shape), self.weight, self.eps
         return lambda x: F.rms_norm(x, shape, weight, eps)
+
+
+def norm_function(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``norm.function()`` for mammut's norms, the module itself (called as usual) for any other."""
+    return norm.function() if type(norm) in (LayerNorm, RMSNorm) else norm
 
 
 def make_norm(kind: str, dim: int, *, bias: bool = False) -> nn.Module:
