@@ -23,20 +23,16 @@ every rank and removes the partial ``.tmp-`` folder.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import errno
 import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
@@ -46,6 +42,7 @@ from torch import nn
 from ..io.atomic import atomic_write_text, fsync_dir, fsync_file, sha256_file
 from ..io.checkpoint import CheckpointError
 from .distributed import DistInfo, all_ranks_ok, barrier
+from .rng_state import numpy_safe_globals, rng_from_json, rng_state, rng_to_json, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -204,68 +201,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-# --------------------------------------------------------------------------- RNG
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU, CUDA if initialised, numpy, python ``random``)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().contiguous().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8).clone()
-
-
-def _rng_to_json(state: dict[str, Any]) -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    version, internal, gauss_next = state["python"]
-    out: dict[str, Any] = {
-        "format": 1,
-        "torch": _b64(state["torch"]),
-        "numpy": {"kind": str(kind), "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
-        "python": {"version": int(version), "internal": [int(v) for v in internal], "gauss_next": gauss_next},
-    }
-    if "cuda" in state:
-        out["cuda"] = [_b64(s) for s in state["cuda"]]
-    return out
-
-
-def _rng_from_json(data: Any, where: Path) -> dict[str, Any]:
-    try:
-        n, p = data["numpy"], data["python"]
-        state: dict[str, Any] = {
-            "torch": _unb64(data["torch"]),
-            "numpy": (str(n["kind"]), np.asarray(n["keys"], dtype=np.uint32), int(n["pos"]), int(n["has_gauss"]),
-                      float(n["cached_gaussian"])),
-            "python": (int(p["version"]), tuple(int(v) for v in p["internal"]),
-                       None if p["gauss_next"] is None else float(p["gauss_next"])),
-        }
-        if "cuda" in data:
-            state["cuda"] = [_unb64(s) for s in data["cuda"]]
-    except (KeyError, TypeError, ValueError, OverflowError, binascii.Error) as exc:
-        raise CheckpointCorrupt(f"{where}: not an RNG state written by mammut ({type(exc).__name__}: {exc})") from None
-    return state
-
-
-def _numpy_safe_globals() -> list[Any]:
-    core = getattr(np, "_core", None) or np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# --------------------------------------------------------------------------- torch.load
+# RNG states (rng_rank{r}.json, legacy .pt): converted by mammut.train.rng_state (rng_state and
+# set_rng_state are re-exported here), read here
 
 
 def _safe_torch_load(path: Path, extra_globals: list[Any] | None = None) -> Any:
@@ -292,12 +230,13 @@ def _load_rng(path: Path, rank: int, saved_world: Any) -> dict[str, Any]:
     legacy = path / f"rng_rank{rank}.pt"  # written before RNG states were JSON
     if json_file.is_file():
         try:
-            data = json.loads(json_file.read_text(encoding="utf-8"))
+            return rng_from_json(json.loads(json_file.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointCorrupt(f"{json_file}: corrupt JSON ({exc})") from None
-        return _rng_from_json(data, json_file)
+        except ValueError as exc:
+            raise CheckpointCorrupt(f"{json_file}: {exc}") from None
     if legacy.is_file():
-        state = _safe_torch_load(legacy, _numpy_safe_globals())
+        state = _safe_torch_load(legacy, numpy_safe_globals())
         if not isinstance(state, dict) or not {"torch", "numpy", "python"} <= set(state):
             raise CheckpointCorrupt(f"{legacy}: not an RNG state written by mammut")
         return state
@@ -484,7 +423,7 @@ def save_checkpoint(
 
     with _Phase(tmp, info, "writing files") as phase:
         rng_file = phase.writing(tmp / f"rng_rank{info.rank}.json")
-        rng_file.write_text(json.dumps(_rng_to_json(rng_state())), encoding="utf-8")
+        rng_file.write_text(json.dumps(rng_to_json(rng_state())), encoding="utf-8")
         fsync_file(rng_file)
         if info.is_main:
             weights = phase.writing(tmp / "model.safetensors")
