@@ -12,7 +12,8 @@ Decoding with a ``KVCache`` and no autograd takes a leaner path with the same va
 fused projection's output stays in its ``(b, n, heads, d)`` layout, queries and keys are
 rotated in place by tables built once per call for all layers, keys and values go into the
 cache in one copy, and a one-token query reads the cache in one SDPA call with the key mask
-as an additive bias built once per call for all layers.
+as an additive bias built once per call for all layers. ``token_step()`` gives that path for
+one token as a plain function with the weights bound once (see ``token_step.py``).
 """
 
 from __future__ import annotations
