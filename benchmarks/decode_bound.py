@@ -112,7 +112,8 @@ def measure(name: str, model: torch.nn.Module, context: torch.Tensor, prompt: to
     fused = Fused(model, context, prompt.shape[1] + new)
 
     def ours(k: int, **kw: object) -> Callable[[], torch.Tensor]:
-        return lambda: model.generate(context=context, prompt=prompt, max_new_tokens=k, min_new_tokens=k, eos_id=model.config.eos_id, **kw)
+        return lambda: model.generate(context=context, prompt=prompt, max_new_tokens=k, min_new_tokens=k,
+                                      eos_id=model.config.eos_id, **kw)
 
     reference = ours(new)()
     mine = fused.generate(prompt, new)
@@ -133,8 +134,8 @@ def measure(name: str, model: torch.nn.Module, context: torch.Tensor, prompt: to
         print(f"  cached vs recomputing (target >= 4x): eager {r / times['eager']:.2f}x, compiled {r / times['compiled']:.2f}x, "
               f"hand-fused bound {r / times['bound']:.2f}x")
     else:
-        print(f"  weight-read floor {floor_s * 1e3:.2f} ms; per step / floor (target <= 1.3x): eager {per['eager'] / floor_s:.2f}x, "
-              f"compiled {per['compiled'] / floor_s:.2f}x, hand-fused bound {per['bound'] / floor_s:.2f}x")
+        print(f"  weight-read floor {floor_s * 1e3:.2f} ms; per step / floor (target <= 1.3x): "
+              f"eager {per['eager'] / floor_s:.2f}x, compiled {per['compiled'] / floor_s:.2f}x, hand-fused bound {per['bound'] / floor_s:.2f}x")
 
 
 def main() -> None:

@@ -168,3 +168,20 @@ def test_replaced_parts_keep_their_own_forward(part):
     assert not torch.equal(fast[-1], base[-1])  # the replacement changed the output ...
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)  # ... the same way on both paths
+
+
+def test_the_benchmarks_hand_fused_bound_decodes_what_generate_does(monkeypatch):
+    """``benchmarks/decode_bound.py``'s bound is only a bound if it computes the same step:
+    its greedy tokens equal ``generate``'s (kept from rotting between benchmark runs)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import decode_bound
+
+    model = mammut(depth=4, cross_attend_every=2)
+    with torch.inference_mode():
+        context = model.image_context(torch.randn(2, 3, 32, 32))
+        prompt = torch.randint(4, VOCAB, (2, 2))
+        expected = model.generate(context=context, prompt=prompt, max_new_tokens=12, min_new_tokens=12)
+        fused = decode_bound.Fused(model, context, capacity=14)
+        assert torch.equal(fused.generate(prompt, 12), expected)
