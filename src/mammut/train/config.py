@@ -91,6 +91,9 @@ class LoopConfig:
     threads: int = 0  # torch intra-op threads per process (0 = leave as is)
     task: str = "pretrain"  # pretrain | vqa | interleaved (mammut.tasks); the model must support it
     init_from: str | None = None  # start from this run's (or save_pretrained folder's) weights, model and tokenizer
+    # start the built-in ViT (model.vit and its img_encoder.* weights) from this run's newest valid
+    # checkpoint or save_pretrained folder (the sources init_from takes); not with init_from
+    image_encoder_from: str | None = None
     seed: int = 0
     dist_timeout: int = 600  # seconds a rank waits in a collective (init, all-reduce, barrier) before failing
     out_dir: str = "runs/run"
@@ -149,6 +152,9 @@ class RunConfig:
             raise ConfigError(
                 f"train.batch_size: expected a multiple of train.grad_accum={self.train.grad_accum}, got {self.train.batch_size}"
             )
+        if self.train.image_encoder_from and self.train.init_from:
+            raise ConfigError(f"train.image_encoder_from: expected null with train.init_from (the init_from model "
+                              f"already holds its image encoder), got {self.train.image_encoder_from!r}")
         if "name" not in self.model or not isinstance(self.model["name"], str):
             raise ConfigError(f"model.name: expected a registered model name (str), got {self.model.get('name')!r}")
         for t in self.eval.templates:
@@ -364,8 +370,10 @@ def load_config(path: str | Path | None, overrides: dict[str, str] | list[str] |
         _set_dotted(tree, key, value)
     cfg = config_from_dict(tree)
     train = cfg.train
-    if train.init_from and "://" not in train.init_from:
-        train = dataclasses.replace(train, init_from=str(Path(train.init_from).expanduser().absolute()))
+    for key in ("init_from", "image_encoder_from"):  # absolute: the saved config.yaml works from anywhere
+        value = getattr(train, key)
+        if value and "://" not in value:
+            train = dataclasses.replace(train, **{key: str(Path(value).expanduser().absolute())})
     return dataclasses.replace(cfg, data=resolve_data_paths(cfg.data, Path.cwd()), train=train)
 
 

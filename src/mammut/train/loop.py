@@ -93,7 +93,10 @@ class TrainResult:
 
 class Trainer:
     """Builds everything from a :class:`RunConfig` and trains. ``resume=True`` continues from
-    the run folder's latest checkpoint exactly (weights, optimiser, RNG, data position)."""
+    the run folder's latest checkpoint exactly (weights, optimiser, RNG, data position).
+    ``train.init_from`` starts the whole model (and tokenizer) from another run;
+    ``train.image_encoder_from`` only its built-in ViT (``model.vit`` and ``img_encoder.*``),
+    never again on resume."""
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False) -> None:
         self.cfg = cfg
@@ -106,6 +109,15 @@ class Trainer:
             raise RunExistsError(f"train.out_dir: {self.run_dir} already holds checkpoints; "
                                  f"pass --resume to continue it or choose another --train.out_dir")
         ckpt = self._resume_checkpoint() if resume else None
+        encoder = None  # train.image_encoder_from: where the built-in ViT's weights come from
+        if t.image_encoder_from and ckpt is None:
+            encoder = init_source(t.image_encoder_from, key="train.image_encoder_from")
+            cfg = self.cfg = dataclasses.replace(cfg, model=_image_encoder_model_section(cfg, encoder.model_cfg))
+        elif t.image_encoder_from:  # resuming: the ViT this run saved (its weights come from the checkpoint)
+            saved = self.run_dir / "config.yaml"
+            vit = ((yaml.safe_load(saved.read_text()) or {}).get("model") or {}).get("vit") if saved.is_file() else None
+            if isinstance(vit, dict):
+                cfg = self.cfg = dataclasses.replace(cfg, model=dict(cfg.model, vit=vit))
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
@@ -127,6 +139,8 @@ class Trainer:
         self.model = build_model(self.model_cfg)
         if init is not None and ckpt is None:
             init.load_into(self.model)
+        if encoder is not None:
+            encoder.load_image_encoder_into(self.model)
         self.model.to(self.info.device)
         self.model.train()
         self.spec = get_model_spec(self.model_cfg["name"])
@@ -388,6 +402,32 @@ def _init_model_section(model: dict[str, Any], source: dict[str, Any]) -> dict[s
     return out
 
 
+def _image_encoder_model_section(cfg: RunConfig, source: dict[str, Any]) -> dict[str, Any]:
+    """This run's ``model:`` section with the ``train.image_encoder_from`` source's ``vit``
+    section (so its tensors fit); the keys that differed are logged."""
+    from ..encoders import ViTConfig
+    from ..models import get_model_class
+
+    key, name = "train.image_encoder_from", cfg.model["name"]
+    config_class = getattr(get_model_class(name), "config_class", None)
+    if not (dataclasses.is_dataclass(config_class) and "vit" in {f.name for f in dataclasses.fields(config_class)}):
+        raise ConfigError(f"{key}: expected a model with a built-in ViT (model.vit), got model.name={name!r}")
+    vit = source.get("vit")
+    if not isinstance(vit, dict):
+        raise ConfigError(f"{key}: expected a source whose model has a built-in ViT (a model.vit section), got "
+                          f"{cfg.train.image_encoder_from} (model {source.get('name')!r}, model.vit={vit!r})")
+    default_size = next(f.default for f in dataclasses.fields(ViTConfig) if f.name == "image_size")
+    size = vit.get("image_size", default_size)
+    if size != cfg.data.image_size:
+        raise ConfigError(f"data.image_size: train.image_encoder_from's ViT takes {size}px images (its "
+                          f"model.vit.image_size), got data.image_size={cfg.data.image_size}; set --data.image_size {size}")
+    own = {"image_size": cfg.data.image_size, **(cfg.model.get("vit") or {})}
+    taken = sorted(k for k in set(vit) | set(own) if vit.get(k) != own.get(k))
+    if taken:
+        log.info("%s: model.vit.%s taken from the source", key, ", model.vit.".join(taken))
+    return dict(cfg.model, vit=dict(vit))
+
+
 @dataclasses.dataclass
 class InitSource:
     """What ``train.init_from`` points at: a run folder (its newest valid checkpoint) or a
@@ -407,8 +447,27 @@ class InitSource:
                               f"unexpected {sorted(unexpected)[:5]})")
         log.info("initialised from %s", self.weights)
 
+    def load_image_encoder_into(self, model: torch.nn.Module, key: str = "train.image_encoder_from") -> None:
+        """Only the built-in ViT: the source's ``img_encoder.*`` tensors into ``model.img_encoder``;
+        every tensor must be there with its shape."""
+        from .checkpointing import load_weights
 
-def init_source(path: str) -> InitSource:
+        prefix = "img_encoder."
+        state = {k[len(prefix):]: v for k, v in load_weights(self.weights).items() if k.startswith(prefix)}
+        target = model.img_encoder.state_dict()
+        missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+        shapes = [f"{k} {tuple(state[k].shape)} != {tuple(target[k].shape)}" for k in sorted(set(state) & set(target))
+                  if state[k].shape != target[k].shape]
+        if missing or unexpected or shapes:
+            raise ConfigError(f"{key}: the image encoder of {self.weights} does not fit this model's model.vit "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]})")
+        model.img_encoder.load_state_dict(state)
+        log.info("%s: loaded %d image-encoder tensors from %s", key, len(state), self.weights)
+
+
+def init_source(path: str, key: str = "train.init_from") -> InitSource:
+    """The model config, tokenizer and weights file of ``path`` (a run folder or an exported
+    model folder); errors name ``key``."""
     from .checkpointing import latest_valid_checkpoint
 
     root = Path(path)
@@ -416,7 +475,7 @@ def init_source(path: str) -> InitSource:
         saved = yaml.safe_load((root / "config.yaml").read_text()) or {}
         ckpt = latest_valid_checkpoint(root)
         if ckpt is None:
-            raise FileNotFoundError(f"train.init_from: no valid checkpoint under {root / 'checkpoints'}")
+            raise FileNotFoundError(f"{key}: no valid checkpoint under {root / 'checkpoints'}")
         return InitSource(dict(saved.get("model", {})), root / "tokenizer.json", ckpt / "model.safetensors")
     if (root / "config.json").is_file() and (root / "tokenizer.json").is_file():  # save_pretrained + tokenizer
         import json
@@ -424,5 +483,5 @@ def init_source(path: str) -> InitSource:
         meta = json.loads((root / "config.json").read_text())
         model_cfg = {"name": meta.get("model_name"), **meta.get("config", {})}
         return InitSource(model_cfg, root / "tokenizer.json", root / "model.safetensors")
-    raise FileNotFoundError(f"train.init_from: expected a run folder (config.yaml) or an exported model folder "
+    raise FileNotFoundError(f"{key}: expected a run folder (config.yaml) or an exported model folder "
                             f"(config.json + tokenizer.json), got {root}")
