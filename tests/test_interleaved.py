@@ -293,3 +293,13 @@ def test_resume_reads_and_trains_exactly_as_an_uninterrupted_run(tok_path, tmp_p
     resumed = Trainer(run_cfg(tok_path, tmp_path / "b", *args), resume=True)
     assert resumed.step == 3
     assert head + resumed.fit().losses == straight
+
+
+def test_a_random_frozen_image_encoder_is_warned_about(tok_path, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="mammut.tasks.interleaved"):
+        task_and_tok(tok_path, tmp_path / "a")
+    assert "train.image_encoder_from" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mammut.tasks.interleaved"):
+        task_and_tok(tok_path, tmp_path / "b", "--train.image_encoder_from", str(tmp_path / "pretrained"))
+    assert "image_encoder_from" not in caplog.text

@@ -22,7 +22,8 @@ perceiver resampler and the gated cross-attention blocks; the LM (embeddings, bl
 norm, tied logits) and the image encoder stay as they are. From scratch the frozen LM is a
 random one; for a trained LM start from a run with ``train.init_from`` (e.g. a run of this
 task with ``model.freeze_lm: false``): the architecture and tokenizer come from that run and
-``freeze_lm`` from this config.
+``freeze_lm`` from this config. The frozen image encoder should be a trained one too:
+``train.image_encoder_from RUN`` takes the ViT of a pretraining run (e.g. ``--config tiny``).
 
 Evaluation (``mammut eval RUN``): held-out sequences of ``2..T`` scenes from the emoji held-out
 split; the model captions the LAST image greedily, once with the earlier images and their true
@@ -75,6 +76,10 @@ class Interleaved(Task):
             log.warning("model.freeze_lm: true without train.init_from freezes a randomly initialised language model "
                         "(its frozen final norm and tied embeddings cap the logits near zero, so the loss stays near "
                         "log(vocabulary)); the paper freezes a trained LM: start from a run with train.init_from")
+        if not cfg.train.init_from and not cfg.train.image_encoder_from:
+            log.warning("the image encoder is always frozen: without train.image_encoder_from (or train.init_from) it "
+                        "stays at its random initialisation and the image pathway learns little; start it from a "
+                        "pretraining run's ViT with train.image_encoder_from RUN")
         self._media_id: int | None = None
         self._checked_model = False
         self._heldout: dict[int, tuple[list[InterleavedSample], int]] = {}
