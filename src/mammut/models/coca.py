@@ -330,9 +330,9 @@ class CoCa(ContrastiveCaptioner):
         sees the CLS, so at real positions these equal ``decode``'s (up to the rounding of another
         attention kernel under autograd) for right-padded or unpadded text, as tokenizers give
         it. For left- or mid-padded text the open_clip layout options differ from ``decode`` by
-        design: ``cls_mask="open_clip_legacy"`` shifts the key
-        mask by one and ``cls_position="end"`` counts pads in the positions (open_clip's rules),
-        while ``decode`` and generation count real tokens only."""
+        design: ``cls_mask="open_clip_legacy"`` shifts the key mask by one and
+        ``cls_position="end"`` counts pads in the positions (open_clip's rules), while ``decode``
+        and generation count real tokens only."""
         feats, _, positions = self._unimodal(text)
         mask = decoder_mask(text != self.config.pad_id)
         return self.to_logits(self._multimodal(feats, context, mask=mask, positions=positions))
