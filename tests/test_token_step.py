@@ -49,7 +49,7 @@ def steps(model, plans: bool, n: int = 6):
             keep = torch.cat((keep, torch.ones(2, 1, dtype=torch.bool)), dim=1)
             last = last + 1
             out.append(model.decode_hidden(token, context, keep=keep, positions=last, cache=cache))
-        used = cache.plans.get(id(model), (None, None))[1] is not None
+        used = cache.plans.get(model) is not None
     if handle is not None:
         handle.remove()
     return out, used

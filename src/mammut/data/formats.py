@@ -129,9 +129,14 @@ def read_json(path: str | Path, arg: str) -> Any:
 
 def read_lines(path: str | Path, arg: str) -> list[str]:
     """Non-empty, stripped lines of a UTF-8 text file (lines starting with ``#`` are comments)."""
+    return [line for _, line in numbered_lines(path, arg)]
+
+
+def numbered_lines(path: str | Path, arg: str) -> list[tuple[int, str]]:
+    """``read_lines`` with each line's number in the file (from 1), for errors that point at lines."""
     p = _existing_file(path, arg)
-    lines = [line.strip() for line in _text(p, arg).splitlines()]
-    out = [line for line in lines if line and not line.startswith("#")]
+    lines = [(i + 1, line.strip()) for i, line in enumerate(_text(p, arg).splitlines())]
+    out = [(i, line) for i, line in lines if line and not line.startswith("#")]
     if not out:
         raise ValueError(f"{arg}: expected one entry per line, got an empty file {p}")
     return out

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.formats import read_image_folder, read_lines
+from ..data.formats import numbered_lines, read_image_folder, read_lines
 from .images import coverage, embed_image_files, seeded_subset
 from .metrics import classification_metrics, zero_shot_classifier, zero_shot_predictions
 from .model_source import EvalModel
@@ -77,9 +77,10 @@ def load_classnames(spec: str | None, folders: Sequence[str]) -> list[str]:
     file of ``folder<TAB>name`` lines in any order (every folder exactly once)."""
     if spec is None:
         return [f.replace("_", " ") for f in folders]
-    names = shipped_list("classnames") if spec == "imagenet" else read_lines(spec, "--classnames")
-    if spec != "imagenet" and any("\t" in n for n in names):
-        return _mapped_classnames(spec, folders)
+    numbered = [] if spec == "imagenet" else numbered_lines(spec, "--classnames")
+    if any("\t" in line for _, line in numbered):
+        return _mapped_classnames(numbered, spec, folders)
+    names = shipped_list("classnames") if spec == "imagenet" else [line for _, line in numbered]
     if len(names) != len(folders):
         what = "the ImageNet list" if spec == "imagenet" else spec
         raise ValueError(f"--classnames: expected one name per class folder of --data ({len(folders)}), got "
@@ -94,13 +95,11 @@ def _some(items: Sequence[str], what: str, show: int = 5) -> str:
     return text + (f" and {len(items) - show} more" if len(items) > show else "")
 
 
-def _mapped_classnames(spec: str, folders: Sequence[str]) -> list[str]:
-    """The names of a ``folder<TAB>name`` file, in folder order; a file mixing lines with and
-    without a tab, a line with more than one tab, or a folder missing, unknown (not a class
-    folder of ``--data``) or repeated is a ``ValueError`` naming the lines or folders."""
-    text = Path(spec).expanduser().read_bytes().decode("utf-8-sig")  # read_lines checked it reads
-    lines = [(i + 1, line.strip()) for i, line in enumerate(text.splitlines())]
-    lines = [(i, line) for i, line in lines if line and not line.startswith("#")]  # as read_lines
+def _mapped_classnames(lines: Sequence[tuple[int, str]], spec: str, folders: Sequence[str]) -> list[str]:
+    """The names of a ``folder<TAB>name`` file (its ``numbered_lines``), in folder order; a file
+    mixing lines with and without a tab, a line with more than one tab, or a folder missing,
+    unknown (not a class folder of ``--data``) or repeated is a ``ValueError`` naming the lines
+    or folders."""
     plain = [f"{i}" for i, line in lines if "\t" not in line]
     if plain:
         raise ValueError(f"--classnames: expected every line to be folder<TAB>name or none (one name per line in "

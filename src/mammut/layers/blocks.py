@@ -25,10 +25,10 @@ from .token_step import TokenStep
 __all__ = ["ParallelBlock", "TransformerBlock", "CrossAttentionBlock"]
 
 
-def _plain(block: nn.Module, cls: type) -> bool:
-    """Whether ``block`` is exactly ``cls`` with mammut's attention and feed-forward (their own
-    checks go further), so that its step can be a plain function."""
-    return type(block) is cls and type(block.attn) is Attention and (block.ff is None or type(block.ff) is FeedForward)
+def _plain(block: nn.Module, cls: type, attention: type = Attention) -> bool:
+    """Whether ``block`` is exactly ``cls`` with mammut's ``attention`` and feed-forward (their
+    own checks go further), so that its step can be a plain function."""
+    return type(block) is cls and type(block.attn) is attention and (block.ff is None or type(block.ff) is FeedForward)
 
 
 def _module_step(block: nn.Module) -> Callable[[torch.Tensor, TokenStep], torch.Tensor]:
@@ -200,8 +200,7 @@ class CrossAttentionBlock(nn.Module):
     def token_step(self) -> Callable[[torch.Tensor, torch.Tensor, TokenStep], torch.Tensor]:
         """``forward`` for one cached token (no context mask) as a plain function ``(x,
         context, step)`` (see ``token_step.py``)."""
-        if type(self) is not CrossAttentionBlock or type(self.attn) is not CrossAttention or \
-                not (self.ff is None or type(self.ff) is FeedForward):
+        if not _plain(self, CrossAttentionBlock, CrossAttention):
             return lambda x, context, s: self(x, context, cache=s.cache)
         norm, attn = norm_function(self.norm), self.attn.token_step()
         ff = None if self.ff is None else self.ff.function()

@@ -70,7 +70,7 @@ class KVCache:
         self.state: dict[str, torch.Tensor] = {}
         self._call: dict[tuple[str, int], tuple[Any, Any]] | None = None
         # a model's one-token step functions, built once per cache (see ``token_step.token_plan``)
-        self.plans: dict[int, tuple[nn.Module, Any]] = {}
+        self.plans: dict[nn.Module, Any] = {}
 
     # ---------------------------------------------------------------- per call
     def begin_call(self) -> None:

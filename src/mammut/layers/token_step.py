@@ -81,11 +81,9 @@ def token_plan(model: nn.Module, cache: KVCache | None, text: torch.Tensor, buil
     if cache is None or text.shape[1] != 1 or len(cache) == 0 or torch.is_grad_enabled() or stochastic(model) \
             or torch.compiler.is_compiling():
         return None
-    plans = cache.plans
-    found = plans.get(id(model))
-    if found is None or found[0] is not model:
-        found = plans[id(model)] = (model, None if has_hooks(model) else build())
-    return found[1]
+    if model not in cache.plans:
+        cache.plans[model] = None if has_hooks(model) else build()
+    return cache.plans[model]
 
 
 def run_token_plan(plan: list[tuple[Any, Any]], x: torch.Tensor, context: Any, s: TokenStep) -> torch.Tensor:
