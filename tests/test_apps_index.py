@@ -372,18 +372,24 @@ def test_cli_index_search_and_errors(tiny_run, tmp_path, capsys):
         assert err.startswith(f"mammut {argv[0]}: error: ") and err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.filterwarnings("ignore:precision bf16")
 def test_bf16_embeddings_agree_with_float32(tiny_run, tmp_path):
     from mammut.apps.encoder import load_encoder
 
     pics = colour_folder(tmp_path / "pics")
-    fp32, bf16 = load_encoder(tiny_run), load_encoder(tiny_run, bf16=True)
+    fp32, bf16 = load_encoder(tiny_run, precision="fp32"), load_encoder(tiny_run, bf16=True)
+    assert fp32.precision.name == "fp32" and bf16.precision.name == "bf16" and bf16.bf16
     images = torch.stack([fp32.preprocess(Image.open(p).convert("RGB")) for p in sorted(pics.rglob("*.png"))])
     a, b = fp32.embed_images(images), bf16.embed_images(images)
     assert a.dtype == b.dtype == np.float32 and not np.array_equal(a, b)  # bf16 did run
     assert (np.sum(a * b, axis=1) > 0.99).all()
-    assert main(["index", str(pics), "--model", str(tiny_run), "--out", str(tmp_path / "idx"), "--bf16",
-                 "--no-progress"]) == 0
-    assert SearchIndex(tmp_path / "idx").size == len(NAMES)
+    for flags, name in ((["--bf16"], "bf16"), (["--precision", "fp32"], "fp32"), ([], None)):
+        out = tmp_path / f"idx-{name}"
+        assert main(["index", str(pics), "--model", str(tiny_run), "--out", str(out), *flags, "--no-progress"]) == 0
+        assert SearchIndex(out).size == len(NAMES)
+        info = IndexFolder(out).read_info()
+        assert info["model"] == str(tiny_run) and info["precision"] == (name or load_encoder(tiny_run).precision.name)
+        assert info["precision_requested"] == (name or "auto") and info["precision_reason"]
 
 
 def test_the_apps_package_imports_only_argparse():

@@ -41,7 +41,11 @@ def _serve(args: argparse.Namespace, emit: Emit) -> int:
 def _model_args(p: argparse.ArgumentParser, default_help: str) -> None:
     p.add_argument("--model", default=None, help=f"run folder or checkpoint (anything mammut.load loads); {default_help}")
     p.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
-    p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto (default): bf16 autocast where the device computes bf16 natively (CUDA Ampere+, CPUs "
+                        "with AVX512-BF16/AMX), else fp32; fp32; bf16 (bfloat16 autocast)")
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                   help="the same as --precision bf16")
 
 
 def register_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -106,5 +110,11 @@ def register_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
     sv.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for (default 1000)")
     sv.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: the index's)")
     sv.add_argument("--mmap", action="store_true", help="memory-map the FAISS index instead of reading it")
+    sv.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                    help="seconds an idle keep-alive connection is kept open (default 5)")
+    sv.add_argument("--limit-concurrency", type=int, default=64,
+                    help="most connections and requests at once; more are answered 503 (default 64)")
+    sv.add_argument("--body-timeout", type=float, default=10.0,
+                    help="seconds a request body may stall before a 408 closes its connection (default 10)")
     _model_args(sv, "default: the index's model")
     sv.set_defaults(handler=_serve)

@@ -141,9 +141,19 @@ def build_index(plan: IndexPlan, batches: Callable[[], Iterable[tuple[np.ndarray
 
 
 def write_index(index: Any, path: str | Path) -> None:
+    """Write ``index`` to ``path`` whole (through ``PATH.tmp``, removed on failure). A failed
+    write (faiss says why: a full disk) is an ``OSError`` naming ``path``."""
     tmp = Path(f"{path}.tmp")
-    _faiss().write_index(index, str(tmp))
-    tmp.replace(path)
+    try:
+        _faiss().write_index(index, str(tmp))
+        tmp.replace(path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, RuntimeError):  # faiss's own error
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise OSError(f"--out: could not write the FAISS index {path} ({reason}); free some space if the disk "
+                          f"is full and run the same command again") from None
+        raise
 
 
 def read_index(path: str | Path, *, mmap: bool = False, kind: str = "flat") -> Any:

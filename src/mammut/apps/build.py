@@ -6,16 +6,27 @@ Under ``torchrun`` every rank embeds the chunks ``c`` with ``c % world_size == r
 plans and finishes; the ranks meet at two barriers on gloo). A killed build continues where it
 stopped when run again: chunks with a done marker are never embedded again. ``add=True`` lists
 the source again and embeds only the images the index does not have yet.
+
+One build at a time per folder: rank 0 holds the folder's lock (``DIR/.lock``,
+:class:`mammut.io.runlock.FolderLock`) from planning to the end, so a second build of the same
+folder stops at once with ``FolderLocked`` naming the holder's PID; once it holds the lock, a
+build removes the temporary files a killed one left. Embeddings that are not finite (a broken
+model) stop the build with a ``ValueError`` naming the model and the chunk's first such image,
+before the chunk is written. A full disk is a one-line ``DiskFullError`` naming the file; a
+damaged ``metadata.sqlite`` a ``ValueError`` naming it. The model's precision (``--precision``)
+is recorded in ``index.json`` beside the model, and in each chunk's record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import io
 import json
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,12 +36,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.datasets import ImageDecodeError
+from ..data.datasets import ImageDecodeError, decode_image
+from ..io.runlock import FolderLock
 from . import ann
-from .collection import list_items, open_item, source_kind
+from .collection import display, list_items, read_item_checked, source_kind
 from .encoder import Encoder
-from .folder import IndexFolder, write_atomic
-from .store import MetadataStore, Record
+from .folder import FULL_ERRNOS, IndexFolder, disk_full, remove_stray_temp_files, write_atomic
+from .store import DiskFullError, MetadataStore, Record, database_error
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +150,9 @@ def _broadcast(objects: list[Any], world: int) -> None:
 # ----------------------------------------------------------------------------- planning
 
 
-def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str) -> bool:
-    """Rank 0: create or extend the plan in the store. Returns False when there is nothing to do."""
+def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str, precision: dict[str, str] | None = None) -> bool:
+    """Rank 0: create or extend the plan in the store. Returns False when there is nothing to do.
+    ``precision``: the model's (:meth:`mammut.precision.Precision.as_dict`), recorded beside it."""
     info = folder.read_info() if folder.exists() else None
     src = None
     if opts.source is not None:  # as recorded in index.json: resolved, but a shard pattern as given
@@ -156,6 +169,8 @@ def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str) -> bool:
             log.info("%s is up to date (pass --add to pick up new images)", folder.root)
             return False
         log.info("resuming the build of %s", folder.root)
+        if precision:
+            folder.write_info({**info, **precision})
         return True
     if src is not None:
         scans = [{"source": src, "img_key": opts.img_key, "caption_key": opts.caption_key,
@@ -179,7 +194,7 @@ def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str) -> bool:
         if scan["source"] not in sources:
             info.setdefault("sources", []).append({**scan, "kind": source_kind(scan["source"]),
                                                    "added": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    info.update(model=model_name, status="building", chunk_size=opts.chunk_size)
+    info.update(model=model_name, **(precision or {}), status="building", chunk_size=opts.chunk_size)
     info.setdefault("nprobe", opts.nprobe)  # search settings are the index's own, chosen when it was made
     info.setdefault("rerank", opts.rerank)
     folder.write_info(info)
@@ -190,7 +205,8 @@ def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str) -> bool:
 
 
 class _Images(Dataset):  # type: ignore[type-arg]
-    """Records -> (id, pixels or None, (width, height) or None, error or None)."""
+    """Records -> (id, pixels or None, (width, height) or None, identity or None, error or None);
+    the identity (size:mtime_ns:inode:device) is of the file the pixels were read from."""
 
     def __init__(self, records: Sequence[Record], transform: Any) -> None:
         self.records, self.transform = list(records), transform
@@ -198,13 +214,14 @@ class _Images(Dataset):  # type: ignore[type-arg]
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, tuple[int, int] | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, tuple[int, int] | None, str | None, str | None]:
         r = self.records[i]
         try:
-            image = open_item(r.path, r.member, r.offset, r.size)
+            data, ident = read_item_checked(r.path, r.member, r.offset, r.size)
+            image = decode_image(data, where=display(f"{r.path}:{r.member}" if r.member else r.path))
         except (ImageDecodeError, OSError) as exc:
-            return r.id, None, None, str(exc)
-        return r.id, self.transform(image), image.size, None
+            return r.id, None, None, None, display(str(exc))
+        return r.id, self.transform(image), image.size, ident, None
 
 
 def _collate(batch: list[Any]) -> list[Any]:
@@ -225,6 +242,8 @@ def _embed_chunks(folder: IndexFolder, encoder: Encoder, todo: list[int], record
     from tqdm.auto import tqdm
 
     flat = [r for c in todo for r in records[c]]
+    by_id = {r.id: r for r in flat}
+    precision = getattr(getattr(encoder, "precision", None), "name", None)
     loader = DataLoader(_Images(flat, encoder.preprocess), batch_sampler=_batches([records[c] for c in todo],
                         opts.batch_size), num_workers=opts.workers, collate_fn=_collate)
     chunk_of = {r.id: r.chunk for r in flat}
@@ -236,35 +255,54 @@ def _embed_chunks(folder: IndexFolder, encoder: Encoder, todo: list[int], record
     with bar:
         for batch in loader:
             chunk = chunk_of[batch[0][0]]
-            a = acc.setdefault(chunk, {"ids": [], "sizes": [], "vecs": [], "corrupt": [], "errors": []})
-            good = [(i, px, size) for i, px, size, err in batch if err is None]
-            for i, _, _, err in batch:
+            a = acc.setdefault(chunk, {"ids": [], "sizes": [], "identities": [], "vecs": [], "corrupt": [],
+                                       "errors": []})
+            good = [(i, px, size, ident) for i, px, size, ident, err in batch if err is None]
+            for i, _, _, _, err in batch:
                 if err is not None:
                     a["corrupt"].append(i)
                     if len(a["errors"]) < 20:
                         a["errors"].append(err)
                     log.warning("skipped an unreadable image: %s", err)
             if good:
-                vecs = encoder.embed_images(torch.stack([px for _, px, _ in good]))
-                a["vecs"].append(np.asarray(vecs, dtype=np.float16))
-                a["ids"] += [i for i, _, _ in good]
-                a["sizes"] += [list(size) for _, _, size in good]
+                vecs = np.asarray(encoder.embed_images(torch.stack([px for _, px, _, _ in good])), dtype=np.float16)
+                _check_finite(vecs, [by_id[i] for i, _, _, _ in good], encoder, chunk, precision)
+                a["vecs"].append(vecs)
+                a["ids"] += [i for i, _, _, _ in good]
+                a["sizes"] += [list(size) for _, _, size, _ in good]
+                a["identities"] += [ident for _, _, _, ident in good]
             left[chunk] -= len(batch)
             bar.update(len(batch))
             if left[chunk] == 0:
-                _write_chunk(folder, chunk, acc.pop(chunk), encoder.dim, rank)
+                _write_chunk(folder, chunk, acc.pop(chunk), encoder.dim, rank, precision)
                 embedded += len(a["ids"])
                 corrupt += len(a["corrupt"])
     return embedded, corrupt
 
 
-def _write_chunk(folder: IndexFolder, chunk: int, a: dict[str, list[Any]], dim: int, rank: int) -> None:
+def _check_finite(vecs: np.ndarray, records: list[Record], encoder: Encoder, chunk: int,
+                  precision: str | None) -> None:
+    """Refuse embeddings with NaN or inf (in float16, as stored): every search would miss them."""
+    bad = ~np.isfinite(vecs).all(axis=1)
+    if not bad.any():
+        return
+    first = records[int(np.argmax(bad))]
+    hint = " or bf16 overflows (try --precision fp32)" if precision == "bf16" else ""
+    raise ValueError(f"--model: {encoder.name} gave non-finite embeddings (NaN or inf) for {int(bad.sum())} of "
+                     f"{len(records)} images of chunk {chunk}, the first "
+                     f"{display(f'{first.path}:{first.member}' if first.member else first.path)}; nothing was "
+                     f"indexed from them: the model's weights may hold NaN or inf{hint}")
+
+
+def _write_chunk(folder: IndexFolder, chunk: int, a: dict[str, list[Any]], dim: int, rank: int,
+                 precision: str | None = None) -> None:
     vecs = np.concatenate(a["vecs"]) if a["vecs"] else np.zeros((0, dim), np.float16)
     buf = io.BytesIO()
     np.save(buf, vecs)
     write_atomic(folder.chunk_npy(chunk), buf.getvalue())
-    record = {"chunk": chunk, "ids": a["ids"], "sizes": a["sizes"], "corrupt": a["corrupt"], "errors": a["errors"],
-              "dim": int(vecs.shape[1]), "rank": rank}
+    record = {"chunk": chunk, "ids": a["ids"], "sizes": a["sizes"], "identities": a["identities"],
+              "corrupt": a["corrupt"], "errors": a["errors"], "dim": int(vecs.shape[1]), "rank": rank,
+              "precision": precision}
     write_atomic(folder.chunk_done(chunk), json.dumps(record).encode())  # last: the chunk is done
     log.debug("chunk %d: %d embedded, %d unreadable", chunk, len(a["ids"]), len(a["corrupt"]))
 
@@ -306,8 +344,9 @@ def _finish(folder: IndexFolder, opts: BuildOptions, dim: int) -> tuple[dict[str
         pending = {c for (c,) in store.db.execute("SELECT DISTINCT chunk FROM items WHERE status = 'pending'")}
         for c in sorted(pending):
             done = folder.read_chunk(c) or {"ids": [], "sizes": [], "corrupt": []}
-            store.mark_chunk([(i, row, w, h) for row, (i, (w, h)) in enumerate(zip(done["ids"], done["sizes"]))],
-                             done["corrupt"])
+            identities = done.get("identities") or [None] * len(done["ids"])  # none in a chunk of an older build
+            store.mark_chunk([(i, row, w, h, ident) for row, (i, (w, h), ident)
+                              in enumerate(zip(done["ids"], done["sizes"], identities))], done["corrupt"])
         counts = store.counts()
     n = counts["ok"]
     if n == 0:
@@ -349,24 +388,72 @@ def _finish(folder: IndexFolder, opts: BuildOptions, dim: int) -> tuple[dict[str
 # ----------------------------------------------------------------------------- entry point
 
 
+@contextlib.contextmanager
+def _plain_errors(folder: IndexFolder) -> Iterator[None]:
+    """A full disk and a damaged ``metadata.sqlite`` as one-line errors naming the file."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except sqlite3.Error as exc:
+        raise database_error(folder.root / MetadataStore.FILE, exc) from None
+    except OSError as exc:
+        if exc.errno in FULL_ERRNOS:
+            raise disk_full(exc.filename if exc.filename is not None else folder.root, exc) from None
+        raise
+
+
+def _forget(folder: IndexFolder, lock: FolderLock) -> None:
+    """A failed first build that wrote nothing: remove the folder it made (its lock file only)."""
+    try:
+        if os.listdir(folder.root) == [lock.path.name]:
+            lock.path.unlink()
+            folder.root.rmdir()
+    except OSError:
+        pass
+
+
 def build(opts: BuildOptions, encoder: Encoder) -> BuildReport:
     """Build, resume or extend the index folder ``opts.out`` with ``encoder`` (see the module doc)."""
     opts.check(encoder.dim)
-    started = time.perf_counter()
     folder = IndexFolder(opts.out)
+    rank, _ = _dist_init()
+    lock = FolderLock(folder.root, what="index folder") if rank == 0 else None
+    made = not folder.root.exists()
+    done = False
+    try:
+        with _plain_errors(folder):
+            report = _build(folder, opts, encoder, lock)
+        done = True
+        return report
+    finally:
+        if lock is not None and lock.held:
+            if made and not done:
+                _forget(folder, lock)
+            lock.release()
+
+
+def _build(folder: IndexFolder, opts: BuildOptions, encoder: Encoder, lock: FolderLock | None) -> BuildReport:
+    started = time.perf_counter()
     rank, world = _dist_init()
-    # rank 0 plans and lists the chunks still to embed; every rank takes every world-th of that
-    # one list (a failure to plan is sent too, so no rank waits for a plan that never comes)
+    prec = getattr(encoder, "precision", None)
+    precision = prec.as_dict() if hasattr(prec, "as_dict") else None
+    # rank 0 takes the folder's lock, plans and lists the chunks still to embed; every rank takes
+    # every world-th of that one list (a failure to plan is sent too, so no rank waits for a plan
+    # that never comes)
     shared: list[Any] = [None]
     if rank == 0:
         try:
-            work = _plan(folder, opts, encoder.name)
+            if lock is not None:
+                lock.acquire()
+                remove_stray_temp_files(folder)
+            work = _plan(folder, opts, encoder.name, precision)
             with MetadataStore(folder.root, readonly=True) as store:
                 chunks = store.chunks()
             todo = [c for c in chunks if folder.read_chunk(c) is None] if work else []
             shared[0] = {"work": work, "todo": todo, "skipped": len(chunks) - len(todo)}
-        except (ValueError, OSError) as exc:
-            shared[0] = {"error": f"{type(exc).__name__}: {exc}"}
+        except (ValueError, OSError, RuntimeError, sqlite3.Error) as exc:
+            shared[0] = {"error": f"{type(exc).__name__}: {display(str(exc))}"}
             _broadcast(shared, world)
             raise
     _broadcast(shared, world)

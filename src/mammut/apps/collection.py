@@ -7,14 +7,25 @@ or of local WebDataset shards (``{key}.jpg|png|...`` + optional ``{key}.txt``, a
 indexing splits into chunks); :func:`read_item` returns an item's image bytes: a file is read
 whole, a shard member at the byte offset recorded when the shard was listed. Neither ever takes
 a path from anyone but the person who built the index.
+
+File names are kept as the operating system gives them: a name that is not valid UTF-8 is a
+``str`` with surrogate escapes (``os.fsdecode``), read back to the same bytes; :func:`display`
+turns one into printable text (``name\\xffbad.png``) for people and JSON.
+
+An item is read without following a symbolic link (``O_NOFOLLOW``) and its identity (size,
+modification time, inode, device: :func:`identity`) is taken from the open file, so the server
+can refuse a file that is not the one that was indexed (:class:`ItemChanged`).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import io
 import logging
+import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -25,7 +36,8 @@ from ..data.webdataset import expand_shards
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Item", "list_items", "read_item", "open_item", "source_kind"]
+__all__ = ["Item", "ItemChanged", "list_items", "read_item", "read_item_checked", "open_item", "source_kind",
+           "display", "identity"]
 
 # what a folder scan picks up (the training data's list plus a few common others)
 FOLDER_EXTENSIONS: tuple[str, ...] = (*IMAGE_EXTENSIONS, "gif", "tif", "tiff")
@@ -44,6 +56,23 @@ class Item:
     @property
     def label(self) -> str:
         return f"{self.path}:{self.member}" if self.member else self.path
+
+
+def display(text: str) -> str:
+    """``text`` as printable text: bytes of a file name that are not UTF-8 (surrogate escapes)
+    shown as ``\\xNN``; any other text unchanged."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that no byte stands for (a Windows name)
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+class ItemChanged(OSError):
+    """The file of an item is not the one that was indexed (a link now, replaced, not a regular file)."""
 
 
 def source_kind(source: str) -> str:
@@ -166,19 +195,52 @@ def list_items(source: str, *, img_key: str = "filepath", caption_key: str | Non
     return items
 
 
-def read_item(path: str, member: str = "", offset: int = -1, size: int = -1) -> bytes:
-    """The image bytes of an item (a file, or ``size`` bytes at ``offset`` of a shard)."""
-    if not member:
-        return Path(path).read_bytes()
-    with open(path, "rb") as fh:
+def identity(st: os.stat_result) -> str:
+    """What tells one file from another with the same name: ``size:mtime_ns:inode:device``."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_dev}"
+
+
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
+def read_item_checked(path: str, member: str = "", offset: int = -1, size: int = -1, *,
+                      expect: str | None = None) -> tuple[bytes, str]:
+    """``(bytes, identity)`` of an item (a file, or ``size`` bytes at ``offset`` of a shard),
+    read from the file opened without following a symbolic link. ``expect``: the identity
+    recorded when it was indexed; another one is an :class:`ItemChanged` (nothing is read).
+    ``ItemChanged`` too for a link or anything but a regular file; ``OSError`` when missing."""
+    where = display(f"{path}:{member}" if member else path)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):  # O_NOFOLLOW met a symbolic link
+            raise ItemChanged(f"{display(path)} is a symbolic link now, not the file that was indexed") from None
+        raise
+    with open(fd, "rb", closefd=True) as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ItemChanged(f"{display(path)} is not a regular file now")
+        ident = identity(st)
+        if expect is not None and ident != expect:
+            raise ItemChanged(f"{where} was replaced or modified since it was indexed "
+                              f"(size:mtime:inode:device {ident}, indexed {expect})")
+        if not member:
+            return fh.read(), ident
         fh.seek(offset)
         data = fh.read(size)
     if len(data) != size:
-        raise OSError(f"{path}: member {member} is cut short ({len(data)} of {size} bytes)")
-    return data
+        raise OSError(f"{where}: member is cut short ({len(data)} of {size} bytes)")
+    return data, ident
+
+
+def read_item(path: str, member: str = "", offset: int = -1, size: int = -1) -> bytes:
+    """The image bytes of an item (a file, or ``size`` bytes at ``offset`` of a shard); see
+    :func:`read_item_checked`."""
+    return read_item_checked(path, member, offset, size)[0]
 
 
 def open_item(path: str, member: str = "", offset: int = -1, size: int = -1) -> Image.Image:
     """The RGB image of an item; ``ImageDecodeError``/``OSError`` when it cannot be read."""
-    where = f"{path}:{member}" if member else path
+    where = display(f"{path}:{member}" if member else path)
     return decode_image(read_item(path, member, offset, size), where=where)

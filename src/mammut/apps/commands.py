@@ -1,17 +1,19 @@
 """Handlers of ``mammut index``, ``mammut search`` and ``mammut serve`` (``args -> exit code``).
 User errors are ``ValueError``/``OSError`` naming the argument; ``mammut.cli`` prints them as
-one line and exits 2."""
+one line and exits 2 (an index folder in use by another build, ``FolderLocked``, too)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .collection import display
 from .demo import DEMO_INDEX, SCENES, is_run_folder, write_heldout_scenes
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,20 @@ def _encoder(model: str | None, folder: Any, args: argparse.Namespace) -> Any:
 
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return load_encoder(source, device=device, bf16=getattr(args, "bf16", False))
+    precision = getattr(args, "precision", None) or ("bf16" if getattr(args, "bf16", False) else "auto")
+    return load_encoder(source, device=device, precision=precision)
+
+
+@contextlib.contextmanager
+def _folder_errors() -> Iterator[None]:
+    """An index folder in use by another build (``FolderLocked``, a RuntimeError) as the CLI's
+    one-line error."""
+    from ..io.runlock import FolderLocked
+
+    try:
+        yield
+    except FolderLocked as exc:
+        raise ValueError(f"--out: {exc}") from None
 
 
 def _same_model(model: str | None, index: Any) -> None:
@@ -69,7 +84,8 @@ def _build_demo(run: Path, out: Path, n: int, args: argparse.Namespace | None = 
     opts = BuildOptions(out=out, source=str(csv))
     if args is not None:
         opts = _build_options(args, out, str(csv))
-    return build(opts, _encoder(str(run.absolute()), None, args or argparse.Namespace()))
+    with _folder_errors():
+        return build(opts, _encoder(str(run.absolute()), None, args or argparse.Namespace()))
 
 
 def _build_options(args: argparse.Namespace, out: Path, source: str | None) -> Any:
@@ -104,9 +120,10 @@ def run_index(args: argparse.Namespace, emit: Callable[[str], None]) -> int:
             raise FileNotFoundError(f"--add: no index to add to in {folder.root} (build it first, without --add)")
         opts = _build_options(args, folder.root, args.source)
         opts.check()
-        report = build(opts, _encoder(args.model, folder, args))
+        with _folder_errors():
+            report = build(opts, _encoder(args.model, folder, args))
     if report.index:  # rank 0
-        emit(f"{report.out}: {report.total} images indexed ({report.total_corrupt} unreadable, skipped); "
+        emit(f"{display(str(report.out))}: {report.total} images indexed ({report.total_corrupt} unreadable, skipped); "
               f"this run embedded {report.embedded} in {report.chunks_done} chunks "
               f"({report.chunks_skipped} already done), {report.images_per_s:.1f} images/s; {report.index}")
     return 0
@@ -137,8 +154,10 @@ def run_search(args: argparse.Namespace, emit: Callable[[str], None]) -> int:
         vec = encoder.embed_texts([args.query.strip()])
     hits = index.search(vec, k, args.max_k)[0]
     if args.json:
+        # the path and member as they are, bytes that are not UTF-8 as JSON's \udcXX escapes (lossless:
+        # os.fsencode gives the name's bytes back); "name" is printable
         emit(json.dumps([{"rank": r + 1, **h.public(), "path": h.record.path, "member": h.record.member or None}
-                          for r, h in enumerate(hits)], indent=2))
+                          for r, h in enumerate(hits)], indent=2, ensure_ascii=True))
         return 0
     width = max([4, *(len(h.record.name) for h in hits)])
     rows = [f"{'rank':>4}  {'score':>6}  {'id':>7}  {'name':<{width}}  caption"]
@@ -160,13 +179,21 @@ def run_serve(args: argparse.Namespace, emit: Callable[[str], None]) -> int:
             _build_demo(run, directory, 512)
     if not args.max_upload_mb > 0:
         raise ValueError(f"--max-upload-mb: expected a size > 0, got {args.max_upload_mb}")
+    for flag, value in (("--timeout-keep-alive", args.timeout_keep_alive), ("--body-timeout", args.body_timeout)):
+        if not value > 0:
+            raise ValueError(f"{flag}: expected a number of seconds > 0, got {value:g}")
+    if args.limit_concurrency < 1:
+        raise ValueError(f"--limit-concurrency: expected an int >= 1, got {args.limit_concurrency}")
     max_upload = int(args.max_upload_mb * 2**20)
     index = _open(str(directory), args)
     _same_model(args.model, index)
+    host = args.host[1:-1] if args.host.startswith("[") and args.host.endswith("]") else args.host
     app = create_app(index, _encoder(args.model, index.folder, args), max_upload_bytes=max_upload, max_k=args.max_k,
-                     allowed_hosts=default_allowed_hosts(args.host))
+                     allowed_hosts=default_allowed_hosts(host), body_timeout=args.body_timeout)
     import uvicorn
 
-    emit(f"serving {index.size} images of {directory} on http://{args.host}:{args.port} (API: /docs)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    netloc = f"[{host}]" if ":" in host else host
+    emit(f"serving {index.size} images of {display(str(directory))} on http://{netloc}:{args.port} (API: /docs)")
+    uvicorn.run(app, host=host, port=args.port, log_level="info", timeout_keep_alive=args.timeout_keep_alive,
+                limit_concurrency=args.limit_concurrency)
     return 0

@@ -5,6 +5,10 @@ HF snapshot).
 
 Embeddings come back as float32 numpy arrays ``(n, dim)``, L2-normalised. Calls into one model
 are serialised by a lock, so a server may call from several threads.
+
+The model runs in a :class:`mammut.precision.Precision` (``fp32``, or ``bf16`` autocast):
+``precision="auto"`` picks bf16 where the device computes it natively (see
+:mod:`mammut.precision`); the choice and its reason are logged when the model is loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 from PIL import Image
+
+from ..precision import Precision, autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +60,15 @@ class ModelEncoder:
     """An :class:`Encoder` over a mammut model (``embed_image``, ``embed_text``, ``caption``).
 
     ``tokenize(texts) -> LongTensor (b, n)``; ``tokenizer`` is what ``model.caption`` decodes with.
-    ``bf16`` runs the model under bfloat16 autocast (embeddings are returned as float32).
+    ``precision``: a :class:`~mammut.precision.Precision`, or ``"auto"``/``"fp32"``/``"bf16"``
+    (resolved for ``device``); default fp32, or bf16 with ``bf16=True`` (the older keyword).
+    bf16 runs the model under bfloat16 autocast; embeddings are returned as float32.
     """
 
     def __init__(self, model: torch.nn.Module, preprocess: Callable[[Image.Image], torch.Tensor],
                  tokenize: Callable[[list[str]], torch.Tensor], tokenizer: Any, *, name: str,
-                 device: str | torch.device = "cpu", bf16: bool = False, max_new_tokens: int = 24) -> None:
+                 device: str | torch.device = "cpu", bf16: bool = False, max_new_tokens: int = 24,
+                 precision: Precision | str | None = None) -> None:
         for attr in ("embed_image", "embed_text"):
             if not callable(getattr(model, attr, None)):
                 raise TypeError(f"model: expected a contrastive model with {attr}(), got {type(model).__name__}")
@@ -69,13 +78,18 @@ class ModelEncoder:
         self.tokenizer = tokenizer
         self.name = name
         self.device = torch.device(device)
-        self.bf16 = bool(bf16)
+        self.precision = _precision(precision, bf16, self.device)
         self.max_new_tokens = int(max_new_tokens)
         self._lock = threading.Lock()
         self._dim: int | None = None
 
+    @property
+    def bf16(self) -> bool:
+        """Whether the model runs under bfloat16 autocast."""
+        return self.precision.bf16
+
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return autocast(self.precision, self.device)
 
     def _need(self, part: Any, what: str) -> None:
         """A part ``mammut.load`` could not find (falsy ``MissingComponent``): a user error naming it."""
@@ -116,10 +130,27 @@ class ModelEncoder:
             return list(self.model.caption(pixels.to(self.device), self.tokenizer, max_new_tokens=n))
 
 
+def _precision(precision: Precision | str | None, bf16: bool, device: torch.device,
+               default: str = "fp32") -> Precision:
+    """``precision`` (or the older ``bf16`` flag) resolved for ``device``; ``ValueError`` naming it."""
+    if isinstance(precision, Precision):
+        if bf16 and not precision.bf16:
+            raise ValueError(f"precision: bf16=True asks for bf16, got precision {precision.name!r} too")
+        return precision
+    if precision is None:
+        precision = "bf16" if bf16 else default
+    elif bf16 and precision != "bf16":
+        raise ValueError(f"precision: bf16=True asks for bf16, got precision {precision!r} too")
+    return resolve_precision(str(precision), device)
+
+
 def load_encoder(source: str | Path, *, device: str | None = None, bf16: bool = False,
-                 checkpoint: str | Path | None = None, max_new_tokens: int = 32) -> ModelEncoder:
+                 checkpoint: str | Path | None = None, max_new_tokens: int = 32,
+                 precision: Precision | str | None = None) -> ModelEncoder:
     """An :class:`Encoder` for ``source``: anything :func:`mammut.load` loads (a run folder, a
-    mammut checkpoint folder, an open_clip CoCa / openMaMMUT file, a local HF snapshot)."""
+    mammut checkpoint folder, an open_clip CoCa / openMaMMUT file, a local HF snapshot).
+    ``precision``: ``"auto"`` (the default: bf16 where ``device`` has it natively), ``"fp32"``,
+    ``"bf16"`` or a resolved :class:`~mammut.precision.Precision`; ``bf16=True`` is ``"bf16"``."""
     from ..loading import load
 
     if not str(source):
@@ -128,9 +159,10 @@ def load_encoder(source: str | Path, *, device: str | None = None, bf16: bool = 
     if not path.exists() and not str(source).startswith("hf-hub:"):
         raise FileNotFoundError(f"--model: no such run folder or checkpoint: {path}")
     dev = torch.device(device) if device else torch.device("cpu")
+    chosen = _precision(precision, bf16, dev, default="auto")  # a bad value is refused before loading
     model, preprocess, tokenizer = load(str(source) if str(source).startswith("hf-hub:") else str(path),
                                         device=dev, checkpoint=checkpoint)
-    log.info("loaded model %s on %s%s", source, dev, " (bf16 autocast)" if bf16 else "")
+    log.info("loaded model %s on %s, precision %s (%s)", source, dev, chosen.name, chosen.reason)
     name = str(source) if str(source).startswith("hf-hub:") else str(path.absolute())
     return ModelEncoder(model, preprocess, lambda texts: tokenizer(texts), tokenizer, name=name, device=dev,
-                        bf16=bf16, max_new_tokens=max_new_tokens)
+                        max_new_tokens=max_new_tokens, precision=chosen)

@@ -2,13 +2,19 @@
 hands out an image's bytes by its id (only ids of the metadata store: a client never names a
 path). An IVF-PQ index re-ranks ``k * rerank`` candidates exactly with the stored float16
 embeddings (memory-mapped), which brings its recall close to the exact index's.
+
+Opening reads every row of ``metadata.sqlite`` once, so a damaged store is a one-line error
+then (naming the file), not a failure of every search. :meth:`SearchIndex.image_bytes` hands
+out only the file that was indexed: opened without following a symbolic link, with the
+identity recorded at index time (size, mtime, inode, device), and decoding as an image, whose
+own type (not the name's) is the media type; anything else is an ``ItemChanged``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
-import mimetypes
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import ann
-from .collection import read_item
+from .collection import ItemChanged, read_item_checked
 from .folder import IndexFolder
 from .store import MetadataStore, Record
 
@@ -67,6 +73,12 @@ class SearchIndex:
         self.rerank = int(rerank if rerank is not None else self.info.get("rerank", 16))
         self.dim = int(self.info["dim"])
         self.store = MetadataStore(self.folder.root, readonly=True)
+        counts = self.info.get("count") or {}
+        try:
+            self.store.check(sum(int(v) for v in counts.values()) if counts else None)
+        except BaseException:
+            self.store.close()
+            raise
         self._lock = threading.Lock()  # one SQLite connection for every thread
         self._chunks: dict[int, np.ndarray] = {}
         log.info("opened %s: %d images, %s index%s", self.folder.root, self.size, self.kind,
@@ -127,9 +139,27 @@ class SearchIndex:
         return rec if rec is not None and rec.status == "ok" else None
 
     def image_bytes(self, image_id: int) -> tuple[bytes, str]:
-        """``(bytes, media type)`` of an indexed image; ``KeyError`` for an id the index does not have."""
+        """``(bytes, media type)`` of an indexed image; ``KeyError`` for an id the index does not
+        have; ``ItemChanged`` when its file is not the one that was indexed (a link now, replaced,
+        modified) or no longer an image; ``OSError`` when it cannot be read."""
         rec = self.record(image_id)
         if rec is None:
             raise KeyError(f"id: no image {image_id} in this index")
-        media = mimetypes.guess_type(rec.member or rec.path)[0] or "application/octet-stream"
-        return read_item(rec.path, rec.member, rec.offset, rec.size), media
+        data, _ = read_item_checked(rec.path, rec.member, rec.offset, rec.size, expect=rec.identity)
+        return data, _media_type(data, rec.name)
+
+
+_MEDIA = {"MPO": "image/jpeg"}  # a camera's multi-picture JPEG: browsers show it as a JPEG
+
+
+def _media_type(data: bytes, name: str) -> str:
+    """The media type of an image by its bytes; ``ItemChanged`` if they are not one PIL reads."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format or ""
+            im.verify()
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for bytes that are not an image
+        raise ItemChanged(f"{name} is no longer an image ({type(exc).__name__})") from None
+    return _MEDIA.get(fmt) or Image.MIME.get(fmt) or "application/octet-stream"

@@ -11,15 +11,24 @@
 
 Bad input is a 4xx with ``{"detail": "..."}`` naming the parameter: an empty query, ``k``
 outside ``[1, max_k]`` (422), an upload that is not an image (400) or is larger than
-``max_upload_bytes`` (413), an unknown id (404). Model calls run in FastAPI's thread pool,
-one at a time per model; the event loop keeps answering meanwhile.
+``max_upload_bytes`` (413), an unknown id (404), an indexed file that changed since it was
+indexed (410: a symbolic link now, replaced, modified, no longer an image; it is never sent),
+a request body that stalls for more than ``body_timeout`` seconds (408, and the connection is
+closed). Model calls run in FastAPI's thread pool, one at a time per model; the event loop
+keeps answering meanwhile.
+
+The ``Host`` header must name an allowed host (:func:`default_allowed_hosts`); an IPv6 literal
+is written in brackets there (``[::1]:8000``) and matched without them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import io
+import ipaddress
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -29,19 +38,21 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel
-from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data.datasets import ImageDecodeError, decode_image
+from .collection import ItemChanged
 from .encoder import Encoder
 from .page import PAGE
 from .searcher import DEFAULT_MAX_K, SearchIndex, check_k
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_app", "default_allowed_hosts", "DEFAULT_MAX_UPLOAD"]
+__all__ = ["create_app", "default_allowed_hosts", "host_of", "DEFAULT_MAX_UPLOAD", "DEFAULT_BODY_TIMEOUT"]
 
 DEFAULT_MAX_UPLOAD = 10 * 2**20
+DEFAULT_BODY_TIMEOUT = 10.0  # seconds a request body may stall between two of its parts
 MAX_PIXELS = 40_000_000  # an upload decoding to more pixels than this is refused before decoding
 FORM_OVERHEAD = 64 * 1024  # what a multipart request may carry besides the file itself
 MAX_ID = 2**63 - 1  # ids are SQLite integers
@@ -51,22 +62,83 @@ def default_allowed_hosts(host: str = "127.0.0.1") -> list[str]:
     """The ``Host`` headers the server answers: this machine's names, and ``host`` (what it binds).
     Any other name is refused (400), so a page of another site cannot reach the server through a
     DNS name rebound to this machine. Binding all interfaces (``0.0.0.0``/``::``) allows any name."""
+    host = _bare(host)
     if host in ("0.0.0.0", "::", ""):
         return ["*"]
     return list(dict.fromkeys(["127.0.0.1", "localhost", "::1", host]))
+
+
+def _bare(host: str) -> str:
+    """A host name as compared: lower case, an IPv6 literal without brackets, in its short form."""
+    host = host.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host:
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            return host
+    return host
+
+
+_HOST = re.compile(r"(?:\[(?P<v6>[0-9a-fA-F:.]+(?:%[A-Za-z0-9._~-]+)?)\]"  # [IPv6 literal]
+                   r"|(?P<name>[^\s:\[\]/@?#]+))"  # or a name / IPv4 address
+                   r"(?::(?P<port>[0-9]{1,5}))?")
+
+
+def host_of(header: str | None) -> str | None:
+    """The host a ``Host`` header names (``[::1]:8000`` -> ``::1``, ``Example.org`` ->
+    ``example.org``), or None when it is not a valid ``Host`` header."""
+    m = _HOST.fullmatch(header or "")
+    if m is None:
+        return None
+    if m["v6"] is not None:
+        try:
+            return str(ipaddress.IPv6Address(m["v6"]))
+        except ValueError:
+            return None
+    return m["name"].lower()
+
+
+class _TrustedHost:
+    """Answer 400 to a request whose ``Host`` header names no allowed host (``*``: any;
+    ``*.example.org``: its subdomains). Unlike Starlette's, it reads ``[::1]:8000`` as ``::1``."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str]) -> None:
+        self.app = app
+        self.any = "*" in allowed_hosts
+        self.hosts = {_bare(h) for h in allowed_hosts if not h.startswith("*.")}
+        self.suffixes = tuple(h.lower()[1:] for h in allowed_hosts if h.startswith("*."))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.any or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        raw = [v for k, v in scope["headers"] if k == b"host"]
+        host = host_of(raw[0].decode("latin-1")) if len(raw) == 1 else None
+        if host is not None and (host in self.hosts or (self.suffixes and host.endswith(self.suffixes))):
+            await self.app(scope, receive, send)
+            return
+        await PlainTextResponse("Invalid host header", status_code=400)(scope, receive, send)
 
 
 class _BodyTooLarge(HTTPException):
     pass
 
 
+class _BodyStalled(HTTPException):
+    pass
+
+
 class _BodyLimit:
     """Refuse a POST whose body is over ``limit`` bytes with a 413: the declared Content-Length at
     once, and the bytes actually received as they arrive (a chunked upload declares none), before
-    the multipart parser spools more than ``limit`` of them anywhere."""
+    the multipart parser spools more than ``limit`` of them anywhere. A body whose next part does
+    not arrive within ``timeout`` seconds is answered 408 and its connection closed (uvicorn
+    has no such timeout: a stalled upload would hold its connection and a worker for ever)."""
 
-    def __init__(self, app: ASGIApp, limit: int, detail: str) -> None:
-        self.app, self.limit, self.detail = app, limit, detail
+    def __init__(self, app: ASGIApp, limit: int, detail: str, timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
+        self.app, self.limit, self.detail, self.timeout = app, limit, detail, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -78,14 +150,25 @@ class _BodyLimit:
             return
         received = 0
         started = False
+        complete = False
+        stalled = (f"request body: expected its next part within {self.timeout:g} seconds, got none; "
+                   f"the connection is closed")
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in: what comes now is a disconnect, whenever it comes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:  # an HTTPException, as below
+                raise _BodyStalled(408, stalled, headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.limit:  # an HTTPException: FastAPI's body parsing lets it through
                     raise _BodyTooLarge(413, f"{self.detail}, got a request of more than {self.limit} bytes")
+            else:
+                complete = True
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -99,6 +182,11 @@ class _BodyLimit:
             if started:
                 raise
             await self._refuse(scope, receive, send, f"a request of more than {self.limit} bytes")
+        except _BodyStalled as exc:
+            if started:
+                raise
+            await JSONResponse({"detail": exc.detail}, status_code=408,
+                               headers={"Connection": "close"})(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, got: str) -> None:
         await JSONResponse({"detail": f"{self.detail}, got {got}"}, status_code=413,
@@ -141,11 +229,14 @@ def _results(hits: list[Any]) -> list[ResultModel]:
 
 def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
                max_k: int = DEFAULT_MAX_K, caption_cache: int = 4096,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
+               allowed_hosts: list[str] | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     """The web app (see the module doc). ``allowed_hosts``: the ``Host`` names answered (default:
-    :func:`default_allowed_hosts`; a request naming another gets a 400)."""
+    :func:`default_allowed_hosts`; a request naming another gets a 400). ``body_timeout``: the
+    seconds a request body may stall before a 408."""
     if max_upload_bytes < 1:
         raise ValueError(f"--max-upload-mb: expected a size > 0, got {max_upload_bytes} bytes")
+    if isinstance(body_timeout, bool) or not isinstance(body_timeout, (int, float)) or not body_timeout > 0:
+        raise ValueError(f"--body-timeout: expected a number of seconds > 0, got {body_timeout!r}")
     if max_k < 1:
         raise ValueError(f"--max-k: expected an int >= 1, got {max_k}")
     app = FastAPI(title="mammut search", version="1",
@@ -154,10 +245,20 @@ def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = 
     if not hosts:
         raise ValueError("allowed_hosts: expected at least one host name, got []")
     app.add_middleware(_BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD,  # type: ignore[arg-type]
-                       detail=f"file: expected an image of at most {max_upload_bytes} bytes")
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)  # outermost: checked first
+                       detail=f"file: expected an image of at most {max_upload_bytes} bytes",
+                       timeout=float(body_timeout))
+    app.add_middleware(_TrustedHost, allowed_hosts=hosts)  # type: ignore[arg-type]  # outermost: checked first
     captions: collections.OrderedDict[int, str] = collections.OrderedDict()
     cache_lock = threading.Lock()
+
+    def gone(image_id: int, exc: Exception) -> HTTPException:
+        """410 for an indexed image that cannot be served (the reason, with paths, stays in the log)."""
+        log.warning("image %d not served: %s", image_id, exc)
+        if isinstance(exc, ItemChanged):
+            return HTTPException(410, f"id: image {image_id} is not the file that was indexed (it was replaced, "
+                                      f"modified or linked elsewhere since); rebuild the index with `mammut index` "
+                                      f"to serve the file there now")
+        return HTTPException(410, f"id: image {image_id} is no longer readable")
 
     def k_of(k: int) -> int:
         try:
@@ -233,9 +334,9 @@ def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = 
         except KeyError as exc:
             raise HTTPException(404, str(exc.args[0])) from None
         except OSError as exc:
-            log.warning("image %d could not be read: %s", image_id, exc)
-            raise HTTPException(410, f"id: image {image_id} is no longer readable") from None
-        return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
+            raise gone(image_id, exc) from None
+        return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600",
+                                                         "X-Content-Type-Options": "nosniff"})
 
     @app.post("/api/images/{image_id}/caption", response_model=CaptionResponse)
     def caption_indexed(image_id: int = PathParam(..., ge=0, le=MAX_ID)) -> CaptionResponse:
@@ -250,8 +351,7 @@ def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = 
         except KeyError as exc:
             raise HTTPException(404, str(exc.args[0])) from None
         except (OSError, ImageDecodeError) as exc:
-            log.warning("image %d could not be read: %s", image_id, exc)
-            raise HTTPException(410, f"id: image {image_id} is no longer readable") from None
+            raise gone(image_id, exc) from None
         text = encoder.caption(encoder.preprocess(picture)[None])[0]
         with cache_lock:
             captions[image_id] = text
