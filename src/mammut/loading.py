@@ -10,10 +10,11 @@ Sources (nothing is downloaded, ever):
   verifies, or ``checkpoint=`` (a path, or a name under ``checkpoints/``); the run's eval
   transform and tokenizer (context length ``data.max_len``);
 - an open_clip checkpoint file (``.pt`` / ``.pth`` / ``.bin`` / ``.safetensors``, read with
-  ``weights_only=True``): an open_clip CoCa (``text_decoder.*`` keys) or an openMaMMUT of
-  LAION's fork (the ``map_viz2txt_kv`` key). The architecture is the known config
-  (``mammut.convert.OPEN_CLIP_COCA_MODELS`` read from the installed open_clip,
-  ``mammut.convert.OPEN_MAMMUT_CONFIGS``) whose shapes the weights have: widths, depths,
+  ``weights_only=True``: a pickle holding other Python objects is refused with
+  :class:`mammut.io.checkpoint.UnsafePickleError`, never unpickled): an open_clip CoCa
+  (``text_decoder.*`` keys) or an openMaMMUT of LAION's fork (the ``map_viz2txt_kv`` key).
+  The architecture is the known config (``mammut.convert.OPEN_CLIP_COCA_MODELS`` read from the
+  installed open_clip, ``mammut.convert.OPEN_MAMMUT_CONFIGS``) whose shapes the weights have: widths, depths,
   patch size, vocabulary and embedding size are read from tensor shapes and compared; the
   head counts, which no shape shows, come from the matching config; the image size is read
   from the positional grid (a fine-tune at another resolution loads under its base config).
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -262,7 +264,7 @@ def _load_open_clip(path: Path, kind: str, device: Any, dtype: torch.dtype | Non
             preprocess_cfg = document.get("preprocess_cfg") or {}
     else:
         weights = path
-    state_dict = load_checkpoint(weights)  # safetensors, or torch.load(weights_only=True)
+    state_dict = _read_weights(weights, load_checkpoint)
     if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DistributedDataParallel
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     family = _family(state_dict, weights)
@@ -285,6 +287,23 @@ def _load_open_clip(path: Path, kind: str, device: Any, dtype: torch.dtype | Non
     vision = model_cfg.get("vision_cfg", {})
     preprocess = ImagePreprocess.open_clip(int(vision.get("image_size", 224)), {k: v for k, v in preprocess_cfg.items() if k != "size"})
     return model, preprocess, CLIPTokenizer(context_length=length)
+
+
+def _read_weights(weights: Path, load_checkpoint: Any) -> dict[str, torch.Tensor]:
+    """``load_checkpoint(weights)`` (safetensors, or ``torch.load(weights_only=True)``), its
+    refusals and read failures as one-line ``CheckpointError`` (a ``ValueError``) naming the file."""
+    from .io.checkpoint import CheckpointError, refused_pickle
+
+    try:
+        return load_checkpoint(weights)
+    except pickle.UnpicklingError as exc:  # weights_only refused it: nothing was unpickled, and nothing will be
+        raise refused_pickle(weights, exc) from None
+    except (RuntimeError, EOFError, KeyError, TypeError) as exc:  # torch.load of a broken file; dict() of a non-mapping
+        if weights.suffix == ".safetensors":
+            raise
+        first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{weights}: expected a torch weights file holding a state dict of tensors, got one it "
+                              f"cannot read ({type(exc).__name__}: {first[:160]})") from None
 
 
 def _heads_text(model_cfg: dict[str, Any]) -> str:

@@ -5,10 +5,10 @@ WebDataset shards live in :mod:`mammut.data.webdataset`.
 * :class:`CsvImageText` follows open_clip's convention (columns ``filepath`` and ``title``).
 * :class:`ImageTextCollate`: ``(image, caption)`` items -> ``(images, token ids)``.
 
-Missing or corrupt samples are skipped and counted (and logged with their file and row, or
-shard and key), never fatal; errors that are not about the data (a bug in a transform, say)
-are raised.  Counters live in the process that reads the data, so with DataLoader workers
-each worker keeps its own count.
+Missing or corrupt samples, and samples with a blank caption, are skipped and counted (and
+logged with their file and row, or shard and key), never fatal; errors that are not about the
+data (a bug in a transform, say) are raised.  Counters live in the process that reads the
+data, so with DataLoader workers each worker keeps its own count.
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ def image_transform(
 
 
 # ----------------------------------------------------------------------------- CSV / TSV
+_SHOWN_ROWS = 5  # row numbers named in a warning about skipped rows
 
 
 def _read_utf8(p: Path, name: str) -> str:
@@ -138,10 +139,12 @@ class CsvImageText(Dataset):
     """Image-caption pairs listed in a CSV/TSV file (open_clip's ``filepath``/``title`` columns).
 
     Relative image paths are resolved against ``image_root`` (default: the file's folder).
-    Rows whose image file is missing are dropped at construction (``num_missing``);
-    images that fail to decode are skipped at load time (``num_corrupt``) and the next
-    good row is returned instead.  ``transform`` defaults to ``image_transform(image_size)``.
-    The file must be UTF-8 (a byte-order mark is allowed).
+    Rows whose caption is blank (empty or whitespace) are dropped at construction
+    (``num_empty``, their lines in ``empty_rows``), then rows whose image file is missing
+    (``num_missing``); images that fail to decode are skipped at load time (``num_corrupt``)
+    and the next good row is returned instead. Each kind is logged with the file and rows.
+    ``transform`` defaults to ``image_transform(image_size)``. The file must be UTF-8 (a
+    byte-order mark is allowed).
 
     ``arg_names`` renames the arguments ``path``, ``img_key`` and ``caption_key`` in error
     messages (the training code passes the config keys, e.g. ``{"path": "data.path"}``).
@@ -191,8 +194,12 @@ class CsvImageText(Dataset):
         self.samples: list[tuple[Path, str]] = []
         self.rows: list[int] = []
         self.missing: list[Path] = []
+        self.empty_rows: list[int] = []
         missing_rows: list[int] = []
         for line, rel, caption in rows:
+            if not caption.strip():
+                self.empty_rows.append(line)
+                continue
             fp = Path(rel) if Path(rel).is_absolute() else root / rel
             if rel and fp.is_file():
                 self.samples.append((fp, caption))
@@ -200,6 +207,11 @@ class CsvImageText(Dataset):
             else:
                 self.missing.append(fp)
                 missing_rows.append(line)
+        if self.empty_rows:
+            shown = ", ".join(str(line) for line in self.empty_rows[:_SHOWN_ROWS])
+            more = f" and {len(self.empty_rows) - _SHOWN_ROWS} more" if len(self.empty_rows) > _SHOWN_ROWS else ""
+            log.warning("%s: %d of %d rows have a blank caption (empty or whitespace) and were skipped (rows %s%s)",
+                        p, len(self.empty_rows), len(rows), shown, more)
         if self.missing:
             log.warning("%s: %d of %d images are missing and were skipped (first: %s row %d: %s)",
                         p, len(self.missing), len(rows), p, missing_rows[0], self.missing[0])
@@ -212,14 +224,19 @@ class CsvImageText(Dataset):
         return len(self.missing)
 
     @property
+    def num_empty(self) -> int:
+        """Rows dropped because the caption is blank (empty or whitespace)."""
+        return len(self.empty_rows)
+
+    @property
     def num_corrupt(self) -> int:
         """Images found so far (in this process) that could not be decoded."""
         return len(self._bad)
 
     @property
     def num_skipped(self) -> int:
-        """Missing plus corrupt."""
-        return self.num_missing + self.num_corrupt
+        """Blank captions plus missing plus corrupt."""
+        return self.num_empty + self.num_missing + self.num_corrupt
 
     def where(self, i: int) -> str:
         """``"FILE row N"``: where sample ``i`` is listed."""

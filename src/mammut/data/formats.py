@@ -8,6 +8,10 @@ never open an image (``mammut.eval.images`` loads them and counts the missing or
   "sentences": [{"raw"}]}]}``), a COCO-captions annotation file (``{"images": [{"id",
   "file_name"}], "annotations": [{"image_id", "caption"}]}``) or a CSV/TSV with one row per
   caption (open_clip's ``filepath`` / ``title`` columns; rows naming the same file are one image).
+  In every layout one image file (compared resolved) is one image: JSON entries listing a file
+  again are merged into its first entry, their captions pooled (counted as
+  ``duplicate_images``); blank captions (empty or whitespace) are left out and counted
+  (``empty_captions``), and an image left with no caption is left out (``images_without_captions``).
 - :func:`read_vqa`: VQAv2 questions + annotations JSON -> :class:`VqaSet`.
 - :func:`read_lines`: a text file of one entry per line (class names, prompt templates).
 
@@ -64,12 +68,14 @@ class CaptionedImages:
     source: Path
     layout: str  # "karpathy", "coco" or "csv"
     split: str | None = None
-    images_without_captions: int = 0  # COCO layout: images listed with no caption (left out)
+    images_without_captions: int = 0  # images with no caption, or only blank ones (left out)
     captions_unknown_image: int = 0  # COCO layout: captions naming an image id not in "images" (left out)
-    empty_captions: int = 0  # CSV: empty caption cells (left out; an image with only those counts above)
+    empty_captions: int = 0  # blank (empty or whitespace) captions (left out; an image with only those counts above)
+    duplicate_images: int = 0  # JSON layouts: entries naming a file listed before (merged into its first entry)
 
     def left_out(self) -> dict[str, int]:
-        """What reading the annotation file left out, by reason."""
+        """What reading the annotation file left out, by reason (merged duplicates are in
+        ``duplicate_images``: their captions are kept)."""
         return {"images_without_captions": self.images_without_captions,
                 "captions_unknown_image": self.captions_unknown_image, "empty_captions": self.empty_captions}
 
@@ -185,9 +191,40 @@ def _caption_text(value: Any, where: str, arg: str) -> str:
     raise ValueError(f"{arg}: expected {where} to be a caption (a string or {{\"raw\": ...}}), got {str(value)[:80]}")
 
 
+def _file_key(path: Path) -> Path:
+    """The file ``path`` names, for telling whether two entries list the same image file."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop, say: compare the spelling made absolute
+        return path.absolute()
+
+
+def _non_blank(texts: list[str]) -> list[str]:
+    return [t for t in texts if t.strip()]
+
+
+def _log_merged(src: Path, duplicates: list[str]) -> None:
+    if duplicates:
+        log.warning("%s: %d image entries name a file listed before (e.g. %s); merged into its first entry, captions "
+                    "pooled", src, len(duplicates), duplicates[0])
+
+
+def _log_blank(src: Path, blank: int, without: int) -> None:
+    if blank:
+        log.warning("%s: %d blank (empty or whitespace) captions; left out (%d images with no caption left)", src,
+                    blank, without)
+
+
+def _none_left(arg: str, src: Path, blank: int) -> ValueError:
+    return ValueError(f"{arg}: expected images with a non-blank caption in {src}, got none ({blank} blank captions)")
+
+
 def _karpathy(data: dict[str, Any], src: Path, images: Path, split: str | None, arg: str) -> CaptionedImages:
     want = split if split not in (None, "all") else None
     paths, caps, ids, splits = [], [], [], set()
+    first: dict[Path, int] = {}  # image file -> its position in paths
+    duplicates: list[str] = []
+    blank = 0
     for i, entry in enumerate(data["images"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
             raise ValueError(f"{arg}: expected images[{i}] to hold \"filename\" (Karpathy layout), got {str(entry)[:80]}")
@@ -198,45 +235,81 @@ def _karpathy(data: dict[str, Any], src: Path, images: Path, split: str | None, 
         if not isinstance(sentences, list) or not sentences:
             raise ValueError(f"{arg}: expected images[{i}][\"sentences\"] to be a non-empty list, got {str(sentences)[:80]}")
         texts = [_caption_text(s, f"images[{i}].sentences", arg) for s in sentences]
+        kept = _non_blank(texts)
+        blank += len(texts) - len(kept)
         sub = entry.get("filepath")
         fp = images / sub / entry["filename"] if isinstance(sub, str) and sub else images / entry["filename"]
         if not fp.is_file() and (images / entry["filename"]).is_file():
             fp = images / entry["filename"]
+        key = _file_key(fp)
+        if key in first:
+            duplicates.append(f"images[{i}] {fp}")
+            caps[first[key]] += kept
+            continue
+        first[key] = len(paths)
         paths.append(fp)
-        caps.append(texts)
+        caps.append(kept)
         ids.append(entry.get("cocoid", entry.get("imgid", entry.get("id", i))))
     if not paths:
         have = sorted(str(s) for s in splits)
         raise ValueError(f"--split: expected one of the splits in {src} ({', '.join(have)}, or all), got {split!r}")
-    return CaptionedImages(paths, caps, ids, src, "karpathy", want)
+    keep = [j for j, c in enumerate(caps) if c]
+    _log_merged(src, duplicates)
+    _log_blank(src, blank, len(paths) - len(keep))
+    if not keep:
+        raise _none_left(arg, src, blank)
+    return CaptionedImages([paths[j] for j in keep], [caps[j] for j in keep], [ids[j] for j in keep], src, "karpathy",
+                           want, images_without_captions=len(paths) - len(keep), empty_captions=blank,
+                           duplicate_images=len(duplicates))
 
 
 def _coco(data: dict[str, Any], src: Path, images: Path, arg: str) -> CaptionedImages:
     by_id: dict[Any, Path] = {}
+    first: dict[Path, Any] = {}  # image file -> the id of its first entry
+    same_as: dict[Any, Any] = {}  # id of an entry listing a file again -> the first entry's id
+    duplicates: list[str] = []
     for i, entry in enumerate(data["images"]):
         if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("file_name"), str):
             raise ValueError(f"{arg}: expected images[{i}] to hold \"id\" and \"file_name\" (COCO layout), "
                              f"got {str(entry)[:80]}")
-        by_id[entry["id"]] = images / entry["file_name"]
+        fp = images / entry["file_name"]
+        key = _file_key(fp)
+        if key in first:
+            duplicates.append(f"images[{i}] (id {entry['id']!r}) {fp}")
+            if entry["id"] != first[key]:
+                same_as[entry["id"]] = first[key]
+            continue
+        first[key] = entry["id"]
+        by_id[entry["id"]] = fp
     caps: dict[Any, list[str]] = {}
-    unknown = 0
+    unknown = blank = 0
     for j, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
             raise ValueError(f"{arg}: expected annotations[{j}] to hold \"image_id\" and \"caption\" (COCO captions "
                              f"layout), got {str(ann)[:80]}")
-        if ann["image_id"] not in by_id:
+        image_id = same_as.get(ann["image_id"], ann["image_id"])
+        if image_id not in by_id:
             unknown += 1
             continue
-        caps.setdefault(ann["image_id"], []).append(_caption_text(ann["caption"], f"annotations[{j}].caption", arg))
+        text = _caption_text(ann["caption"], f"annotations[{j}].caption", arg)
+        if not text.strip():
+            blank += 1
+            continue
+        caps.setdefault(image_id, []).append(text)
     if unknown:
         log.warning("%s: %d captions name an image id that is not in \"images\"; left out", src, unknown)
     ids = [k for k in by_id if k in caps]
+    _log_merged(src, duplicates)
+    _log_blank(src, blank, len(by_id) - len(ids))
     if len(ids) < len(by_id):
         log.warning("%s: %d images have no caption; left out", src, len(by_id) - len(ids))
     if not ids:
+        if blank:
+            raise _none_left(arg, src, blank)
         raise ValueError(f"{arg}: expected captions for the images of {src}, got none that match an image id")
     return CaptionedImages([by_id[k] for k in ids], [caps[k] for k in ids], ids, src, "coco", None,
-                           images_without_captions=len(by_id) - len(ids), captions_unknown_image=unknown)
+                           images_without_captions=len(by_id) - len(ids), captions_unknown_image=unknown,
+                           empty_captions=blank, duplicate_images=len(duplicates))
 
 
 def _csv(src: Path, images: Path, img_key: str, caption_key: str, arg: str) -> CaptionedImages:
@@ -246,7 +319,7 @@ def _csv(src: Path, images: Path, img_key: str, caption_key: str, arg: str) -> C
     for key, opt in ((img_key, "--img-key"), (caption_key, "--caption-key")):
         if key not in columns:
             raise ValueError(f"{opt}: expected a column of {src} ({', '.join(columns) or 'no header'}), got {key!r}")
-    order: dict[Path, list[str]] = {}
+    order: dict[Path, tuple[Path, list[str]]] = {}  # image file -> (its first spelling, its captions)
     empty = 0
     try:
         for row in reader:
@@ -255,7 +328,7 @@ def _csv(src: Path, images: Path, img_key: str, caption_key: str, arg: str) -> C
                 raise ValueError(f"{arg}: expected an image path in column {img_key!r} of {src} row {reader.line_num}, "
                                  f"got an empty cell")
             fp = Path(rel) if Path(rel).is_absolute() else images / rel
-            captions = order.setdefault(fp, [])
+            captions = order.setdefault(_file_key(fp), (fp, []))[1]
             if text.strip():
                 captions.append(text)
             else:
@@ -263,15 +336,15 @@ def _csv(src: Path, images: Path, img_key: str, caption_key: str, arg: str) -> C
     except csv.Error as exc:
         raise ValueError(f"{arg}: expected valid {'TSV' if sep == chr(9) else 'CSV'}, got {src} row "
                          f"{reader.line_num} ({exc})") from None
-    paths = [p for p, caps in order.items() if caps]
+    kept = [(p, caps) for p, caps in order.values() if caps]
     if empty:
         log.warning("%s: %d rows have an empty %r cell; left out (%d images with no caption left)", src, empty,
-                    caption_key, len(order) - len(paths))
-    if not paths:
+                    caption_key, len(order) - len(kept))
+    if not kept:
         raise ValueError(f"{arg}: expected rows of image-caption pairs with a non-empty {caption_key!r}, got none "
                          f"in {src} ({empty} empty caption cells)")
-    return CaptionedImages(paths, [order[p] for p in paths], [str(p) for p in paths], src, "csv", None,
-                           images_without_captions=len(order) - len(paths), empty_captions=empty)
+    return CaptionedImages([p for p, _ in kept], [caps for _, caps in kept], [str(p) for p, _ in kept], src, "csv",
+                           None, images_without_captions=len(order) - len(kept), empty_captions=empty)
 
 
 def read_captioned_images(path: str | Path, images: str | Path | None = None, *, split: str | None = "test",

@@ -7,9 +7,10 @@
   so two runs read the same samples in the same order.
 * :func:`write_webdataset` writes such shards (used by tests and to export emoji scenes).
 
-Missing or corrupt samples are skipped and counted (and logged with their shard and key),
-never fatal; errors that are not about the data are raised. Counters live in the process that
-reads the data, so with DataLoader workers each worker keeps its own count.
+Missing or corrupt samples, and samples with a blank caption, are skipped and counted (and
+logged with their shard and key), never fatal; errors that are not about the data are raised.
+Counters live in the process that reads the data, so with DataLoader workers each worker keeps
+its own count.
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ def image_of(sample: Mapping[str, Any]) -> tuple[str, bytes]:
 
 
 def caption_of(sample: Mapping[str, Any]) -> str:
-    """The stripped ``txt`` caption of a raw webdataset sample; ``KeyError``/``ValueError`` naming shard and key."""
+    """The stripped ``txt`` caption of a raw webdataset sample; ``KeyError``/``ValueError`` naming shard and key
+    (a blank caption, empty or whitespace, is a ``ValueError``: the sample is skipped and counted)."""
     if "txt" not in sample:
         raise KeyError(f"{_where(sample)} has no txt caption; parts: {sorted(k for k in sample if not k.startswith('__'))}")
     caption = sample["txt"]
@@ -223,7 +225,10 @@ def caption_of(sample: Mapping[str, Any]) -> str:
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as exn:
             raise ValueError(f"{_where(sample)}: the txt caption is not UTF-8 (byte offset {exn.start})") from None
-    return str(caption).strip()
+    caption = str(caption).strip()
+    if not caption:
+        raise ValueError(f"{_where(sample)}: blank caption (empty or whitespace)")
+    return caption
 
 
 def _decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, str]:

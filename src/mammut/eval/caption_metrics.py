@@ -34,9 +34,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["caption_scores", "java_available", "ptb_tokenize", "simple_ptb_tokenize", "check_captions", "METRICS"]
+__all__ = ["caption_scores", "java_available", "ptb_tokenize", "simple_ptb_tokenize", "check_captions", "METRICS",
+           "NO_JAVA"]
 
 METRICS: tuple[str, ...] = ("bleu", "meteor", "rouge_l", "cider_d")
+NO_JAVA = "java is not on PATH"  # the reason in ``absent`` of a metric not computed for want of Java
 
 _CLITIC = r"n't|'(?:s|re|ve|ll|d|m)\b"
 _SIMPLE = re.compile(rf"\w+?(?={_CLITIC})|{_CLITIC}|\w+(?:[-./']\w+)*|\.\.\.|--|[^\w\s]")
@@ -107,7 +109,7 @@ def _tokenize(texts: list[str], tokenizer: str) -> tuple[list[str], str]:
 
 def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float | None, list[float], str | None]:
     if not java_available():
-        return None, [], "java is not on PATH"
+        return None, [], NO_JAVA
     from pycocoevalcap.meteor.meteor import Meteor
 
     clean = {k: [r.replace("|||", " ") for r in v] for k, v in gts.items()}
@@ -124,7 +126,7 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float
 
 def _spice(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float | None, str | None]:
     if not java_available():
-        return None, "java is not on PATH"
+        return None, NO_JAVA
     from pycocoevalcap.spice.spice import Spice
 
     try:

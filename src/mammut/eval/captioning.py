@@ -7,6 +7,11 @@ a CSV/TSV (see :mod:`mammut.data.formats`). Every image gets one caption from th
 (:mod:`mammut.eval.caption_metrics`: BLEU-1..4, METEOR when Java is present, ROUGE-L, CIDEr-D,
 SPICE on request). The captions are also written as ``captions.json`` in the COCO results
 format (``[{"image_id", "caption"}]``) for the official evaluation server.
+
+``comparable_to_published`` in metrics.json is false, with the reasons in
+``not_comparable_because``, when a ``--limit`` subset was evaluated, images were skipped, the
+captions were not tokenised with the PTB tokenizer (no Java, or ``--tokenizer simple``) or a
+metric could not be computed (METEOR without Java).
 """
 
 from __future__ import annotations
@@ -18,15 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from ..data.formats import read_captioned_images
-from .caption_metrics import caption_scores
+from .caption_metrics import NO_JAVA, caption_scores
 from .images import SkipCount, coverage, image_batches, seeded_subset
 from .model_source import EvalModel
 from .plots import plot_image_grid
 from .report import markdown_table
+from .retrieval import coverage_reasons
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_captioning", "LABELS"]
+__all__ = ["evaluate_captioning", "scoring_reasons", "LABELS"]
 
 LABELS: dict[str, str] = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4",
                           "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider_d": "CIDEr-D", "spice": "SPICE"}
@@ -39,6 +45,24 @@ def _check_generation(options: dict[str, Any]) -> dict[str, Any]:
 
     GenerationConfig(**options)
     return dict(options)
+
+
+def scoring_reasons(scores: dict[str, Any], tokenizer: str) -> list[str]:
+    """Why caption scores from :func:`caption_scores` are not coco-caption's: a tokenizer other
+    than PTB, metrics that could not be computed (one line per cause)."""
+    absent = dict(scores["absent"])
+    reasons = []
+    if scores["tokenizer"] != "ptb":
+        stand_in = "captions tokenised with the regular-expression stand-in for the PTB tokenizer"
+        if tokenizer == "simple":
+            reasons.append(f"--tokenizer simple: {stand_in}")
+        else:
+            no_java = [LABELS[k] for k, why in absent.items() if why == NO_JAVA]
+            absent = {k: why for k, why in absent.items() if why != NO_JAVA}
+            reasons.append(f"java not found: {stand_in}" + (f", and {' and '.join(no_java)} not computed"
+                                                            if no_java else ""))
+    reasons += [f"{LABELS.get(k, k)} not computed: {why}" for k, why in absent.items()]
+    return reasons
 
 
 def evaluate_captioning(em: EvalModel, data: str | Path, out_dir: Path, *, images: str | Path | None = None,
@@ -72,12 +96,16 @@ def evaluate_captioning(em: EvalModel, data: str | Path, out_dir: Path, *, image
     out_dir.mkdir(parents=True, exist_ok=True)
     results = [{"image_id": ids[i], "file": str(paths[i]), "caption": c} for i, c in zip(ok, generated)]
     (out_dir / "captions.json").write_text(json.dumps(results, indent=1))
+    cov = coverage(limit, len(ds.paths), len(keep), skipped.total)
+    reasons = coverage_reasons(limit, len(ds.paths), len(keep), skipped.total) + scoring_reasons(scores, tokenizer)
     metrics: dict[str, Any] = {
         **{k: scores.get(k) for k in LABELS if k in scores}, "n_images": len(ok),
         "references_per_image": scores["references_per_image"], "tokenizer": scores["tokenizer"],
         "absent": scores["absent"], "generation": options or {"strategy": "greedy"}, "layout": ds.layout,
-        "split": ds.split, "skipped": skipped.as_dict(), **coverage(limit, len(ds.paths), len(keep), skipped.total),
-        "data_left_out": ds.left_out(), "images_per_s": len(ok) / gen_s if gen_s > 0 else None,
+        "split": ds.split, "skipped": skipped.as_dict(),
+        **cov, "comparable_to_published": cov["comparable_to_published"] and not reasons,
+        "not_comparable_because": reasons, "data_left_out": ds.left_out(), "duplicate_images": ds.duplicate_images,
+        "images_per_s": len(ok) / gen_s if gen_s > 0 else None,
         "mean_caption_words": sum(len(c.split()) for c in generated) / len(generated),
         "empty_captions": sum(not c.strip() for c in generated),
     }
@@ -91,7 +119,10 @@ def evaluate_captioning(em: EvalModel, data: str | Path, out_dir: Path, *, image
     where = f"{ds.source}" + (f", split {ds.split}" if ds.split else "")
     sections = [f"## Captioning {len(ok)} images of {where}\n\n" + markdown_table(["metric", "value"], rows)
                 + f"\nGeneration: {how}. {metrics['references_per_image']:.2f} references per image; {token_note}. "
-                  f"CIDEr-D is pycocoevalcap's CIDEr scorer. " + " ".join(notes) + "\n"]
+                  f"CIDEr-D is pycocoevalcap's CIDEr scorer. " + " ".join(notes)
+                + (f" {ds.duplicate_images} duplicate image entries (a file listed again) were merged into the "
+                   f"file's first entry, their references pooled." if ds.duplicate_images else "")
+                + (f" Not comparable to published figures: {'; '.join(reasons)}." if reasons else "") + "\n"]
     order = sorted(range(len(ok)), key=lambda j: per_item["cider_d"][j]) if "cider_d" in per_item else []
     if order:
         def row(j: int) -> tuple[Any, ...]:

@@ -14,9 +14,11 @@ caption string, image -> text counts that caption as a miss at R@1 for both imag
 image's copy has the same embedding, hence ties with it), while common evaluation code (e.g. a
 ``topk`` over the similarities) breaks such ties arbitrarily, usually by index, and may count a
 hit: with shared texts our image -> text recall can be slightly below a published figure.
-Images that are missing or unreadable are left out with their captions, and counted. metrics.json
-records ``limit``, ``n_total`` and ``comparable_to_published`` (no ``--limit`` cut, no image
-skipped).
+Images that are missing or unreadable are left out with their captions, and counted. An image
+file listed twice is one gallery item with the captions of both entries (``duplicate_images``
+counts the merged entries); blank captions are left out and counted (``data_left_out``).
+metrics.json records ``limit``, ``n_total`` and ``comparable_to_published`` (no ``--limit`` cut,
+no image skipped), with ``not_comparable_because`` listing why not.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .report import markdown_table
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_retrieval", "text_to_image_chance", "image_to_text_chance"]
+__all__ = ["evaluate_retrieval", "text_to_image_chance", "image_to_text_chance", "coverage_reasons"]
 
 KS: tuple[int, ...] = (1, 5, 10)
 _CURVE_MAX = 100
@@ -59,6 +61,17 @@ def image_to_text_chance(captions_per_image: Sequence[int], k: int) -> float:
 
 def text_to_image_chance(n_images: int, k: int) -> float:
     return min(k / n_images, 1.0)
+
+
+def coverage_reasons(limit: int | None, n_total: int, n_selected: int, skipped: int, unit: str = "images") -> list[str]:
+    """Why :func:`mammut.eval.images.coverage` says not comparable to published figures: one
+    line per reason (none when it says comparable)."""
+    reasons = []
+    if n_selected < n_total:
+        reasons.append(f"--limit {limit}: a seeded random {n_selected} of the {n_total} {unit} was evaluated")
+    if skipped:
+        reasons.append(f"{skipped} {unit} skipped (missing or unreadable)")
+    return reasons
 
 
 def evaluate_retrieval(em: EvalModel, data: str | Path, out_dir: Path, *, images: str | Path | None = None,
@@ -101,7 +114,9 @@ def evaluate_retrieval(em: EvalModel, data: str | Path, out_dir: Path, *, images
         "n_images": len(ok), "n_texts": len(texts), "captions_per_image": len(texts) / len(ok),
         "texts_shared_by_images": sum(len(v) > 1 for v in owners.values()),
         "layout": ds.layout, "split": ds.split, "skipped": skipped.as_dict(),
-        **coverage(limit, len(ds.paths), len(keep), skipped.total), "data_left_out": ds.left_out(),
+        **coverage(limit, len(ds.paths), len(keep), skipped.total),
+        "not_comparable_because": coverage_reasons(limit, len(ds.paths), len(keep), skipped.total),
+        "data_left_out": ds.left_out(), "duplicate_images": ds.duplicate_images,
         "images_per_s": len(ok) / image_s if image_s > 0 else None, "texts_per_s": len(texts) / text_s if text_s else None,
         "curve": {"i2t": [rec[f"i2t_R@{k}"] for k in curve_ks], "t2i": [rec[f"t2i_R@{k}"] for k in curve_ks]},
         "protocol": "image->text: a hit if any caption of the image ranks within K; text->image: a hit if its image "
@@ -118,7 +133,11 @@ def evaluate_retrieval(em: EvalModel, data: str | Path, out_dir: Path, *, images
                 f"({metrics['captions_per_image']:.2f} per image)\n\n"
                 + markdown_table(["direction", *(f"R@{k}" for k in KS)], rows)
                 + f"\nMean of the six recalls: {metrics['mean_recall']:.4f}. Protocol: {metrics['protocol']}; "
-                  f"caption texts shared by several images: {metrics['texts_shared_by_images']}.\n"]
+                  f"caption texts shared by several images: {metrics['texts_shared_by_images']}."
+                + (f" {ds.duplicate_images} duplicate image entries (a file listed again) were merged into the "
+                   f"file's first entry, their captions pooled." if ds.duplicate_images else "")
+                + (f" Not comparable to published figures: {'; '.join(metrics['not_comparable_because'])}."
+                   if metrics["not_comparable_because"] else "") + "\n"]
     chance = {"chance, text -> image": [text_to_image_chance(len(ok), k) for k in curve_ks]}
     figures = [("Recall@K", plot_recall_curves({"image -> text": metrics["curve"]["i2t"],
                                                  "text -> image": metrics["curve"]["t2i"]},

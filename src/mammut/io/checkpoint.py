@@ -16,10 +16,16 @@ folder fsync), weights first, so a crash never leaves a half-written file under 
 and ``config.json`` (which records the weights' sha256) is the commit marker. ``config.json`` is
 read back into the config dataclass by :mod:`mammut.io.coerce` (strict JSON types).
 
-Loading builds a fresh model from the config, checks the file's tensor names and shapes against
-it (every missing, unexpected or shape-mismatched tensor is named), verifies the sha256 and only
-then copies the tensors in; nothing is returned unless everything loaded. Nothing touches the
-network.
+Loading verifies the sha256, builds the model from the config on the meta device (no memory)
+and checks the file's tensor names and shapes, read from its header, against it (every
+missing, unexpected or shape-mismatched tensor is named), so a ``config.json`` declaring another
+model than the weights hold (a huge one, say) fails before any memory is allocated; only then is
+the model built for real and the tensors copied in. Nothing is returned unless everything loaded.
+Nothing touches the network.
+
+Pickled weights files (open_clip ``.pt`` / ``.bin``, read by :func:`mammut.load`) are read
+with ``torch.load(weights_only=True)``; one holding other Python objects is refused with
+:class:`UnsafePickleError` (:func:`refused_pickle`) and never unpickled.
 
 External modules: a submodule the config cannot rebuild (e.g. ``img_encoder=`` given to
 ``MaMMUT``) is saved with the rest of the weights and recorded under ``external_modules``. On
@@ -38,6 +44,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,8 @@ from .coerce import coerce
 
 __all__ = [
     "CheckpointError",
+    "UnsafePickleError",
+    "refused_pickle",
     "save_pretrained",
     "load_pretrained",
     "read_checkpoint_config",
@@ -69,6 +78,34 @@ _MAX_LISTED = 20
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: corrupt/truncated files, a config that does not
     describe a model, or tensors that do not match the model the config builds."""
+
+
+class UnsafePickleError(CheckpointError):
+    """A pickled weights file that holds Python objects beyond tensors and plain containers:
+    ``torch.load(weights_only=True)`` refused it, and it is never unpickled another way
+    (unpickling such objects can run arbitrary code)."""
+
+
+_UNPICKLER_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
+
+
+def refused_pickle(path: str | Path, exc: BaseException) -> UnsafePickleError:
+    """The one-line error for ``path``, whose ``torch.load(weights_only=True)`` raised ``exc``
+    (a ``pickle.UnpicklingError``): the file named, what it holds if torch said, and no advice
+    to unpickle it anyway."""
+    found = _UNPICKLER_GLOBAL.search(str(exc))
+    if found:
+        what = f"Python objects beyond tensors and plain containers (it refers to {found.group(1)})"
+    else:
+        detail = _UNPICKLER_ERROR.search(str(exc))
+        note = detail.group(1).strip() if detail else ""
+        note = note.split(". ")[0][:100] if "weights_only" not in note else ""
+        what = "Python objects beyond tensors and plain containers" + (f" ({note})" if note else "")
+    return UnsafePickleError(
+        f"{path}: refused to load: it holds {what}; unpickling them could run arbitrary code, so it is not "
+        f"unpickled. Load weights saved as tensors only (a .safetensors file, or a torch.save of a state_dict)"
+    )
 
 
 # ===================================================================================== save
@@ -296,6 +333,7 @@ def load_pretrained(
     if not weights_path.is_file():
         raise FileNotFoundError(f"directory: {str(directory)!r} has {CONFIG_NAME} but no {weights_path.name}")
     _check_weights_file(weights_path, document.get("weights", {}), verify)
+    _check_declared_shapes(model_class, config, externals, weights_path, strict, directory)
 
     try:
         model = model_class(config, **externals)
@@ -358,17 +396,46 @@ def _check_weights_file(path: Path, recorded: dict[str, Any], verify: bool) -> N
         raise CheckpointError(f"{path}: corrupt: sha256 differs from the one recorded in config.json (or the files are from different saves)")
 
 
-def _load_weights(model: nn.Module, path: Path, strict: bool) -> None:
-    """Check names and shapes against ``model``, then copy tensor by tensor."""
+def _check_declared_shapes(model_class: type[nn.Module], config: Any, externals: dict[str, nn.Module], path: Path,
+                           strict: bool, directory: Path) -> None:
+    """The model ``config`` declares, built on the meta device (no memory, RNG untouched), against
+    the tensor names and shapes of the weights file's header: a mismatch is a
+    :class:`CheckpointError` before the real model is allocated. A model class that cannot be
+    built on the meta device is checked after it is built, by :func:`_load_weights`."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            skeleton = model_class(config, **externals)
+    except TypeError as err:
+        raise CheckpointError(f"{directory}: could not build {model_class.__name__} from the checkpoint's config: {err}") from err
+    except Exception as err:  # noqa: BLE001 - e.g. a constructor that runs an external module: checked once built
+        log.debug("building %s on the meta device failed (%s: %s); its shapes are checked once it is built",
+                  model_class.__name__, type(err).__name__, err)
+        return
+    missing, unexpected, mismatched = _compare(skeleton.state_dict(keep_vars=True), _file_shapes(path))
+    if mismatched or (strict and (missing or unexpected)):
+        raise CheckpointError(_mismatch_message(model_class.__name__, path, missing, unexpected, mismatched))
+
+
+def _open_weights(path: Path) -> Any:
     _safetensors()
     from safetensors import safe_open
 
-    state = model.state_dict()
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
+        return safe_open(str(path), framework="pt", device="cpu")
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({err})") from err
-    with handle as f:
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the safetensors header (no tensor is read)."""
+    with _open_weights(path) as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _load_weights(model: nn.Module, path: Path, strict: bool) -> None:
+    """Check names and shapes against ``model``, then copy tensor by tensor."""
+    state = model.state_dict()
+    with _open_weights(path) as f:
         file_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         missing, unexpected, mismatched = _compare(state, file_shapes)
         if mismatched or (strict and (missing or unexpected)):
@@ -407,11 +474,15 @@ def _tied_note(others: list[str]) -> str:
 
 
 def _tie_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
-    """State-dict names grouped by the tensor they alias (tied weights share one group)."""
+    """State-dict names grouped by the tensor they alias (tied weights share one group). On the
+    meta device, where there is no storage, tied means the same tensor object (a state dict
+    taken with ``keep_vars=True`` keeps a tied parameter's one object under each of its names)."""
     groups: dict[Any, list[str]] = {}
     for key, t in state.items():
-        if t.device.type == "meta" or t.numel() == 0:
-            ident: Any = key
+        if t.device.type == "meta":
+            ident: Any = ("meta", id(t))
+        elif t.numel() == 0:
+            ident = key
         else:
             ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
         groups.setdefault(ident, []).append(key)
