@@ -17,6 +17,7 @@ from .generation import GenerationConfig, GenerationOutput, caption, generate
 from .io.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .loading import Loaded, MissingComponent, MissingComponentError, load
 from .preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
+from .precision import Precision, resolve_precision
 from .layers.perceiver import PerceiverResampler
 from .transforms.m2pt import CrossModalReparameterization, MPTransformerBlock, add_pathways, merge_pathways, pathway_scales
 from .models.coca import CoCa, CoCaConfig
@@ -54,6 +55,8 @@ __all__ = [
     "ImagePreprocess",
     "CLIP_MEAN",
     "CLIP_STD",
+    "Precision",
+    "resolve_precision",
     "ViT",
     "ViTConfig",
     "VideoTubeConfig",

@@ -17,11 +17,13 @@ optim, train, eval). Exit codes: 0 done, 2 bad config or arguments, 3 NaN/inf lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -34,6 +36,21 @@ def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto (default): bf16 autocast where the CPU/GPU runs bf16 natively, else fp32")
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
+
+
+def _run_precision(args: argparse.Namespace) -> Any:
+    """The resolved precision of ``caption``/``embed`` (the model runs on the CPU), logged."""
+    from .precision import resolve_precision
+
+    chosen = resolve_precision(args.precision, "cpu")
+    log.info("precision %s (%s)", chosen.name, chosen.reason)
+    return chosen
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("images", nargs="+", help="image files")
     k.add_argument("--run", required=True, help="run folder")
     k.add_argument("--max-new-tokens", type=int, default=None)
+    _precision_arg(k)
 
     m = sub.add_parser("embed", help="write L2-normalised embeddings of images or texts (.npy or .safetensors)")
     m.add_argument("--run", required=True, help="run folder")
@@ -78,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--images", nargs="+", help="image files")
     group.add_argument("--texts", nargs="+", help="texts")
     m.add_argument("--out", required=True, help="output file: .npy or .safetensors")
+    _precision_arg(m)
 
     from .apps import register_commands
 
@@ -89,12 +108,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(config_path: str | Path, overrides: list[str], resume: bool) -> int:
+    from .io.runlock import FolderLock
     from .train.config import load_config
-    from .train.distributed import shutdown_distributed
-    from .train.loop import NonFiniteLossError, Trainer
 
     started = time.perf_counter()
     cfg = load_config(config_path, overrides)
+    # rank 0 holds the run folder for the whole command: training, export and report
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with FolderLock(cfg.train.out_dir, what="train.out_dir") if main_rank else contextlib.nullcontext():
+        return _train_locked(cfg, resume, started)
+
+
+def _train_locked(cfg: Any, resume: bool, started: float) -> int:
+    from .train.distributed import shutdown_distributed
+    from .train.loop import NonFiniteLossError, Trainer
+
     try:
         trainer = Trainer(cfg, resume=resume)
         result = trainer.fit()  # held-out figures every train.eval_every steps: the task's quick_eval
@@ -160,10 +188,15 @@ def _caption(args: argparse.Namespace) -> int:
     from .inference import generate_captions, load_image_files
     from .inference import load_run
 
+    from .precision import autocast
+
+    precision = _run_precision(args)
     run = load_run(args.run)
     images = load_image_files(args.images, run.config.data.image_size, run.config.data.normalize)
     n_tokens = args.max_new_tokens or run.config.eval.max_new_tokens
-    for path, caption in zip(args.images, generate_captions(run.model, run.tokenizer, images, max_new_tokens=n_tokens)):
+    with autocast(precision, "cpu"):
+        captions = generate_captions(run.model, run.tokenizer, images, max_new_tokens=n_tokens)
+    for path, caption in zip(args.images, captions):
         print(f"{path}\t{caption}")
     return 0
 
@@ -175,11 +208,16 @@ def _embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".npy", ".safetensors"):
         raise ValueError(f"--out: expected a .npy or .safetensors file name, got {out}")
+    from .precision import autocast
+
+    precision = _run_precision(args)
     run = load_run(args.run)
-    if args.images:
-        emb = embed_images(run.model, load_image_files(args.images, run.config.data.image_size, run.config.data.normalize))
-    else:
-        emb = embed_texts(run.model, run.tokenizer, args.texts, run.config.data.max_len, truncate=True)
+    with autocast(precision, "cpu"):
+        if args.images:
+            emb = embed_images(run.model, load_image_files(args.images, run.config.data.image_size, run.config.data.normalize))
+        else:
+            emb = embed_texts(run.model, run.tokenizer, args.texts, run.config.data.max_len, truncate=True)
+    emb = emb.float()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         import numpy as np

@@ -233,9 +233,12 @@ def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, 
     records = read_metrics(Path(run_dir) / "metrics.jsonl")
     train_recs = [r for r in records if r.get("kind", "train") == "train"]
     last = train_recs[-1] if train_recs else {}
+    started = [r for r in records if r.get("kind") == "run"]  # the Trainer's record: precision and why
     summary = {
         "run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "steps": run.step, "task": cfg.train.task,
         "batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
+        **{k: started[-1][k] for k in ("precision_requested", "precision_reason", "cpu_capability")
+           if started and k in started[-1]},
         "train_time_s": last.get("train_time_s"),
         "samples_per_s": (run.step * cfg.train.batch_size / last["train_time_s"]) if last.get("train_time_s") else None,
         "final_loss": last.get("loss"),

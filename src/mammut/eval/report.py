@@ -121,7 +121,10 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], records: Sequence
     (out / "retrieval.md").write_text(table)
 
     lines = ["# mammut run report", ""]
-    summary = [("steps", metrics.get("steps")), ("samples/s", metrics.get("samples_per_s")),
+    precision = metrics.get("precision")
+    if precision and metrics.get("precision_reason"):
+        precision = f"{precision} ({metrics['precision_reason']})"
+    summary = [("steps", metrics.get("steps")), ("samples/s", metrics.get("samples_per_s")), ("precision", precision),
                ("train time (s)", metrics.get("train_time_s")), ("wall time (s)", metrics.get("wall_time_s")),
                ("emoji in play", metrics.get("num_emoji"))]
     lines += [f"- {k}: {_fmt(v)}" for k, v in summary if v is not None] + [""]

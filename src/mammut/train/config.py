@@ -83,7 +83,9 @@ class LoopConfig:
     steps: int = 1000  # optimiser steps (the budget is in steps, not seconds)
     batch_size: int = 64  # global batch: over all ranks and accumulation micro-batches
     grad_accum: int = 1
-    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimiser stay fp32)
+    # auto | fp32 | bf16 (autocast; weights and optimiser stay fp32). auto: bf16 only where the device
+    # runs it natively (mammut.precision), fp32 otherwise; the run's config.yaml records the choice
+    precision: str = "auto"
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in backward
     parallel: str = "auto"  # auto | none | ddp | fsdp (auto: ddp when launched by torchrun)
@@ -125,7 +127,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_choice("data.kind", self.data.kind, ("emoji", "csv", "webdataset"))
-        check_choice("train.precision", self.train.precision, ("fp32", "bf16"))
+        check_choice("train.precision", self.train.precision, ("auto", "fp32", "bf16"))
         check_choice("train.parallel", self.train.parallel, ("auto", "none", "ddp", "fsdp"))
         check_choice("train.device", self.train.device, ("auto", "cpu", "cuda"))
         positive = {

@@ -57,7 +57,9 @@ from .distributed import (
     sync_replicated_grads,
     wrap_parallel,
 )
+from ..io.runlock import FolderLock
 from ..models import get_model_spec
+from ..precision import autocast, resolve_precision
 from ..tasks import get_task
 from .monitor import Monitor
 from .optim import build_optimizer, lr_at, set_lr
@@ -105,6 +107,22 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.run_dir = Path(t.out_dir)
+        # one writer per run folder (rank 0 writes): a second `mammut train` into it stops here,
+        # naming this process; released at the end of fit() (the CLI holds it through the report)
+        self._lock = FolderLock(self.run_dir, what="train.out_dir") if self.info.is_main else None
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            self._build(cfg, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: RunConfig, resume: bool) -> None:
+        t = cfg.train
+        self.precision = resolve_precision(t.precision, self.info.device)
+        log.info("precision %s (%s)", self.precision.name, self.precision.reason)
+        cfg = self.cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, precision=self.precision.name))
         if list_checkpoints(self.run_dir) and not resume:
             raise RunExistsError(f"train.out_dir: {self.run_dir} already holds checkpoints; "
                                  f"pass --resume to continue it or choose another --train.out_dir")
@@ -170,6 +188,11 @@ class Trainer:
         self._stop_agreed = False  # the all-reduced flag: the only thing the loop stops on
         self.losses: list[float] = []
 
+    def close(self) -> None:
+        """Release the run folder's lock (``fit`` does at its end; idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+
     # ------------------------------------------------------------------ helpers
     def _resume_checkpoint(self) -> Path | None:
         """The newest checkpoint that verifies, chosen on rank 0 and broadcast (every rank
@@ -229,9 +252,7 @@ class Trainer:
         self._signal_received = True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(device_type=self.info.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.precision, self.info.device)
 
     def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
         if last or self.parallel == "none":
@@ -316,6 +337,8 @@ class Trainer:
         window_t, window_n, rate = 0.0, 0, 0.0
         start_step = self.step
         stopped_by_signal = False
+        monitor.write({"step": self.step, **self.precision.as_dict(), "device": str(info.device),
+                       "cpu_capability": torch.backends.cpu.get_cpu_capability()}, prefix="run")
         try:
             while self.step < t.steps:
                 t0 = time.perf_counter()
@@ -346,6 +369,7 @@ class Trainer:
             return self._result()
         finally:
             monitor.close()
+            self.close()
             if stopped_by_signal:
                 # the process is about to exit: a further SIGTERM (e.g. sent to every rank at
                 # slightly different moments) must not kill it half-way through its shutdown
