@@ -143,7 +143,7 @@ def eval_pairs(cfg: Any, path: str, n: int | None, *, key: str | None = None) ->
     pairs = _PairCollector(n, tf)
     if is_csv(path):
         ds = csv_dataset(cfg, path, key)
-        pairs.skipped += ds.num_missing
+        pairs.skipped += ds.num_missing + ds.num_empty  # missing images, blank captions
         for i, (fp, caption) in enumerate(ds.samples):
             pairs.add(fp.resolve(), caption, str(fp), lambda i=i: ds.load_image(i))
     else:

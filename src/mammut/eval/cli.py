@@ -7,8 +7,8 @@ converted open_clip CoCa or openMaMMUT file).
     mammut eval caption   SOURCE --data captions.json [--images DIR] [--beams N --max-new-tokens N ...]
     mammut eval vqa       SOURCE --questions Q.json --annotations A.json --images DIR [--prompt TEMPLATE]
 
-Every task: --out DIR (default runs/eval-TASK-<time>), --device, --checkpoint, --bf16 (bf16
-autocast), --batch-size, --workers (image decoding processes), --limit N (a seeded random N
+Every task: --out DIR (default runs/eval-TASK-<time>), --device, --checkpoint, --precision (auto: bf16 autocast where
+the device runs it natively), --batch-size, --workers (image decoding processes), --limit N (a seeded random N
 images / questions), --no-progress. Writes metrics.json, report.md and figures to --out.
 (``mammut eval RUN`` without a task evaluates a run folder on its own held-out data.)
 """
@@ -49,7 +49,9 @@ def _common(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument("--out", default=None, help="report folder (default: runs/eval-TASK-<date-time>)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder of a run (default: its latest)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the model (CPU or CUDA)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto (default): bf16 autocast where the device runs bf16 natively, else fp32")
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
     p.add_argument("--batch-size", type=_positive, default=batch, help=f"images per batch (default {batch})")
     p.add_argument("--workers", type=int, default=4, help="image decoding processes (0: none; default 4)")
     p.add_argument("--limit", type=_positive, default=None,
@@ -142,7 +144,7 @@ def run_task(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
 
         load_classnames(args.classnames, read_image_folder(args.data).classes)
         load_templates(args.templates)
-    em = load_eval_model(args.source, device=args.device, checkpoint=args.checkpoint, bf16=args.bf16)
+    em = load_eval_model(args.source, device=args.device, checkpoint=args.checkpoint, precision=args.precision)
     common = dict(batch_size=args.batch_size, workers=args.workers, limit=args.limit, progress=not args.no_progress)
     if args.task == "zeroshot":
         from .zeroshot import evaluate_zeroshot
@@ -172,7 +174,8 @@ def run_task(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                                                   generation=generation_options(args), **common)
         title, data = "Visual question answering", f"{args.questions} + {args.annotations}"
     metrics = {"task": args.task, "source": str(args.source), "model_class": em.name, "device": str(em.device),
-               "bf16": em.bf16, "data": str(data), **metrics, "wall_time_s": time.perf_counter() - started}
+               "bf16": em.bf16, "precision": "bf16" if em.bf16 else "fp32", "precision_requested": args.precision,
+               "precision_reason": em.precision_reason, "data": str(data), **metrics, "wall_time_s": time.perf_counter() - started}
     return metrics, write_task_report(out, f"{title}: {Path(args.source).name}", metrics, sections, figures)
 
 

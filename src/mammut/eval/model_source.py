@@ -3,8 +3,9 @@
 :func:`load_eval_model` loads a source with :func:`mammut.load` (a run folder, a mammut
 checkpoint folder, a converted open_clip CoCa or openMaMMUT file, a local Hugging Face
 snapshot) and wraps the ``(model, preprocess, tokenizer)`` it gets in an :class:`EvalModel`:
-no-grad embedding and generation of batches on the chosen device, with bf16 autocast on
-request.
+no-grad embedding and generation of batches on the chosen device, with bf16 autocast where
+chosen (``precision``: ``auto`` picks it only where the device runs bf16 natively,
+:mod:`mammut.precision`).
 
 A run folder trained with ``train.task: vqa`` keeps the prompt format it was trained on
 (``BOS [<image>] question "answer:"``, :class:`mammut.tasks.vqa.VqaEncoder`) for VQA.
@@ -54,6 +55,7 @@ class EvalModel:
     device: torch.device = torch.device("cpu")
     bf16: bool = False
     vqa_encoder: Any = None
+    precision_reason: str = ""
 
     @property
     def contrastive(self) -> bool:
@@ -160,11 +162,13 @@ def _run_vqa_encoder(source: Path, tokenizer: Any) -> Any:
 
 
 def load_eval_model(source: str | Path, *, device: str | torch.device | None = None, checkpoint: str | None = None,
-                    bf16: bool = False) -> EvalModel:
+                    bf16: bool = False, precision: str | None = None) -> EvalModel:
     """Load ``source`` with :func:`mammut.load` for evaluation (eval mode, on ``device``;
-    default CUDA when present). A source without its preprocessing or tokenizer is a
+    default CUDA when present). ``precision``: ``auto`` | ``fp32`` | ``bf16`` (default: bf16
+    when ``bf16`` is set, else fp32). A source without its preprocessing or tokenizer is a
     ``ValueError`` saying which."""
     from ..loading import MissingComponent, load
+    from ..precision import resolve_precision
 
     try:
         dev = torch.device(device or default_device())
@@ -172,11 +176,12 @@ def load_eval_model(source: str | Path, *, device: str | torch.device | None = N
         raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {device!r} ({exc})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device: expected a device of this machine, got {device!r} (CUDA is not available)")
+    chosen = resolve_precision(precision or ("bf16" if bf16 else "fp32"), dev)
     model, preprocess, tokenizer = load(source, device=dev, checkpoint=checkpoint)
     for part in (preprocess, tokenizer):
         if isinstance(part, MissingComponent):  # the source was saved without it
             raise ValueError(f"SOURCE: {part.what}: {part.reason}")
     src = Path(source).expanduser()
     vqa = _run_vqa_encoder(src, tokenizer) if src.is_dir() else None
-    log.info("evaluating %s (%s) on %s%s", source, type(model).__name__, dev, " with bf16 autocast" if bf16 else "")
-    return EvalModel(model.eval(), preprocess, tokenizer, str(source), dev, bf16, vqa)
+    log.info("evaluating %s (%s) on %s in %s (%s)", source, type(model).__name__, dev, chosen.name, chosen.reason)
+    return EvalModel(model.eval(), preprocess, tokenizer, str(source), dev, chosen.bf16, vqa, chosen.reason)

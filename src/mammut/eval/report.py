@@ -206,7 +206,8 @@ def write_task_report(out_dir: str | Path, title: str, metrics: dict[str, Any], 
     lines = [f"# {title}", ""]
     facts = [("model", metrics.get("source")), ("model class", metrics.get("model_class")),
              ("data", metrics.get("data")), ("device", metrics.get("device")),
-             ("precision", "bf16 autocast" if metrics.get("bf16") else "fp32"),
+             ("precision", ("bf16 autocast" if metrics.get("bf16") else "fp32")
+              + (f" ({metrics['precision_reason']})" if metrics.get("precision_reason") else "")),
              ("images evaluated", metrics.get("n_images")), ("throughput (images/s)", metrics.get("images_per_s")),
              ("throughput (questions/s)", metrics.get("questions_per_s")),
              ("wall time (s)", metrics.get("wall_time_s"))]
@@ -217,7 +218,8 @@ def write_task_report(out_dir: str | Path, title: str, metrics: dict[str, Any], 
         cut = f"--limit {limit} (a seeded random subset)" if limit is not None else "no --limit"
         lines.append(f"- full set: {metrics.get('n_total')} {unit}; {cut}; comparable to published numbers: "
                      + ("yes" if metrics["comparable_to_published"] else
-                        "NO (a subset was evaluated or images were skipped)"))
+                        "NO (" + ("; ".join(metrics.get("not_comparable_because") or ())
+                                  or "a subset was evaluated or images were skipped") + ")"))
     left_out = {k: v for k, v in (metrics.get("data_left_out") or {}).items() if v}
     if left_out:
         lines.append("- left out when reading the data: " + ", ".join(f"{v} {k.replace('_', ' ')}"
