@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-fast demo bench wheel clean
+.PHONY: setup test test-fast demo bench docs wheel clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
+
+# the documentation site (mkdocs.yml, docs/) into site/; --strict: a warning (a broken link or
+# anchor, a page outside the nav, a docstring mkdocstrings cannot read) fails the build
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict -q -d site
 
 # dist/mammut_vl-<version>-py3-none-any.whl, offline (setuptools comes with the dev extra);
 # install it elsewhere with torch first: pip install torch && pip install "dist/mammut_vl-...whl[train]"
