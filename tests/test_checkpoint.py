@@ -1,4 +1,4 @@
-"""Checkpoints (mammut.io.checkpoint): exact round trips for every registered model,
+"""Checkpoints (mammut.models.pretrained on the format of mammut.io.checkpoint): exact round trips for every registered model,
 clear errors for mismatched, truncated or corrupt checkpoints, atomic writes."""
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from mammut.io.checkpoint import (  # noqa: E402
     FORMAT_VERSION,
     WEIGHTS_NAME,
     CheckpointError,
-    load_pretrained,
     read_checkpoint_config,
-    save_pretrained,
 )
+from mammut.models.pretrained import load_pretrained, save_pretrained  # noqa: E402
 from mammut.models import get_model_spec, list_models  # noqa: E402
 from mammut.models.mammut import MaMMUT, MaMMUTConfig  # noqa: E402
 

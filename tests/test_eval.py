@@ -12,7 +12,7 @@ from torch import nn
 
 from mammut.data.tokenizer import train_bpe
 from mammut.eval.evaluate import EmojiEval, evaluate_pairs
-from mammut.eval.report import write_report
+from mammut.eval.report import image_text_report, write_report
 from mammut.train.config import DataConfig, EvalConfig
 from mammut.data.sources import emoji_corpus, emoji_dataset
 
@@ -107,7 +107,8 @@ def test_report_files(setup, tmp_path):
     metrics.update({"steps": 10, "samples_per_s": 123.0, "wall_time_s": 4.0})
     records = [{"kind": "train", "step": s, "loss": 5.0 / s, "caption": 3.0 / s, "contrastive": 2.0 / s, "lr": 1e-3}
                for s in range(1, 11)] + [{"kind": "eval", "step": 10, "i2t_R@1": 0.5}]
-    out = write_report(tmp_path / "report", metrics, records, held.images, generated, held.captions, grid=8)
+    parts = image_text_report(metrics, held.images, generated, held.captions, grid=8)
+    out = write_report(tmp_path / "report", metrics, records, parts)
     for name in ("metrics.json", "loss_curves.png", "scenes.png", "retrieval.md", "report.md"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "metrics.json").read_text())

@@ -15,7 +15,7 @@ from torch import nn
 
 from mammut.eval.model_source import EvalModel
 from mammut.eval.retrieval import image_to_text_chance
-from mammut.eval.vqa_task import question_accuracy
+from mammut.eval.vqa import question_accuracy
 
 COLOURS = ["red", "green", "blue", "yellow"]
 RGB = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}
@@ -344,7 +344,7 @@ def test_captioning_rejects_bad_generation_options_before_reading(tmp_path):
 
 
 def test_vqa_official_accuracy_by_hand(tmp_path):
-    from mammut.eval.vqa_task import evaluate_vqa
+    from mammut.eval.vqa import evaluate_vqa
 
     draw(tmp_path / "imgs" / "1.jpg", "red")
     draw(tmp_path / "imgs" / "2.jpg", "green")
@@ -384,7 +384,7 @@ def test_vqa_official_accuracy_by_hand(tmp_path):
 
 
 def test_vqa_prompt_template_and_limit(tmp_path):
-    from mammut.eval.vqa_task import evaluate_vqa
+    from mammut.eval.vqa import evaluate_vqa
 
     draw(tmp_path / "5.png", "blue")
     qs = {"questions": [{"question_id": j, "image_id": 5, "question": f"q{j}?"} for j in range(6)]}
@@ -396,9 +396,9 @@ def test_vqa_prompt_template_and_limit(tmp_path):
                                  prompt="Question: {question} Answer:", limit=4, progress=False)
     assert metrics["n_questions"] == 4 and metrics["accuracy"] == 1.0  # one answer each: exact match
     assert (metrics["limit"], metrics["n_total"], metrics["comparable_to_published"]) == (4, 6, False)
-    from mammut.eval.report import write_task_report
+    from mammut.eval.report import write_benchmark_report
 
-    report = (write_task_report(tmp_path / "rep", "VQA", metrics) / "report.md").read_text()
+    report = (write_benchmark_report(tmp_path / "rep", "VQA", metrics) / "report.md").read_text()
     assert "- full set: 6 questions; --limit 4 (a seeded random subset); comparable to published numbers: NO" in report
     assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["limit"] == 4
     metrics, _, _ = evaluate_vqa(em, tmp_path / "q.json", tmp_path / "a.json", tmp_path, tmp_path / "out",

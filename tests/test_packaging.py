@@ -49,8 +49,11 @@ EXTRA_FOR = {
     "mammut.eval": "train",
     "mammut.tasks": "train",  # training tasks: data, objectives, evaluation
     "mammut.inference": "train",  # loading run folders, image files, batched embedding
-    "mammut.io": "io",  # our checkpoint format (save_pretrained / load_pretrained): safetensors
+    "mammut.io": "io",  # our checkpoint format (config.json + safetensors)
     "mammut.loading": "train",  # mammut.load: checkpoints, run folders (yaml), Hub snapshots (huggingface_hub)
+    "mammut.runs": "train",  # the run-folder reader of mammut.load: config.yaml (yaml), safetensors
+    "mammut.tokenizer": "train",  # the BPE tokenizer (moved from mammut.data.tokenizer): tokenizers
+    "mammut.clip_tokenizer": "interop",  # open_clip's CLIP BPE (moved from mammut.convert.clip_tokenizer)
     "mammut.preprocess": "train",  # ImagePreprocess: PIL + torchvision, imported per call
     "mammut.apps": "search",  # mammut index / search / serve: faiss, FastAPI, uvicorn
     "mammut.convert": "interop",  # converters of others' weights: open_clip CoCa, its tokenizer

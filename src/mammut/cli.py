@@ -208,6 +208,8 @@ def _embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".npy", ".safetensors"):
         raise ValueError(f"--out: expected a .npy or .safetensors file name, got {out}")
+    import torch
+
     from .precision import autocast
 
     precision = _run_precision(args)
@@ -217,7 +219,7 @@ def _embed(args: argparse.Namespace) -> int:
             emb = embed_images(run.model, load_image_files(args.images, run.config.data.image_size, run.config.data.normalize))
         else:
             emb = embed_texts(run.model, run.tokenizer, args.texts, run.config.data.max_len, truncate=True)
-    emb = emb.float()
+    emb = torch.nn.functional.normalize(emb.float(), dim=-1)  # unit norm in fp32 after a bf16 forward too
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         import numpy as np
@@ -240,14 +242,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
-def _eval_task(argv: list[str]) -> int:
-    """``mammut eval TASK SOURCE ...`` (``argv`` starts with the task)."""
-    from .eval.cli import run_task, summary, task_parser
+def _eval_benchmark(argv: list[str]) -> int:
+    """``mammut eval BENCHMARK SOURCE ...`` (``argv`` starts with the benchmark, one of
+    ``mammut.eval.benchmarks``)."""
+    from .eval.cli import benchmark_parser, run_benchmark, summary
 
-    args = task_parser().parse_args(argv)
+    args = benchmark_parser().parse_args(argv)
     _setup_logging()
     try:
-        metrics, out = run_task(args)
+        metrics, out = run_benchmark(args)
     except (ValueError, OSError) as exc:  # bad input (a missing file, a wrong layout, an empty folder): one line
         if os.environ.get("MAMMUT_DEBUG"):
             raise
@@ -259,10 +262,10 @@ def _eval_task(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .eval.cli import TASKS
+    from .eval.benchmarks import list_benchmarks
 
-    if len(argv) >= 2 and argv[0] == "eval" and argv[1] in TASKS:  # a task, not a run folder
-        return _eval_task(argv[1:])
+    if len(argv) >= 2 and argv[0] == "eval" and argv[1] in list_benchmarks():  # a benchmark, not a run folder
+        return _eval_benchmark(argv[1:])
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("train", "demo", "config"):

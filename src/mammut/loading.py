@@ -5,9 +5,11 @@ Sources (nothing is downloaded, ever):
 
 - a mammut checkpoint folder (``config.json`` + ``model.safetensors``, written by
   ``save_pretrained``; with ``preprocess.json`` / ``mammut_tokenizer.json`` when it was saved
-  with ``preprocess=`` / ``tokenizer=``, :mod:`mammut.io.companions`);
-- a training run folder (``config.yaml`` + ``checkpoints/``): its newest checkpoint that
-  verifies, or ``checkpoint=`` (a path, or a name under ``checkpoints/``); the run's eval
+  with ``preprocess=`` / ``tokenizer=``, :mod:`mammut.models.companions`);
+- a training run folder (``config.yaml`` + ``checkpoints/``, read by :mod:`mammut.runs`
+  without the training stack): its exported ``model/`` (``save_pretrained`` at the end of
+  training) when that is at least as new as its newest checkpoint that verifies, else that
+  checkpoint, or ``checkpoint=`` (a path, or a name under ``checkpoints/``); the run's eval
   transform and tokenizer (context length ``data.max_len``);
 - an open_clip checkpoint file (``.pt`` / ``.pth`` / ``.bin`` / ``.safetensors``, read with
   ``weights_only=True``: a pickle holding other Python objects is refused with
@@ -211,8 +213,9 @@ def _to(model: nn.Module, device: Any, dtype: torch.dtype | None) -> nn.Module:
 
 # ============================================================================ mammut's own
 def _load_mammut_checkpoint(path: Path, device: Any, dtype: torch.dtype | None) -> tuple[nn.Module, Any, Any]:
-    from .io.checkpoint import load_pretrained, read_checkpoint_config
-    from .io.companions import companion_paths, load_preprocess, load_tokenizer
+    from .io.checkpoint import read_checkpoint_config
+    from .models.companions import companion_paths, load_preprocess, load_tokenizer
+    from .models.pretrained import load_pretrained
 
     document = read_checkpoint_config(path)
     model = load_pretrained(path, device=device, dtype=dtype)
@@ -231,7 +234,7 @@ def _load_mammut_checkpoint(path: Path, device: Any, dtype: torch.dtype | None) 
 
 
 def _load_run(path: Path, checkpoint: Any, device: Any, dtype: torch.dtype | None) -> tuple[nn.Module, Any, Any]:
-    from .inference import load_run, run_preprocess
+    from .runs import load_run_model
 
     if checkpoint is not None:
         ckpt = Path(checkpoint)
@@ -240,14 +243,13 @@ def _load_run(path: Path, checkpoint: Any, device: Any, dtype: torch.dtype | Non
         if not ckpt.exists():
             raise FileNotFoundError(f"checkpoint: no checkpoint {str(checkpoint)!r} (as a path or under {path / 'checkpoints'})")
         checkpoint = ckpt
-    run = load_run(path, checkpoint)
-    data = run.config.data
-    return _to(run.model, device, dtype), run_preprocess(data.image_size, data.normalize), run.tokenizer
+    run = load_run_model(path, checkpoint)
+    return _to(run.model, device, dtype), run.preprocess, run.tokenizer
 
 
 # ============================================================================ open_clip
 def _load_open_clip(path: Path, kind: str, device: Any, dtype: torch.dtype | None) -> tuple[nn.Module, Any, Any]:
-    from .convert.clip_tokenizer import CLIPTokenizer
+    from .clip_tokenizer import CLIPTokenizer
     from .convert.open_clip import load_checkpoint
 
     model_cfg: dict[str, Any] | None = None

@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .constants import IGNORE_INDEX  # a label with no target (-100): ignored as pad
+
 __all__ = [
     "IGNORE_INDEX",
     "check_labels",
@@ -31,9 +33,6 @@ __all__ = [
     "LogitScale",
     "ContrastiveLoss",
 ]
-
-
-IGNORE_INDEX = -100  # a label with no target (Hugging Face's, F.cross_entropy's default): ignored as pad
 
 
 def check_labels(labels: object, num_tokens: int, *, shape: tuple[int, ...] | None = None, name: str = "labels") -> None:

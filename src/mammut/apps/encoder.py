@@ -3,8 +3,9 @@ embed images and texts, caption images), and :func:`load_encoder`, which builds 
 anything :func:`mammut.load` loads (a run folder, a checkpoint, an open_clip CoCa file, a local
 HF snapshot).
 
-Embeddings come back as float32 numpy arrays ``(n, dim)``, L2-normalised. Calls into one model
-are serialised by a lock, so a server may call from several threads.
+Embeddings come back as float32 numpy arrays ``(n, dim)``, L2-normalised, computed by
+:class:`mammut.Embedder`. Calls into one model are serialised by a lock, so a server may call
+from several threads.
 
 The model runs in a :class:`mammut.precision.Precision` (``fp32``, or ``bf16`` autocast):
 ``precision="auto"`` picks bf16 where the device computes it natively (see
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..precision import Precision, autocast, resolve_precision
+from ..embedder import Embedder
+from ..precision import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,11 @@ class ModelEncoder:
         """Whether the model runs under bfloat16 autocast."""
         return self.precision.bf16
 
-    def _autocast(self) -> Any:
-        return autocast(self.precision, self.device)
+    def _embedder(self) -> Embedder:
+        """The :class:`mammut.Embedder` of this encoder's current settings (calls go through it,
+        one at a time under the lock)."""
+        return Embedder(self.model, self.transform, self.tokenizer, device=self.device, precision=self.precision,
+                        tokenize=self.tokenize)
 
     def _need(self, part: Any, what: str) -> None:
         """A part ``mammut.load`` could not find (falsy ``MissingComponent``): a user error naming it."""
@@ -110,24 +115,24 @@ class ModelEncoder:
     def embed_images(self, pixels: torch.Tensor) -> np.ndarray:
         if pixels.ndim != 4:
             raise ValueError(f"pixels: expected a tensor (n, 3, H, W), got shape {tuple(pixels.shape)}")
-        with self._lock, torch.inference_mode(), self._autocast():
-            out = self.model.embed_image(pixels.to(self.device))
-        return out.float().cpu().numpy()
+        with self._lock:
+            out = self._embedder().embed_images(pixels, batch_size=max(1, len(pixels)))
+        return out.numpy()
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         self._need(self.tokenizer, "read texts")
-        ids = self.tokenize(list(texts))
-        with self._lock, torch.inference_mode(), self._autocast():
-            out = self.model.embed_text(ids.to(self.device))
-        return out.float().cpu().numpy()
+        texts = list(texts)
+        with self._lock:
+            out = self._embedder().embed_texts(texts, batch_size=max(1, len(texts)))
+        return out.numpy()
 
     def caption(self, pixels: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:
-        if not callable(getattr(self.model, "caption", None)):
+        if not callable(getattr(self.model, "caption", None)) or not callable(getattr(self.model, "generate", None)):
             raise ValueError(f"--model: {type(self.model).__name__} has no caption(); it cannot caption images")
         self._need(self.tokenizer, "write captions")
         n = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        with self._lock, torch.inference_mode(), self._autocast():
-            return list(self.model.caption(pixels.to(self.device), self.tokenizer, max_new_tokens=n))
+        with self._lock:
+            return self._embedder().caption(pixels, batch_size=max(1, len(pixels)), max_new_tokens=n)
 
 
 def _precision(precision: Precision | str | None, bf16: bool, device: torch.device,

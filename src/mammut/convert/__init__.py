@@ -1,17 +1,19 @@
-"""Converters for other projects' weights into mammut models (our own format: ``mammut.io``).
+"""Converters for other projects' weights into mammut models (our own format: ``mammut.io.checkpoint``, ``mammut.models.pretrained``).
 
 - :mod:`mammut.convert.open_clip`: open_clip CoCa (``coca_ViT-B-32``, ``coca_ViT-L-14`` or a
   config dict) -> :class:`~mammut.models.coca.CoCa`, exact to 1e-4;
 - :mod:`mammut.convert.open_mammut`: openMaMMUT (LAION's open_clip fork, ``mammut_ViT-*`` or a
   config dict in the fork's schema) -> :class:`~mammut.models.mammut.MaMMUT`;
 - :mod:`mammut.convert.clip_tokenizer`: open_clip's CLIP BPE tokenizer behind our tokenizer
-  interface (the ids those checkpoints use).
+  interface (the ids those checkpoints use); it lives in the library as
+  :mod:`mammut.clip_tokenizer` (checkpoints save and load it) and is re-exported here.
 
 Dependency direction: ``convert -> models``, never the reverse. ``Model.from_open_clip(name_or_config,
 state_dict_or_path)`` (defined once, on :class:`~mammut.models._base.ModelBase`) finds its
-converter at call time, ``importlib.import_module("mammut.convert").open_clip_converter(
-cls.model_name)``: no module of ``mammut.models`` imports this package, so the two never import
-each other, and ``import mammut`` does not load it. A converter for another model is a function
+converter through ``mammut.models.open_clip_converter``, a lookup that the package root
+(``mammut/__init__.py``) registers: :func:`open_clip_converter` below, this package imported on
+first use. No module of ``mammut.models`` imports this package, so the two never import each
+other (a contract in ``pyproject.toml`` checks it), and ``import mammut`` does not load it. A converter for another model is a function
 ``(name_or_config, state_dict_or_path, **options) -> model`` added to ``OPEN_CLIP_CONVERTERS``
 under the model's registry name.
 

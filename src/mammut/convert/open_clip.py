@@ -303,7 +303,7 @@ def coca_from_open_clip(
     ``state_dict_or_path``: the open_clip state dict, a checkpoint file (``.pt``/``.bin``/
     ``.safetensors``, e.g. ``open_clip_pytorch_model.bin`` of ``laion/CoCa-ViT-B-32-laion2B-s13B-b90k``)
     or an open_clip model. The result is in eval mode; tokens are open_clip's CLIP BPE ids
-    (``mammut.convert.clip_tokenizer.CLIPTokenizer``): vocab 49408, start 49406, end 49407, pad 0.
+    (``mammut.clip_tokenizer.CLIPTokenizer``): vocab 49408, start 49406, end 49407, pad 0.
     """
     if isinstance(model_name, Mapping):
         oc_cfg = copy.deepcopy(dict(model_name))

@@ -1,5 +1,10 @@
 """Questions with exact answers about emoji scenes, balanced so that a guess from the text alone is weak.
 
+VQA lives in three layers, each its own concern: this module makes the emoji-scene questions
+(data, no model); :mod:`mammut.tasks.vqa` trains and scores a run on them (``train.task: vqa``);
+:mod:`mammut.eval.vqa` is the VQAv2 scoring rule both use plus the ``mammut eval vqa`` benchmark
+on VQAv2 files (its command-line options: :mod:`mammut.eval.benchmarks.vqa`).
+
 Question types (``QUESTION_TYPES``), each answer read off the scene's metadata:
 
 - ``exists``: "is there a {name}?" -> "yes" / "no". Yes and no alternate (exactly 50/50);

@@ -177,9 +177,10 @@ def evaluate_emoji(model: nn.Module, tokenizer: Tokenizer, data_cfg: Any, eval_c
 
 
 def evaluate_image_text(model: nn.Module, tokenizer: Tokenizer, cfg: Any, *, data: str | None = None,
-                        n: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The ``pretrain`` task's evaluation: ``(metrics, drawn)``, ``drawn`` holding the images,
-    generated and true captions the report draws.
+                        n: int | None = None) -> tuple[dict[str, Any], Any]:
+    """The ``pretrain`` task's evaluation: ``(metrics, report)``, ``report`` the run report's
+    parts (:func:`mammut.eval.report.image_text_report`: retrieval, caption and zero-shot tables,
+    ``retrieval.md`` and the grid of ``eval.grid`` images with generated and true captions).
 
     The data: ``data`` (a csv/tsv file or shard pattern) if given, else ``data.val_path``, else
     the emoji scenes' built-in held-out split. A csv/webdataset run with neither is scored on
@@ -212,14 +213,18 @@ def evaluate_image_text(model: nn.Module, tokenizer: Tokenizer, cfg: Any, *, dat
         if not heldout:
             split["note"] = ("TRAINING rows, not held-out: set data.val_path or pass `mammut eval RUN --data FILE` "
                              "for a held-out evaluation")
-    return {"eval_split": split, **metrics}, {"images": images, "generated": generated, "truth": truth}
+    from .report import image_text_report
+
+    metrics = {"eval_split": split, **metrics}
+    return metrics, image_text_report(metrics, images, generated, truth, grid=cfg.eval.grid)
 
 
 def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, out_dir: Any = None,
                  extra: dict[str, Any] | None = None, data: str | None = None) -> tuple[dict[str, Any], Any]:
     """Evaluate a run folder's latest (or given) checkpoint with its task's evaluation
-    (``mammut.tasks``) and write its report folder (default ``<run>/report``). ``extra``
-    (timings) is merged into ``metrics.json``; ``data`` replaces the run's held-out data."""
+    (``mammut.tasks``) and write its report folder (default ``<run>/report``) with the sections
+    and figures the task returned. ``extra`` (timings) is merged into ``metrics.json``; ``data``
+    replaces the run's held-out data."""
     from pathlib import Path
 
     from ..tasks import get_task
@@ -229,7 +234,7 @@ def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, 
     run = load_run(run_dir, checkpoint)
     cfg = run.config
     task = get_task(cfg.train.task)(cfg)
-    metrics, drawn = task.evaluate(run.model, run.tokenizer, data=data, n=n)
+    metrics, parts = task.evaluate(run.model, run.tokenizer, data=data, n=n)
     records = read_metrics(Path(run_dir) / "metrics.jsonl")
     train_recs = [r for r in records if r.get("kind", "train") == "train"]
     last = train_recs[-1] if train_recs else {}
@@ -245,9 +250,22 @@ def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, 
     }
     metrics = {**summary, **(extra or {}), **metrics, "model": cfg.model}
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
-    path = write_report(out, metrics, records, drawn.get("images"), drawn.get("generated", ()), drawn.get("truth", ()),
-                        grid=cfg.eval.grid, sections=drawn.get("sections", ()))
+    path = write_report(out, metrics, records, _run_report(parts, metrics, cfg.eval.grid))
     return metrics, path
+
+
+def _run_report(parts: Any, metrics: dict[str, Any], grid: int) -> Any:
+    """A task's report parts as a ``RunReport``. The older form, a dict ``{"images", "generated",
+    "truth", "sections"}`` (still returned by ``tasks/interleaved.py``), gets its sections then the
+    image-text report's parts (what every run report held before tasks chose theirs)."""
+    from .report import RunReport, image_text_report
+
+    if isinstance(parts, RunReport):
+        return parts
+    base = image_text_report(metrics, parts.get("images"), parts.get("generated", ()), parts.get("truth", ()),
+                             grid=grid)
+    return RunReport(sections=[s.rstrip() for s in parts.get("sections", ())] + base.sections,
+                     figures=base.figures, files=base.files)
 
 
 def _first_caption_per_image(captions: Sequence[str], index: Sequence[int], n_images: int) -> list[str]:

@@ -3,9 +3,9 @@
 :func:`load_eval_model` loads a source with :func:`mammut.load` (a run folder, a mammut
 checkpoint folder, a converted open_clip CoCa or openMaMMUT file, a local Hugging Face
 snapshot) and wraps the ``(model, preprocess, tokenizer)`` it gets in an :class:`EvalModel`:
-no-grad embedding and generation of batches on the chosen device, with bf16 autocast where
-chosen (``precision``: ``auto`` picks it only where the device runs bf16 natively,
-:mod:`mammut.precision`).
+no-grad embedding and generation of batches on the chosen device through
+:class:`mammut.Embedder`, with bf16 autocast where chosen (``precision``: ``auto`` picks it
+only where the device runs bf16 natively, :mod:`mammut.precision`).
 
 A run folder trained with ``train.task: vqa`` keeps the prompt format it was trained on
 (``BOS [<image>] question "answer:"``, :class:`mammut.tasks.vqa.VqaEncoder`) for VQA.
@@ -23,6 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..constants import MEDIA_TOKEN
+from ..embedder import Embedder
+from ..precision import Precision
+
 log = logging.getLogger(__name__)
 
 __all__ = ["EvalModel", "load_eval_model", "default_device"]
@@ -30,14 +34,6 @@ __all__ = ["EvalModel", "load_eval_model", "default_device"]
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _ids_of(out: Any) -> torch.Tensor:
-    """Token ids ``(b, n)`` from what ``generate`` returned (ids or a ``GenerationOutput``)."""
-    out = getattr(out, "tokens", out)
-    if not torch.is_tensor(out) or out.ndim != 2:
-        raise TypeError(f"model.generate: expected token ids (b, n), got {type(out).__name__}")
-    return out
 
 
 @dataclass
@@ -56,6 +52,13 @@ class EvalModel:
     bf16: bool = False
     vqa_encoder: Any = None
     precision_reason: str = ""
+
+    def embedder(self) -> Embedder:
+        """The :class:`mammut.Embedder` that embeds and generates for this model (built from the
+        current fields: ``bf16`` set after construction counts)."""
+        name = "bf16" if self.bf16 else "fp32"
+        precision = Precision(name, name, self.precision_reason or f"{name} chosen")
+        return Embedder(self.model, self.preprocess, self.tokenizer, device=self.device, precision=precision)
 
     @property
     def contrastive(self) -> bool:
@@ -82,28 +85,18 @@ class EvalModel:
             raise ValueError(f"SOURCE: mammut eval {task} needs {need}, got {self.name} from {self.source}")
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return self.embedder().autocast()
 
-    @torch.inference_mode()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings ``(b, l)``, float32 on the CPU."""
-        with self.autocast():
-            return self.model.embed_image(images.to(self.device, non_blocking=True)).float().cpu()
+        """L2-normalised image embeddings ``(b, l)``, float32 on the CPU (one model call)."""
+        return self.embedder().embed_images(images, batch_size=max(1, len(images)))
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(texts))
+        return self.embedder().tokenize(texts)
 
-    @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """L2-normalised text embeddings ``(n, l)`` (texts longer than the context are cut)."""
-        out = []
-        for s in range(0, len(texts), batch_size):
-            ids = self.tokenize(texts[s:s + batch_size]).to(self.device)
-            with self.autocast():
-                out.append(self.model.embed_text(ids).float().cpu())
-        return torch.cat(out)
+        return self.embedder().embed_texts(list(texts), batch_size=batch_size)
 
     def prompt_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text as a decoding prompt: its ids with the start token, without end token or padding."""
@@ -125,17 +118,11 @@ class EvalModel:
         cfg = self.model.config  # type: ignore[union-attr]
         return [[cfg.bos_id, cfg.media_token_id]] * n
 
-    @torch.inference_mode()
     def generate(self, images: torch.Tensor, prompts: list[list[int]] | None = None, **options: Any) -> list[str]:
-        """Decoded generations for ``images`` (``options``: ``GenerationConfig`` fields)."""
-        x = images.to(self.device, non_blocking=True)
-        if self.media:
-            x = x.unsqueeze(1)
-            if prompts is None:
-                prompts = self.media_prompt(len(images))
-        with self.autocast():
-            ids = _ids_of(self.model.generate(x, prompt=prompts, **options))
-        return [t.strip() for t in self.tokenizer.decode(ids.cpu())]
+        """Decoded generations for ``images`` (``options``: ``GenerationConfig`` fields), one
+        model call; a media model gets ``[bos, <image>]`` prompts by default."""
+        texts = self.embedder().caption(images, prompts, batch_size=max(1, len(images)), **options)
+        return [t.strip() for t in texts]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -143,18 +130,16 @@ class EvalModel:
 
 def _run_vqa_encoder(source: Path, tokenizer: Any) -> Any:
     """The VQA prompt encoder of a run folder trained with ``train.task: vqa`` (else None)."""
-    import yaml
+    from ..runs import read_run_config
 
-    cfg_path = source / "config.yaml"
-    if not cfg_path.is_file():
+    if not (source / "config.yaml").is_file():
         return None
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    cfg = read_run_config(source)
     if (cfg.get("train") or {}).get("task") != "vqa":
         return None
-    from ..data.tokenizer import Tokenizer
     from ..models import get_model_spec
     from ..tasks.vqa import VqaEncoder
-    from ..train.build import MEDIA_TOKEN
+    from ..tokenizer import Tokenizer
 
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(source / "tokenizer.json")
     media_id = tok.special_id(MEDIA_TOKEN) if get_model_spec(cfg["model"]["name"]).media else None

@@ -1,20 +1,24 @@
 """Reports: a folder with ``metrics.json``, ``report.md`` and figures.
 
-- :func:`write_report`: a run's report (``mammut eval RUN``, end of training): also
-  ``loss_curves.png``, ``retrieval.md`` and ``scenes.png`` (held-out scenes with generated and
-  true captions).
-- :func:`write_task_report`: a standard evaluation task's report (``mammut eval TASK``): the
-  task's markdown sections and figures (written by the task, see ``mammut.eval.plots``), the
-  model, data and skipped images.
+- :func:`write_report`: a run's report (``mammut eval RUN``, end of training): the summary,
+  ``loss_curves.png``, then only what the run's task (``train.task``) returned from its
+  evaluation as a :class:`RunReport`: markdown sections, :class:`Figure` s (anything a task
+  draws: caption grids, boxes, ...) and extra files. :func:`image_text_report` is the image-text
+  tasks' part (``pretrain``): ``retrieval.md``, the retrieval, caption and zero-shot tables and
+  ``scenes.png`` (held-out scenes with generated and true captions).
+- :func:`write_benchmark_report`: a benchmark's report (``mammut eval BENCHMARK``,
+  :mod:`mammut.eval.benchmarks`): the benchmark's markdown sections and figures (written by
+  it, see ``mammut.eval.plots``), the model, data and skipped images.
 
 matplotlib runs on the Agg backend (no display needed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,32 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["write_report", "write_task_report", "plot_loss_curves", "plot_scenes", "retrieval_table", "markdown_table"]
+__all__ = ["write_report", "write_benchmark_report", "RunReport", "Figure", "image_text_report",
+           "scenes_figure", "retrieval_sections", "caption_sections", "zero_shot_sections", "plot_loss_curves",
+           "plot_scenes", "retrieval_table", "markdown_table"]
+
+
+@dataclasses.dataclass
+class Figure:
+    """A figure of a run report: ``draw(path)`` writes the PNG ``file`` into the report folder
+    (returning the path, or None when there is nothing to draw); ``report.md`` shows it under
+    ``caption`` (none: no caption line) with the alternative text ``alt``."""
+
+    file: str
+    draw: Callable[[Path], Path | None]
+    caption: str = ""
+    alt: str = ""
+
+
+@dataclasses.dataclass
+class RunReport:
+    """What a training task's evaluation puts in its run report (``Task.evaluate``):
+    ``sections`` (markdown blocks after the summary, each followed by a blank line),
+    ``figures`` (after the loss curves) and ``files`` (extra text files, name -> text)."""
+
+    sections: list[str] = dataclasses.field(default_factory=list)
+    figures: list[Figure] = dataclasses.field(default_factory=list)
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _plt():
@@ -107,18 +136,86 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def retrieval_sections(metrics: dict[str, Any]) -> list[str]:
+    """The retrieval table and its protocol line (none without ``metrics["retrieval"]``)."""
+    table = retrieval_table(metrics)
+    sections = [table] if table else []
+    r = metrics.get("retrieval") or {}
+    if r.get("protocol"):
+        sections.append(f"Protocol: {r['protocol']}. Captions per image: {r.get('captions_per_image', 1):.2f}; "
+                        f"caption texts shared by several images: {r.get('texts_shared_by_images', 0)}.")
+    elif r.get("skipped_duplicates") is not None:
+        sections.append(f"Each gallery caption is distinct: {r['skipped_duplicates']} held-out scenes repeating an "
+                        f"earlier caption were skipped (identical texts cannot be told apart).")
+    return sections
+
+
+def caption_sections(metrics: dict[str, Any]) -> list[str]:
+    """The greedy captions' table and how they were scored (none without ``metrics["caption"]``)."""
+    cap = metrics.get("caption")
+    if not cap:
+        return []
+    lines = ["Greedy captions", "", "| metric | value |", "|---|---|"]
+    for key, label in (("bleu1", "BLEU-1"), ("bleu4", "BLEU-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"),
+                       ("cider_d", "CIDEr-D"),
+                       ("emoji_acc_single", f"names the emoji, 1-emoji scenes (n={cap.get('n_single')})"),
+                       ("emoji_acc_pair", f"names both emoji, 2-emoji scenes (n={cap.get('n_pair')})")):
+        if key in cap:
+            lines.append(f"| {label} | {_fmt(cap[key])} |")
+    sections = ["\n".join(lines)]
+    if cap.get("scorer") == "pycocoevalcap":
+        how = ("PTB tokenizer (Java)" if cap.get("tokenizer") == "ptb"
+               else "the regular-expression stand-in for the PTB tokenizer (no Java)")
+        absent = "".join(f" {k.upper()} not computed: {why}." for k, why in (cap.get("absent") or {}).items())
+        sections.append(f"Scored with pycocoevalcap (coco-caption), captions tokenised with {how}; CIDEr-D is its "
+                        f"CIDEr scorer.{absent}")
+    return sections
+
+
+def zero_shot_sections(metrics: dict[str, Any]) -> list[str]:
+    """The held-out zero-shot line (none without ``metrics["zero_shot"]``)."""
+    zs = metrics.get("zero_shot")
+    if not zs:
+        return []
+    return [f"Zero-shot classification of {zs['n_images']} single-emoji scenes over {zs['n_classes']} classes: "
+            f"top-1 {zs['top1']:.3f}, top-5 {zs['top5']:.3f} (chance {zs['chance_top1']:.4f})."]
+
+
+def scenes_figure(images: torch.Tensor | None, generated: Sequence[str], truth: Sequence[str], *, grid: int = 16,
+                  held_out: bool = True) -> list[Figure]:
+    """``scenes.png``: the first ``grid`` images with generated (G) and true (T) captions (none
+    without images or generated captions)."""
+    if images is None or not generated:
+        return []
+    which = "Held-out images" if held_out else "Training images (not held-out)"
+    return [Figure("scenes.png", lambda path: plot_scenes(images, generated, truth, path, grid),
+                   caption=f"{which}, G = generated (greedy), T = true caption", alt="scenes")]
+
+
+def image_text_report(metrics: dict[str, Any], images: torch.Tensor | None = None, generated: Sequence[str] = (),
+                      truth: Sequence[str] = (), *, grid: int = 16) -> RunReport:
+    """The report parts of an image-text evaluation (the ``pretrain`` task): ``retrieval.md``,
+    the retrieval table and protocol, the caption table, the zero-shot line and ``scenes.png``,
+    each where ``metrics`` / the images have it."""
+    held_out = (metrics.get("eval_split") or {"held_out": True}).get("held_out")
+    return RunReport(sections=retrieval_sections(metrics) + caption_sections(metrics) + zero_shot_sections(metrics),
+                     figures=scenes_figure(images, generated, truth, grid=grid, held_out=bool(held_out)),
+                     files={"retrieval.md": retrieval_table(metrics)})
+
+
 def write_report(out_dir: str | Path, metrics: dict[str, Any], records: Sequence[dict[str, Any]] = (),
-                 images: torch.Tensor | None = None, generated: Sequence[str] = (), truth: Sequence[str] = (),
-                 grid: int = 16, sections: Sequence[str] = ()) -> Path:
-    """Write the report folder; returns its path. ``sections``: extra markdown a task adds
-    (e.g. a VQA accuracy table), placed after the summary."""
+                 report: RunReport | None = None) -> Path:
+    """Write a run's report folder; returns its path: ``metrics.json``, ``loss_curves.png``
+    (from the training ``records``), ``report``'s files and figures, and ``report.md`` (the
+    summary, the evaluated split, ``report``'s sections, the loss curves, ``report``'s figures).
+    Nothing else: what is evaluated and drawn is the task's (``Task.evaluate``)."""
+    report = report if report is not None else RunReport()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     curves = plot_loss_curves(records, out / "loss_curves.png")
-    scenes = plot_scenes(images, generated, truth, out / "scenes.png", grid) if images is not None and generated else None
-    table = retrieval_table(metrics)
-    (out / "retrieval.md").write_text(table)
+    for name, text in report.files.items():
+        (out / name).write_text(text)
 
     lines = ["# mammut run report", ""]
     precision = metrics.get("precision")
@@ -135,42 +232,13 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], records: Sequence
         else:
             lines += [f"**Not held-out.** Evaluated on the first rows of the training data ({split.get('source')}): "
                       f"{split.get('note', '')}.", ""]
-    for section in sections:
-        lines += [section.rstrip(), ""]
-    if table:
-        lines += [table, ""]
-    r = metrics.get("retrieval") or {}
-    if r.get("protocol"):
-        lines += [f"Protocol: {r['protocol']}. Captions per image: {r.get('captions_per_image', 1):.2f}; "
-                  f"caption texts shared by several images: {r.get('texts_shared_by_images', 0)}.", ""]
-    elif r.get("skipped_duplicates") is not None:
-        lines += [f"Each gallery caption is distinct: {r['skipped_duplicates']} held-out scenes repeating an earlier "
-                  f"caption were skipped (identical texts cannot be told apart).", ""]
-    cap = metrics.get("caption")
-    if cap:
-        lines += ["Greedy captions", "", "| metric | value |", "|---|---|"]
-        for key, label in (("bleu1", "BLEU-1"), ("bleu4", "BLEU-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"),
-                           ("cider_d", "CIDEr-D"),
-                           ("emoji_acc_single", f"names the emoji, 1-emoji scenes (n={cap.get('n_single')})"),
-                           ("emoji_acc_pair", f"names both emoji, 2-emoji scenes (n={cap.get('n_pair')})")):
-            if key in cap:
-                lines.append(f"| {label} | {_fmt(cap[key])} |")
-        lines.append("")
-        if cap.get("scorer") == "pycocoevalcap":
-            how = ("PTB tokenizer (Java)" if cap.get("tokenizer") == "ptb"
-                   else "the regular-expression stand-in for the PTB tokenizer (no Java)")
-            absent = "".join(f" {k.upper()} not computed: {why}." for k, why in (cap.get("absent") or {}).items())
-            lines += [f"Scored with pycocoevalcap (coco-caption), captions tokenised with {how}; CIDEr-D is its "
-                      f"CIDEr scorer.{absent}", ""]
-    zs = metrics.get("zero_shot")
-    if zs:
-        lines += [f"Zero-shot classification of {zs['n_images']} single-emoji scenes over {zs['n_classes']} classes: "
-                  f"top-1 {zs['top1']:.3f}, top-5 {zs['top5']:.3f} (chance {zs['chance_top1']:.4f}).", ""]
+    for section in report.sections:
+        lines += [section, ""]
     if curves:
         lines += ["![loss curves](loss_curves.png)", ""]
-    if scenes:
-        which = "Held-out images" if (split or {"held_out": True}).get("held_out") else "Training images (not held-out)"
-        lines += [f"{which}, G = generated (greedy), T = true caption:", "", "![scenes](scenes.png)", ""]
+    for figure in report.figures:
+        if figure.draw(out / figure.file) is not None:
+            lines += ([f"{figure.caption}:", ""] if figure.caption else []) + [f"![{figure.alt}]({figure.file})", ""]
     (out / "report.md").write_text("\n".join(lines))
     log.info("report written to %s", out)
     return out
@@ -195,11 +263,11 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def write_task_report(out_dir: str | Path, title: str, metrics: dict[str, Any], sections: Sequence[str] = (),
-                      figures: Sequence[tuple[str, Path | None]] = ()) -> Path:
+def write_benchmark_report(out_dir: str | Path, title: str, metrics: dict[str, Any], sections: Sequence[str] = (),
+                           figures: Sequence[tuple[str, Path | None]] = ()) -> Path:
     """Write ``metrics.json`` and ``report.md`` (``title``, the evaluated model and data, the
     skipped images, then ``sections`` and ``figures`` as ``(caption, png path)`` under
-    ``out_dir``); returns the folder."""
+    ``out_dir``, both as the benchmark returned them); returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=2))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..layers.dropout import Dropout, no_dropout
-from ..models import _checks
+from .. import checks as _checks
 from . import compiled
 from .batch import Batch, step_function
 from .beam import beam_search
@@ -181,7 +181,7 @@ def _warn_outside_no_dropout(model: nn.Module) -> None:
 
 def caption(model: nn.Module, images: torch.Tensor | None, tokenizer: Any, **kwargs: Any) -> list[str]:
     """Captions as strings: ``generate(model, images, **kwargs)`` then ``tokenizer.decode``
-    (any object with ``decode(ids (b, n)) -> list[str]``, e.g. ``mammut.data.tokenizer.Tokenizer``).
+    (any object with ``decode(ids (b, n)) -> list[str]``, e.g. ``mammut.tokenizer.Tokenizer``).
     Like ``generate`` it leaves the model's train / eval mode alone and decodes without dropout."""
     if not callable(getattr(tokenizer, "decode", None)):
         raise TypeError(f"tokenizer: expected an object with decode(ids) -> list[str], got {type(tokenizer).__name__}")

@@ -24,7 +24,7 @@ from ..layers.masks import positions_from_mask
 from .config import STATIC_ROUND
 from .inputs import Context, select_context
 
-__all__ = ["Batch", "StepFn", "decode_last", "step_function"]
+__all__ = ["Batch", "StepFn", "decode_last", "step_function", "logits_of_decode_hidden"]
 
 StepFn = Callable[[nn.Module, torch.Tensor, Context, torch.Tensor, torch.Tensor, KVCache | None], torch.Tensor]
 
@@ -44,12 +44,23 @@ def decode_last(model: nn.Module, text: torch.Tensor, context: Context, keep: to
     return model.decode(text, context, keep=keep, positions=positions, cache=cache)[:, -1]
 
 
+_PLAIN_DECODE = "__mammut_logits_of_decode_hidden__"
+
+
+def logits_of_decode_hidden(decode: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Marks a ``decode`` method that is exactly ``to_logits(decode_hidden(...))``
+    (``ModelBase.decode``): generation may then project only the last state to the vocabulary.
+    The mark is the function's, so a subclass that overrides ``decode`` loses it."""
+    setattr(decode, _PLAIN_DECODE, True)
+    return decode
+
+
 def step_function(model: nn.Module) -> StepFn:
     """``_hidden_last`` for mammut models whose ``decode`` is ``ModelBase.decode``
-    (``to_logits(decode_hidden(...))``, so the two are the same), ``decode_last`` otherwise."""
-    from ..models._base import ModelBase
-
-    plain = getattr(type(model), "decode", None) is ModelBase.decode and "decode" not in vars(model)
+    (``to_logits(decode_hidden(...))``, so the two are the same: :func:`logits_of_decode_hidden`),
+    ``decode_last`` otherwise."""
+    decode = getattr(type(model), "decode", None)
+    plain = getattr(decode, _PLAIN_DECODE, False) is True and "decode" not in vars(model)
     return _hidden_last if plain and hasattr(model, "decode_hidden") and hasattr(model, "to_logits") else decode_last
 
 

@@ -1,4 +1,4 @@
-"""Crash-safe file writes: the one writer behind model checkpoints (``mammut.io.checkpoint``)
+"""Crash-safe file writes: the one writer behind model checkpoints (``mammut.models.pretrained``)
 and training checkpoints, metrics and run configs (``mammut.train``).
 
 A file is written under a temporary name in its own folder, fsynced, given the permissions the

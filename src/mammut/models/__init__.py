@@ -1,5 +1,11 @@
 """Model registry: one file per architecture, each registering itself with a :class:`ModelSpec`
-(class, tiny config, block types, tasks). See ``mammut.models.contract`` for the contract."""
+(class, tiny config, block types, tasks), imported by :func:`_load_all`. See
+``mammut.models.contract`` for the contract.
+
+Besides the architectures: :mod:`mammut.models.pretrained` (``save_pretrained`` /
+``load_pretrained``) and :mod:`mammut.models.companions` (preprocessing and tokenizer files),
+and the lookup ``Model.from_open_clip`` finds its converter through
+(:func:`set_open_clip_lookup`)."""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ from torch import nn
 
 from .contract import ModelSpec
 
-__all__ = ["register_model", "create_model", "list_models", "get_model_class", "get_model_spec", "ModelSpec"]
+__all__ = ["register_model", "create_model", "list_models", "get_model_class", "get_model_spec", "ModelSpec",
+           "set_open_clip_lookup", "open_clip_converter"]
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
@@ -58,10 +65,29 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _load_all() -> None:
-    # importing a model module registers it
-    import importlib
-    import pkgutil
+    # importing a model module registers it; listed by name (not discovered) so that every
+    # import is visible to tools: tests/test_layering.py checks the list is complete
+    from . import coca, flamingo, mammut  # noqa: F401
 
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_") and info.name != "contract":
-            importlib.import_module(f"{__name__}.{info.name}")
+
+# ---------------------------------------------------------------------------- open_clip converters
+OpenClipLookup = Callable[[Any], Callable[..., nn.Module]]
+_open_clip_lookup: OpenClipLookup | None = None
+
+
+def set_open_clip_lookup(lookup: OpenClipLookup) -> None:
+    """Where ``Model.from_open_clip`` finds its converter: ``lookup(model_name) -> converter``.
+    The converters (``mammut.convert``) import the models, so the models never import them; the
+    package root (``mammut/__init__.py``) registers ``mammut.convert.open_clip_converter`` here,
+    imported on first use."""
+    global _open_clip_lookup
+    if not callable(lookup):
+        raise TypeError(f"lookup: expected a callable model_name -> converter, got {type(lookup).__name__}")
+    _open_clip_lookup = lookup
+
+
+def open_clip_converter(model_name: Any) -> Callable[..., nn.Module]:
+    """The open_clip converter of a model's registry name, through the registered lookup."""
+    if _open_clip_lookup is None:
+        raise LookupError("no open_clip converters are registered (mammut/__init__.py registers mammut.convert's)")
+    return _open_clip_lookup(model_name)

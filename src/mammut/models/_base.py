@@ -1,9 +1,10 @@
 """Base class of every mammut model: a config dataclass plus checkpoint methods.
 
-The checkpoint code lives in ``mammut.io.checkpoint`` and is imported only when used, so
-``import mammut`` needs nothing beyond torch and einops. ``from_open_clip`` looks its converter
-up in ``mammut.convert`` at call time (``importlib``): converters import models, models never
-import converters.
+The checkpoint code lives in ``mammut.models.pretrained`` and is imported only when used, so
+``import mammut`` needs nothing beyond torch and einops. ``from_open_clip`` finds its converter
+through ``mammut.models.open_clip_converter``, a lookup the package root registers
+(``mammut.convert``, imported on first use): converters import models, models never import
+converters.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from ..generation.batch import logits_of_decode_hidden
 
 __all__ = ["ModelBase"]
 
@@ -68,6 +71,7 @@ class ModelBase(nn.Module):
             raise ValueError(f"image_tokens: expected width {image_dim} (image_dim), got {tuple(tokens.shape)}")
         return tokens
 
+    @logits_of_decode_hidden
     def decode(self, text: torch.Tensor, context: Any = None, **kwargs: Any) -> torch.Tensor:
         """Decoder protocol (used by ``mammut.generation``): new tokens ``(b, n)`` and the
         model's image context -> logits ``(b, n, v)``, i.e. ``self.to_logits`` of the
@@ -183,7 +187,7 @@ class ModelBase(nn.Module):
         """Write ``config.json`` and ``model.safetensors`` to ``directory``; ``preprocess=`` and
         ``tokenizer=`` are written beside them for :func:`mammut.load` (``mammut.save_pretrained``
         has the options)."""
-        from ..io.checkpoint import save_pretrained
+        from .pretrained import save_pretrained
 
         return save_pretrained(self, directory, **kwargs)
 
@@ -192,7 +196,7 @@ class ModelBase(nn.Module):
         """Load a model written by ``save_pretrained`` (no network). The preprocessing and the
         tokenizer saved beside it (``save_pretrained(dir, preprocess=, tokenizer=)``) come back
         with it through ``model, preprocess, tokenizer = mammut.load(directory)``."""
-        from ..io.checkpoint import load_pretrained
+        from .pretrained import load_pretrained
 
         return load_pretrained(directory, model_class=cls, **kwargs)
 
@@ -205,11 +209,11 @@ class ModelBase(nn.Module):
         state dict, a checkpoint file or an open_clip model; ``kwargs``: the converter's options
         (e.g. ``dtype=``). The converter is the one ``mammut.convert.OPEN_CLIP_CONVERTERS``
         registers under this model's registry name (CoCa:
-        ``mammut.convert.open_clip.coca_from_open_clip``); it needs the ``interop`` extra."""
-        import importlib
+        ``mammut.convert.open_clip.coca_from_open_clip``), found through
+        :func:`mammut.models.open_clip_converter`; it needs the ``interop`` extra."""
+        from . import open_clip_converter
 
-        convert = importlib.import_module("mammut.convert")
-        return convert.open_clip_converter(getattr(cls, "model_name", None))(name_or_config, state_dict_or_path, **kwargs)
+        return open_clip_converter(getattr(cls, "model_name", None))(name_or_config, state_dict_or_path, **kwargs)
 
     def generate(self, images: torch.Tensor | None = None, prompt: Any = None, **kwargs: Any) -> Any:
         """New token ids ``(b, n)`` for ``images`` (decoder models only); see

@@ -6,7 +6,9 @@ from typing import Iterable
 
 import torch
 
-from ..losses import IGNORE_INDEX, check_labels
+from ..checks import check_finite
+from ..constants import IGNORE_INDEX
+from ..losses import check_labels
 
 __all__ = ["IGNORE_INDEX", "check_choice", "check_text", "check_labels", "check_finite", "check_image_batch"]
 
@@ -37,19 +39,6 @@ def check_text(text: torch.Tensor, num_tokens: int, pad_id: int | None = None, *
         if bool(empty.any()):
             rows = empty.nonzero().flatten().tolist()[:8]
             raise ValueError(f"text: rows {rows} are empty (only pad_id={pad_id} tokens)")
-
-
-def check_finite(name: str, x: object, what: str = "values") -> None:
-    """A float tensor ``x`` must hold only finite numbers: ``ValueError`` naming ``name`` and
-    counting the NaN and inf entries otherwise. One host sync (counts only on the error path);
-    anything that is not a float tensor is left to the type checks."""
-    if not torch.is_tensor(x) or not (x.is_floating_point() or x.is_complex()):
-        return
-    if bool(torch.isfinite(x).all()):
-        return
-    nan = int(torch.isnan(x).sum())
-    inf = x.numel() - nan - int(torch.isfinite(x).sum())
-    raise ValueError(f"{name}: expected finite {what}, got {nan} NaN and {inf} inf")
 
 
 def check_image_batch(image_tokens: torch.Tensor, name: str = "image_tokens") -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..losses import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from ..models.contract import Batch
 
 __all__ = ["Task", "register_task", "get_task", "list_tasks", "token_shares"]
@@ -19,10 +19,20 @@ _TASKS: dict[str, type["Task"]] = {}
 
 class Task:
     """Base class of a task. Subclasses set ``name`` and implement ``loss``, ``train_batches``
-    and ``evaluate``; ``prepare_step`` defaults to token shares over the batch's targets."""
+    and ``evaluate``; ``prepare_step`` defaults to token shares over the batch's targets.
+
+    ``data_kinds``: the ``data.kind`` values it reads, each registered by its reader
+    (``mammut.train.data.register_data_kind``); the config checker refuses any other and lists
+    these. ``options``: a dataclass of the task's own settings, read from the run config's
+    ``task_options:`` section (checked by the config's typed coercion, errors naming
+    ``task_options.<key>``) and given to the task as ``cfg.task_options``; None: no section.
+
+    Micro-batches are nested dicts / lists / tuples of tensors (e.g. a list of boxes per image);
+    the Trainer moves them to the device whole (``mammut.train.distributed.to_device``)."""
 
     name: ClassVar[str]
     data_kinds: ClassVar[tuple[str, ...]] = ("emoji",)  # the data.kind values it reads
+    options: ClassVar[type | None] = None  # dataclass of its task_options: section (None: none)
     special_tokens: tuple[str, ...] = ()  # tokens its texts need as one id each (e.g. "<image>")
     unused_parameters: bool = False  # its loss leaves some parameters without a gradient (DDP must know)
 
@@ -49,8 +59,11 @@ class Task:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, model: nn.Module, tokenizer: Any, *, data: str | None = None,
-                 n: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Held-out metrics and what the report draws: ``(metrics, {"images", "generated", "truth"})``."""
+                 n: int | None = None) -> tuple[dict[str, Any], Any]:
+        """Held-out metrics and the run report's parts: ``(metrics, mammut.eval.report.RunReport)``
+        (the markdown sections, figures and extra files the task wants in ``mammut eval RUN``'s
+        report; the report itself adds the summary and the loss curves). The older form, a dict
+        ``{"images", "generated", "truth", "sections"}``, still gets the image-text report's parts."""
         raise NotImplementedError
 
     def quick_eval(self, model: nn.Module, tokenizer: Any) -> dict[str, float] | None:

@@ -42,9 +42,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..constants import MEDIA_TOKEN
 from ..data.interleaved import InterleavedCollate, InterleavedSample, InterleavedSource, build_prompt, caption_ids
 from ..models.contract import Batch
-from ..train.build import MEDIA_TOKEN
 from .base import Task, register_task
 
 log = logging.getLogger(__name__)

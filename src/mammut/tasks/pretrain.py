@@ -4,7 +4,7 @@ Batches ``{"images": (b, c, h, w), "text": (b, n)}`` from emoji scenes, CSV/TSV 
 (``mammut.train.data.train_batches``); the objective is the model's ``compute_losses`` (MaMMUT:
 contrastive + captioning passes over shared weights; CoCa: unimodal + multimodal), its
 caption part weighted by the batch's token share. Evaluation: held-out retrieval, zero-shot
-(emoji) and captions (``mammut.eval``).
+(emoji) and captions (``mammut.eval``); its report: ``mammut.eval.report.image_text_report``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Pretrain(Task):
             yield [{"images": images, "text": text} for images, text in micro]
 
     def evaluate(self, model: nn.Module, tokenizer: Any, *, data: str | None = None,
-                 n: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                 n: int | None = None) -> tuple[dict[str, Any], Any]:
         from ..eval.evaluate import evaluate_image_text
 
         return evaluate_image_text(model, tokenizer, self.cfg, data=data, n=n)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..losses import IGNORE_INDEX
+from ..constants import IGNORE_INDEX, MEDIA_TOKEN
 from ..models.contract import Batch
 from .base import Task, register_task
 
@@ -144,8 +144,6 @@ class Vqa(Task):
     def special_tokens(self) -> tuple[str, ...]:
         """Special tokens the run's tokenizer must hold: ``<image>`` for a media model (read on
         the instance: it depends on ``model.name``)."""
-        from ..train.build import MEDIA_TOKEN
-
         return (MEDIA_TOKEN,) if self.media else ()
 
     def tokenizer_corpus(self) -> list[str]:
@@ -161,7 +159,6 @@ class Vqa(Task):
         return not self.media
 
     def _encoder(self, tokenizer: Any) -> VqaEncoder:
-        from ..train.build import MEDIA_TOKEN
         from ..train.config import ConfigError
 
         media_id = None
@@ -226,7 +223,10 @@ class Vqa(Task):
         return out
 
     def evaluate(self, model: nn.Module, tokenizer: Any, *, data: str | None = None,
-                 n: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                 n: int | None = None) -> tuple[dict[str, Any], Any]:
+        """Held-out accuracy per question type against the text-only baseline; the report: its
+        table and a grid of questions with the model's and the true answers."""
+        from ..eval.report import RunReport, scenes_figure
         from ..eval.vqa import accuracy_by_type, vqa_table
 
         if data is not None:
@@ -250,11 +250,12 @@ class Vqa(Task):
         section = (f"## VQA accuracy on {n} held-out questions\n\n" + vqa_table(result) +
                    "\nText-only: the same model answering with every image blanked (all zeros). Most common answer: "
                    "always giving the type's most frequent answer. Answers normalised as VQAv2 (mammut.eval.vqa).\n")
-        drawn = {"images": images, "generated": [f"{it['question']} -> {a}" for it, a in zip(items, answers)],
-                 "truth": [f"{it['question']} -> {it['answer']}" for it in items], "sections": [section]}
+        report = RunReport(sections=[section.rstrip()], figures=scenes_figure(
+            images, [f"{it['question']} -> {a}" for it, a in zip(items, answers)],
+            [f"{it['question']} -> {it['answer']}" for it in items], grid=self.cfg.eval.grid))
         log.info("vqa: held-out accuracy %.3f (text-only %.3f) on %d questions",
                  result["accuracy"], result["baseline_accuracy"], n)
-        return {"eval_split": split, "vqa": result}, drawn
+        return {"eval_split": split, "vqa": result}, report
 
     def quick_eval(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
         from ..eval.vqa import vqa_accuracy

@@ -1,4 +1,5 @@
-"""Build a model from a run config (loading a run folder back: ``mammut.inference.load_run``).
+"""Build a model from a run config (loading a run folder back: ``mammut.inference.load_run``;
+without the training stack: :mod:`mammut.runs`).
 
 A run folder holds ``config.yaml`` (the resolved config: the model section filled in from
 the tokenizer), ``tokenizer.json`` and ``checkpoints/step_*/model.safetensors``.
@@ -11,13 +12,12 @@ from typing import Any
 
 from torch import nn
 
-from ..data.tokenizer import Tokenizer
+from ..constants import MEDIA_TOKEN  # where an image sits in an interleaved text (FlamingoPaLM's media_token_id)
 from ..models import get_model_class
+from ..tokenizer import Tokenizer
 from .config import ConfigError, RunConfig
 
 __all__ = ["resolve_model_config", "build_model", "MEDIA_TOKEN"]
-
-MEDIA_TOKEN = "<image>"  # where an image sits in an interleaved text (FlamingoPaLM's media_token_id)
 
 
 def resolve_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]:

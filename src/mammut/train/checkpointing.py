@@ -13,7 +13,9 @@ A checkpoint is written into a ``.tmp-`` folder, every file and the folder are f
 folder is renamed into place when complete, so a run killed at any moment leaves either the
 previous checkpoints or the new one, never half of one. ``manifest.json`` lets
 :func:`verify_checkpoint` catch a file that was truncated or corrupted later;
-:func:`latest_valid_checkpoint` is the newest checkpoint that verifies. Nothing is ever
+:func:`latest_valid_checkpoint` is the newest checkpoint that verifies. The reading side
+(listing, verification, :func:`load_weights`) is :mod:`mammut.runs`, the library's run-folder
+reader that ``mammut.load`` uses without importing this package; it is re-exported here. Nothing is ever
 unpickled beyond tensors and plain containers, so a crafted checkpoint cannot run code.
 
 Works for plain, DDP and FSDP2 models through ``torch.distributed.checkpoint``'s full
@@ -35,12 +37,24 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from ..io.atomic import atomic_write_text, fsync_dir, fsync_file, sha256_file
-from ..io.checkpoint import CheckpointError
+from ..runs import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    CheckpointCorrupt,
+    _step_of,
+    latest_checkpoint,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_weights,
+    verify_checkpoint,
+)
+from ..runs import select_checkpoint as _select_checkpoint
 from .distributed import DistInfo, all_ranks_ok, barrier
 from .rng_state import numpy_safe_globals, rng_from_json, rng_state, rng_to_json, set_rng_state
 
@@ -64,20 +78,9 @@ __all__ = [
     "MANIFEST_NAME",
 ]
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "mammut-train-checkpoint"
-MANIFEST_VERSION = 1
-REQUIRED_FILES = ("model.safetensors", "state.json")
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _OS_ERROR_CODE = re.compile(r"os error (\d+)")
 _TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
 _FULL_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
-
-
-class CheckpointCorrupt(CheckpointError):
-    """A training checkpoint whose files are missing, truncated, corrupt or unreadable; the
-    message names the file. A ``ValueError`` (via ``mammut.io.CheckpointError``)."""
 
 
 class UnsafeCheckpointError(CheckpointCorrupt):
@@ -189,18 +192,6 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     save_file(tensors, str(path), metadata=meta)
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file written by :func:`save_weights` (aliases restored)."""
-    out: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():
-            out[name] = f.get_tensor(name)
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    for name, source in aliases.items():
-        out[name] = out[source]
-    return out
-
-
 # --------------------------------------------------------------------------- torch.load
 # RNG states (rng_rank{r}.json, legacy .pt): converted by mammut.train.rng_state (rng_state and
 # set_rng_state are re-exported here), read here
@@ -244,108 +235,8 @@ def _load_rng(path: Path, rank: int, saved_world: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- folders
-
-
-def _step_of(path: Path) -> int:
-    m = _STEP_DIR.match(path.name)
-    return int(m.group(1)) if m else -1
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint folders of a run (renamed into place, not yet verified), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint folder, *not* verified (see :func:`latest_valid_checkpoint`)."""
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
-    mf = path / MANIFEST_NAME
-    try:
-        doc = json.loads(mf.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointCorrupt(f"{mf}: corrupt manifest ({exc})") from None
-    files = doc.get("files") if isinstance(doc, dict) else None
-    if not isinstance(files, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str) for v in files.values()):
-        raise CheckpointCorrupt(f"{mf}: corrupt manifest (expected files: {{name: {{bytes, sha256}}}})")
-    if doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("version"), int) or doc["version"] > MANIFEST_VERSION:
-        raise CheckpointCorrupt(f"{mf}: expected format {MANIFEST_FORMAT!r} version <= {MANIFEST_VERSION}, "
-                                f"got {doc.get('format')!r} version {doc.get('version')!r}")
-    return files
-
-
-def verify_checkpoint(path: str | Path) -> None:
-    """Check a training checkpoint folder against its ``manifest.json`` (every file present,
-    of the recorded size and sha256); raises :class:`CheckpointCorrupt` naming the bad file.
-
-    A checkpoint without a manifest (written before checksums were added) is accepted with a
-    warning after a structural check (``state.json`` parses, the safetensors header reads):
-    refusing it would make runs started with an older mammut unresumable."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointCorrupt(f"{path}: expected a checkpoint folder, got {'a file' if path.exists() else 'nothing'}")
-    for name in REQUIRED_FILES:
-        if not (path / name).is_file():
-            raise CheckpointCorrupt(f"{path / name}: missing")
-    if not (path / MANIFEST_NAME).is_file():
-        _check_structure(path)
-        log.warning("%s has no %s (written by an older mammut): its files cannot be verified", path, MANIFEST_NAME)
-        return
-    files = _read_manifest(path)
-    for name in REQUIRED_FILES:
-        if name not in files:
-            raise CheckpointCorrupt(f"{path / MANIFEST_NAME}: does not list {name}")
-    for name, entry in files.items():
-        f = path / name
-        if Path(name).name != name:
-            raise CheckpointCorrupt(f"{path / MANIFEST_NAME}: expected plain file names, got {name!r}")
-        if not f.is_file():
-            raise CheckpointCorrupt(f"{f}: missing (listed in {MANIFEST_NAME})")
-        size = f.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointCorrupt(f"{f}: truncated or overwritten: {size} bytes, {MANIFEST_NAME} records {entry['bytes']}")
-        if sha256_file(f) != entry["sha256"]:
-            raise CheckpointCorrupt(f"{f}: corrupt: sha256 differs from the one recorded in {MANIFEST_NAME}")
-
-
-def _check_structure(path: Path) -> None:
-    try:
-        json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointCorrupt(f"{path / 'state.json'}: corrupt JSON ({exc})") from None
-    try:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointCorrupt(f"{path / 'model.safetensors'}: unreadable ({exc})") from None
-
-
-def _select_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, CheckpointCorrupt]]]:
-    """The newest checkpoint that verifies, and the newer ones skipped with their errors."""
-    skipped: list[tuple[Path, CheckpointCorrupt]] = []
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        try:
-            verify_checkpoint(ckpt)
-        except CheckpointCorrupt as exc:
-            log.warning("skipping checkpoint %s: %s", ckpt.name, exc)
-            skipped.append((ckpt, exc))
-            continue
-        return ckpt, skipped
-    return None, skipped
-
-
-def latest_valid_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of ``run_dir`` that passes :func:`verify_checkpoint` (``None`` if
-    none does); every newer one skipped is logged as a warning naming its bad file."""
-    return _select_checkpoint(run_dir)[0]
+# listing, verification and the newest valid checkpoint: mammut.runs (the library's run-folder
+# reader, which mammut.load uses without this package); re-exported here
 
 
 # --------------------------------------------------------------------------- save / load

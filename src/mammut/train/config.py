@@ -1,13 +1,18 @@
 """Run configuration: a YAML file plus ``--key value`` dotted overrides, checked by type.
 
-A config has five sections::
+A config has five sections, and a sixth for a task that declares options::
 
     model:   name: <registry name>, then that model's config fields (e.g. MaMMUTConfig);
              num_tokens / pad_id / bos_id / eos_id left null are filled from the tokenizer.
-    data:    DataConfig   (emoji scenes, csv/tsv or webdataset; tokenizer; caption length)
+    data:    DataConfig   (data.kind: a kind the task reads, e.g. emoji scenes, csv/tsv or
+             webdataset; tokenizer; caption length)
     optim:   OptimConfig  (AdamW, cosine schedule with warm-up, clipping)
     train:   LoopConfig   (steps, batch, accumulation, precision, parallelism, logging, saving)
     eval:    EvalConfig   (held-out set size, zero-shot prompts, caption length)
+    task_options:         the options dataclass of the run's task (``Task.options``), if it has one
+
+``data.kind`` is checked against the task's ``data_kinds`` (kinds are registered by their
+readers, ``mammut.train.data.register_data_kind``), not against a fixed list.
 
 Every key is checked: an unknown key or a value of the wrong type raises :class:`ConfigError`
 naming the dotted key, what was expected and what was given, before anything is built.
@@ -47,7 +52,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    kind: str = "emoji"  # emoji | csv | webdataset
+    kind: str = "emoji"  # a data kind the task reads (Task.data_kinds): emoji | csv | webdataset | a registered one
     path: str | None = None  # csv/tsv file, or webdataset shard pattern ("data-{000..009}.tar")
     val_path: str | None = None  # held-out csv/tsv file or shard pattern (kind from the suffix); emoji: built in
     image_root: str | None = None  # csv: folder that relative image paths start from
@@ -80,7 +85,10 @@ class OptimConfig:
 
 @dataclass
 class LoopConfig:
-    steps: int = 1000  # optimiser steps (the budget is in steps, not seconds)
+    steps: int = 1000  # optimiser steps (the budget is in steps, not seconds; but see time_budget_s)
+    # > 0: after 25 steps, keep as many of `steps` as this machine trains in this many seconds
+    # (decided once, written to the run's config.yaml; 0 = all steps, whatever they take)
+    time_budget_s: int = 0
     batch_size: int = 64  # global batch: over all ranks and accumulation micro-batches
     grad_accum: int = 1
     # auto | fp32 | bf16 (autocast; weights and optimiser stay fp32). auto: bf16 only where the device
@@ -124,9 +132,9 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    task_options: Any = None  # an instance of the task's options dataclass (Task.options), else None
 
     def __post_init__(self) -> None:
-        check_choice("data.kind", self.data.kind, ("emoji", "csv", "webdataset"))
         check_choice("train.precision", self.train.precision, ("auto", "fp32", "bf16"))
         check_choice("train.parallel", self.train.parallel, ("auto", "none", "ddp", "fsdp"))
         check_choice("train.device", self.train.device, ("auto", "cpu", "cuda"))
@@ -143,13 +151,11 @@ class RunConfig:
         for key, value in {"train.save_every": self.train.save_every, "train.eval_every": self.train.eval_every,
                            "optim.warmup_steps": self.optim.warmup_steps, "optim.grad_clip": self.optim.grad_clip,
                            "optim.weight_decay": self.optim.weight_decay, "data.num_workers": self.data.num_workers,
-                           "train.threads": self.train.threads}.items():
+                           "train.threads": self.train.threads, "train.time_budget_s": self.train.time_budget_s}.items():
             if value < 0:
                 raise ConfigError(f"{key}: expected a value >= 0, got {value}")
         if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {self.optim.min_lr_ratio}")
-        if self.data.kind != "emoji" and not self.data.path:
-            raise ConfigError(f"data.path: expected a file or shard pattern for data.kind={self.data.kind!r}, got null")
         if self.train.batch_size % self.train.grad_accum:
             raise ConfigError(
                 f"train.batch_size: expected a multiple of train.grad_accum={self.train.grad_accum}, got {self.train.batch_size}"
@@ -165,6 +171,7 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "optim": OptimConfig, "train": LoopConfig, "eval": EvalConfig}
+TASK_OPTIONS = "task_options"  # the section of the task's own options (Task.options)
 
 
 def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -279,7 +286,7 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     """Check a nested dict (as read from YAML) and build a :class:`RunConfig`."""
     if not isinstance(tree, dict):
         raise ConfigError(f"config: expected a mapping of sections, got {type(tree).__name__}")
-    valid = ["model", *SECTIONS]
+    valid = ["model", *SECTIONS, TASK_OPTIONS]
     sections: dict[str, Any] = {}
     for name, value in tree.items():
         if name not in valid:
@@ -294,9 +301,25 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
         _check_model_task(name, task)
     model = check_model_section({"name": "mammut", **sections.get("model", {})})
     built = {name: build_dataclass(cls, sections.get(name, {}), name) for name, cls in SECTIONS.items()}
-    cfg = RunConfig(model=model, **built)
+    options = task_options(built["train"].task, sections.get(TASK_OPTIONS))
+    cfg = RunConfig(model=model, **built, task_options=options)
     check_task(cfg)
     return cfg
+
+
+def task_options(task: str, values: dict[str, Any] | None) -> Any:
+    """The ``task_options:`` section checked against the task's options dataclass
+    (``Task.options``) by the config's typed coercion (errors name ``task_options.<key>``);
+    None for a task without options, whose section must be absent or empty."""
+    from ..tasks import get_task
+
+    cls = get_task(task).options
+    if cls is None:
+        if values:
+            raise ConfigError(f"{TASK_OPTIONS}: expected no section (train.task={task!r} takes no options), "
+                              f"got {values!r}")
+        return None
+    return build_dataclass(cls, values or {}, TASK_OPTIONS)
 
 
 def _check_model_task(name: str, task: str) -> None:
@@ -316,14 +339,24 @@ def _check_model_task(name: str, task: str) -> None:
 
 def check_task(cfg: RunConfig) -> None:
     """The model must train on ``train.task`` (its registry spec says so) and the task must
-    read ``data.kind``: an impossible combination is refused before any work."""
+    read ``data.kind`` (its ``data_kinds``, each registered by its reader): an impossible
+    combination is refused before any work."""
     from ..tasks import get_task
+    from .data import get_data_kind, list_data_kinds
 
     task = cfg.train.task
     _check_model_task(cfg.model["name"], task)
-    kinds = get_task(task).data_kinds
+    kinds = list(get_task(task).data_kinds)
     if cfg.data.kind not in kinds:
-        raise ConfigError(f"data.kind: train.task={task!r} reads {' or '.join(kinds)}, got {cfg.data.kind!r}")
+        raise ConfigError(f"data.kind: expected one of {kinds} (the data kinds train.task={task!r} reads), "
+                          f"got {cfg.data.kind!r}")
+    try:
+        kind = get_data_kind(cfg.data.kind)
+    except ValueError:
+        raise ConfigError(f"data.kind: expected a data kind with a registered reader ({list_data_kinds()}), got "
+                          f"{cfg.data.kind!r} (listed by train.task={task!r})") from None
+    if kind.needs_path and not cfg.data.path:
+        raise ConfigError(f"data.path: expected a file or shard pattern for data.kind={cfg.data.kind!r}, got null")
 
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -406,4 +439,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
             return [plain(v) for v in x]
         return x
 
-    return plain({"model": dict(cfg.model), **{name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}})
+    tree = {"model": dict(cfg.model), **{name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}}
+    if cfg.task_options is not None:
+        tree[TASK_OPTIONS] = dataclasses.asdict(cfg.task_options)
+    return plain(tree)

@@ -16,10 +16,15 @@ Captions longer than ``data.max_len`` tokens: with ``data.truncate: true`` they 
 kept); with ``false`` the sample is skipped and counted, never fatal: csv rows are dropped
 when the source is built (so batches stay deterministic), webdataset samples in the stream
 (logged as ``shard URL key KEY``), and an emoji scene is replaced by one from a spare index range.
+
+Data kinds (``data.kind``) are registered by what reads them (:func:`register_data_kind`): the
+image-text readers here register ``emoji``, ``csv`` and ``webdataset``; a task lists the kinds
+it reads in ``Task.data_kinds`` and the config checker refuses any other (no fixed list).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -40,11 +45,61 @@ from .config import DataConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_data", "build_tokenizer", "MicroBatches", "indexed_batches", "train_batches", "expand_shards"]
+__all__ = ["check_data", "build_tokenizer", "MicroBatches", "indexed_batches", "train_batches", "expand_shards",
+           "DataKind", "register_data_kind", "get_data_kind", "list_data_kinds"]
 
 _EMOJI_SPARE = 1 << 48  # emoji: replacement scenes for over-long captions come from index _EMOJI_SPARE + 64*i + t
 _EMOJI_TRIES = 64
 _SHOWN = 5  # over-long rows named in the warning
+
+
+# --------------------------------------------------------------------------- data kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class DataKind:
+    """A registered ``data.kind``: its reader and what the run needs of it.
+
+    ``reader(cfg, tokenizer, *, batch_size, grad_accum, seed, rank, world_size, start_step,
+    steps)``: the iterator over steps ``start_step .. steps-1``, each this rank's
+    ``grad_accum`` micro-batches (for the image-text kinds ``(images, text)`` pairs, see
+    :func:`train_batches`). ``corpus(cfg)``: texts to train the run's BPE on when
+    ``data.tokenizer`` is null (None: the kind needs a ``data.tokenizer``). ``needs_path``:
+    ``data.path`` must be given. ``check(cfg)``: fail fast before the model is built (e.g. the
+    files exist), raising an error naming the key."""
+
+    name: str
+    reader: Callable[..., Iterator[list[Any]]]
+    corpus: Callable[[Any], list[str]] | None = None
+    needs_path: bool = False
+    check: Callable[[Any], None] | None = None
+
+
+_DATA_KINDS: dict[str, DataKind] = {}
+
+
+def register_data_kind(name: str, reader: Callable[..., Iterator[list[Any]]], *,
+                       corpus: Callable[[Any], list[str]] | None = None, needs_path: bool = False,
+                       check: Callable[[Any], None] | None = None) -> DataKind:
+    """Register ``data.kind: name`` read by ``reader`` (see :class:`DataKind`); returns the entry.
+    A task that reads it lists ``name`` in its ``data_kinds``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty str, got {name!r}")
+    if name in _DATA_KINDS and _DATA_KINDS[name].reader is not reader:
+        raise ValueError(f"data kind {name!r} is already registered")
+    kind = DataKind(name, reader, corpus, needs_path, check)
+    _DATA_KINDS[name] = kind
+    return kind
+
+
+def list_data_kinds() -> list[str]:
+    return sorted(_DATA_KINDS)
+
+
+def get_data_kind(name: str) -> DataKind:
+    if name not in _DATA_KINDS:
+        raise ValueError(f"data.kind: expected one of {list_data_kinds()}, got {name!r}")
+    return _DATA_KINDS[name]
 
 
 def _check_source(path: str, key: str, csv: bool) -> None:
@@ -57,12 +112,13 @@ def _check_source(path: str, key: str, csv: bool) -> None:
 
 
 def check_data(cfg: DataConfig) -> None:
-    """Fail fast, before a model is built: ``data.path`` (csv file or shards) and ``data.val_path``
-    exist. Raises ``FileNotFoundError`` naming the key."""
-    if cfg.kind in ("csv", "webdataset"):
-        if not cfg.path:
-            raise ValueError(f"data.path: expected a file or shard pattern for data.kind={cfg.kind!r}, got null")
-        _check_source(cfg.path, "data.path", cfg.kind == "csv")
+    """Fail fast, before a model is built: ``data.path`` (csv file or shards: the data kind's
+    ``check``) and ``data.val_path`` exist. Raises ``FileNotFoundError`` naming the key."""
+    kind = get_data_kind(cfg.kind)
+    if kind.needs_path and not cfg.path:
+        raise ValueError(f"data.path: expected a file or shard pattern for data.kind={cfg.kind!r}, got null")
+    if kind.check is not None:
+        kind.check(cfg)
     if cfg.val_path:
         _check_source(cfg.val_path, "data.val_path", is_csv(cfg.val_path))
 
@@ -119,13 +175,10 @@ def build_tokenizer(cfg: DataConfig, run_dir: Path, extra_texts: list[str] | Non
     elif saved.is_file():
         tok = Tokenizer.from_file(saved)
     else:
-        if cfg.kind == "emoji":
-            texts = emoji_corpus(emoji_dataset(cfg).class_names())
-        elif cfg.kind == "csv":
-            texts = [caption for _, caption in csv_dataset(cfg).samples]
-        else:
-            raise ValueError("data.tokenizer: expected a tokenizer.json for data.kind='webdataset', got null")
-        texts = texts + list(extra_texts or [])
+        corpus = get_data_kind(cfg.kind).corpus
+        if corpus is None:
+            raise ValueError(f"data.tokenizer: expected a tokenizer.json for data.kind={cfg.kind!r}, got null")
+        texts = list(corpus(cfg)) + list(extra_texts or [])
         tok = train_bpe(texts, vocab_size=cfg.vocab_size, path=saved, min_frequency=1, extra_special=tuple(special_tokens))
         log.info("trained a %d-token BPE on %d captions -> %s", tok.vocab_size, len(texts), saved)
     missing = [t for t in special_tokens if tok.special_id(t) is None]
@@ -147,17 +200,20 @@ class _IndexedSource:
     """Global sample index -> item with ``.image``/``.caption`` or ``(image, caption)``.
 
     With ``tokenizer`` given (``data.truncate: false``), captions longer than ``data.max_len``
-    never come out: csv rows are dropped here, once; emoji scenes are replaced.
+    never come out: csv rows are dropped here, once; emoji scenes are replaced. ``scenes``: emoji
+    scenes (True) or csv rows (False), as the registered reader says (default: ``data.kind``
+    is ``emoji``).
     """
 
-    def __init__(self, cfg: DataConfig, seed: int, tokenizer: Tokenizer | None = None) -> None:
-        self.kind = cfg.kind
+    def __init__(self, cfg: DataConfig, seed: int, tokenizer: Tokenizer | None = None, *,
+                 scenes: bool | None = None) -> None:
+        self.scenes = cfg.kind == "emoji" if scenes is None else scenes
         self.seed = seed
         self.max_len = cfg.max_len
         self.tokenizer = tokenizer
         self.skipped_long = 0  # csv: rows dropped; emoji: scenes replaced (in this process)
-        self.ds: Any = emoji_dataset(cfg) if cfg.kind == "emoji" else csv_dataset(cfg)
-        if cfg.kind == "csv":
+        self.ds: Any = emoji_dataset(cfg) if self.scenes else csv_dataset(cfg)
+        if not self.scenes:
             if tokenizer is not None:
                 self._drop_long_rows(tokenizer)
             if len(self.ds) == 0:
@@ -197,7 +253,7 @@ class _IndexedSource:
                          f"tokens (e.g. {scene.caption!r}); raise data.max_len or set data.truncate: true")
 
     def __call__(self, i: int) -> Any:
-        if self.kind == "emoji":
+        if self.scenes:
             return self._emoji(i)
         n = len(self.ds)
         epoch, j = divmod(i, n)
@@ -275,20 +331,52 @@ def indexed_batches(ds: MicroBatches, num_workers: int, start_step: int,
 def train_batches(cfg: DataConfig, tokenizer: Tokenizer, *, batch_size: int, grad_accum: int, seed: int,
                   rank: int, world_size: int, start_step: int, steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """An iterator over steps ``start_step .. steps-1``, each the list of ``grad_accum``
-    micro-batches ``(images (m, 3, H, W), text (m, max_len))`` of this rank.
+    micro-batches ``(images (m, 3, H, W), text (m, max_len))`` of this rank, from the reader
+    registered for ``data.kind``.
 
     The data source is opened (and checked) here, before the first step is asked for.
     """
+    return get_data_kind(cfg.kind).reader(cfg, tokenizer, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+                                          rank=rank, world_size=world_size, start_step=start_step, steps=steps)
+
+
+def _indexed_reader(cfg: DataConfig, tokenizer: Tokenizer, *, scenes: bool, batch_size: int, grad_accum: int,
+                    seed: int, rank: int, world_size: int, start_step: int,
+                    steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """emoji scenes (``scenes``) or csv rows: global sample ``i`` is a pure function of ``i``."""
     collate = ImageTextCollate(tokenizer, cfg.max_len, truncate=cfg.truncate)
-    if cfg.kind == "webdataset":
-        if batch_size % (world_size * grad_accum):
-            raise ValueError(f"train.batch_size: expected a multiple of world_size * grad_accum = "
-                             f"{world_size * grad_accum}, got {batch_size}")
-        urls = expand_shards(cfg.path, "data.path")  # type: ignore[arg-type]
-        check = None if cfg.truncate else _too_long(tokenizer, cfg.max_len)
-        micro = batch_size // (world_size * grad_accum)
-        stream = _webdataset_stream(cfg, urls, seed, rank, world_size, check)
-        return _webdataset_batches(stream, collate, micro, grad_accum, start_step, steps)
-    source = _IndexedSource(cfg, seed, tokenizer=None if cfg.truncate else tokenizer)
+    source = _IndexedSource(cfg, seed, tokenizer=None if cfg.truncate else tokenizer, scenes=scenes)
     ds = MicroBatches(source, collate, batch_size, grad_accum, rank, world_size)
     return indexed_batches(ds, cfg.num_workers, start_step, steps)
+
+
+def _webdataset_reader(cfg: DataConfig, tokenizer: Tokenizer, *, batch_size: int, grad_accum: int, seed: int,
+                       rank: int, world_size: int, start_step: int,
+                       steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """WebDataset shards, streamed (a resumed run skips the samples already seen)."""
+    collate = ImageTextCollate(tokenizer, cfg.max_len, truncate=cfg.truncate)
+    if batch_size % (world_size * grad_accum):
+        raise ValueError(f"train.batch_size: expected a multiple of world_size * grad_accum = "
+                         f"{world_size * grad_accum}, got {batch_size}")
+    urls = expand_shards(cfg.path, "data.path")  # type: ignore[arg-type]
+    check = None if cfg.truncate else _too_long(tokenizer, cfg.max_len)
+    micro = batch_size // (world_size * grad_accum)
+    stream = _webdataset_stream(cfg, urls, seed, rank, world_size, check)
+    return _webdataset_batches(stream, collate, micro, grad_accum, start_step, steps)
+
+
+def _emoji_reader(cfg: DataConfig, tokenizer: Tokenizer, **steps: Any) -> Iterator[list[Any]]:
+    """``data.kind: emoji``: rendered emoji scenes (``mammut.data.scenes``)."""
+    return _indexed_reader(cfg, tokenizer, scenes=True, **steps)
+
+
+def _csv_reader(cfg: DataConfig, tokenizer: Tokenizer, **steps: Any) -> Iterator[list[Any]]:
+    """``data.kind: csv``: the rows of a csv/tsv file, in a per-epoch seeded order."""
+    return _indexed_reader(cfg, tokenizer, scenes=False, **steps)
+
+
+register_data_kind("emoji", _emoji_reader, corpus=lambda cfg: emoji_corpus(emoji_dataset(cfg).class_names()))
+register_data_kind("csv", _csv_reader, corpus=lambda cfg: [caption for _, caption in csv_dataset(cfg).samples],
+                   needs_path=True, check=lambda cfg: _check_source(cfg.path, "data.path", csv=True))
+register_data_kind("webdataset", _webdataset_reader, needs_path=True,
+                   check=lambda cfg: _check_source(cfg.path, "data.path", csv=False))

@@ -10,6 +10,7 @@ the model (torchtitan style): the model file knows nothing about any of them.
   backward (``torch.utils.checkpoint``, non-reentrant); parameter names do not change.
 - ``apply_compile``: ``torch.compile`` each block in place.
 - ``wrap_parallel``: DDP, or FSDP2 ``fully_shard`` per block then the root.
+- ``to_device``: a micro-batch (nested dicts / lists / tuples of tensors) moved to the device.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
     "barrier",
     "all_ranks_ok",
     "broadcast_int",
+    "to_device",
 ]
 
 BLOCK_TYPES: tuple[type[nn.Module], ...] = (ParallelBlock, TransformerBlock, CrossAttentionBlock)
@@ -67,6 +69,27 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def to_device(batch: Any, device: torch.device | str, *, non_blocking: bool = True) -> Any:
+    """``batch`` with every tensor moved to ``device``, however nested in dicts, lists and tuples
+    (e.g. ``{"images": ..., "boxes": [a tensor per image]}``). Other values (ints, strings,
+    None) are kept; mappings come back as dicts, lists as lists, tuples (namedtuples too) as
+    their own type.
+
+    A small recursive function rather than ``torch.utils._pytree.tree_map``: that module is
+    private (its name and rules may change between torch releases), and a batch holds only
+    these three kinds of container."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, non_blocking=non_blocking) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [to_device(v, device, non_blocking=non_blocking) for v in batch]
+    if isinstance(batch, tuple):
+        items = [to_device(v, device, non_blocking=non_blocking) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
 
 
 class DistTimeoutError(TimeoutError):

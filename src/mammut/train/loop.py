@@ -55,6 +55,7 @@ from .distributed import (
     collective,
     init_distributed,
     sync_replicated_grads,
+    to_device,
     wrap_parallel,
 )
 from ..io.runlock import FolderLock
@@ -65,6 +66,9 @@ from .monitor import Monitor
 from .optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger(__name__)
+
+# train.time_budget_s: steps timed to decide how many fit (after the first, slower ones)
+_BUDGET_WARM_STEP, _BUDGET_PROBE_STEP = 5, 25
 
 __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "RunExistsError"]
 
@@ -127,6 +131,11 @@ class Trainer:
             raise RunExistsError(f"train.out_dir: {self.run_dir} already holds checkpoints; "
                                  f"pass --resume to continue it or choose another --train.out_dir")
         ckpt = self._resume_checkpoint() if resume else None
+        if ckpt is not None and t.time_budget_s:  # decided before the checkpoint: the run's config.yaml says how
+            saved_train = self._saved_config().get("train") or {}
+            if not saved_train.get("time_budget_s") and isinstance(saved_train.get("steps"), int):
+                t = dataclasses.replace(t, steps=saved_train["steps"], time_budget_s=0)
+                cfg = self.cfg = dataclasses.replace(cfg, train=t)
         encoder = None  # train.image_encoder_from: where the built-in ViT's weights come from
         if t.image_encoder_from and ckpt is None:
             encoder = init_source(t.image_encoder_from, key="train.image_encoder_from")
@@ -186,6 +195,7 @@ class Trainer:
             self.step, self.train_time = int(state["step"]), float(state.get("train_time_s", 0.0))
         self._signal_received = False  # set by the SIGTERM handler on this rank, never cleared
         self._stop_agreed = False  # the all-reduced flag: the only thing the loop stops on
+        self._time_at_warm_step = 0.0
         self.losses: list[float] = []
 
     def close(self) -> None:
@@ -226,6 +236,10 @@ class Trainer:
             raise CheckpointCorrupt(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'} passes verification "
                                     f"({detail}); restore one or start a new run in another train.out_dir")
         return self.run_dir / "checkpoints" / f"step_{step:08d}"
+
+    def _saved_config(self) -> dict[str, Any]:
+        path = self.run_dir / "config.yaml"
+        return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
     def _check_same_model(self) -> None:
         saved_path = self.run_dir / "config.yaml"
@@ -273,14 +287,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
-        """Forward/backward over the micro-batches (dicts, see ``mammut.models.contract.Batch``),
-        checks, clip and optimiser step; returns the step's named losses, lr and grad norm."""
+        """Forward/backward over the micro-batches (dicts of tensors, nested lists / tuples of
+        tensors allowed, see ``mammut.models.contract.Batch``), checks, clip and optimiser step;
+        returns the step's named losses, lr and grad norm."""
         cfg, dev = self.cfg, self.info.device
         n_micro = len(micro_batches)
         self.task.prepare_step(micro_batches, self.model_cfg.get("pad_id"))
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, dev)  # nested dicts / lists / tuples of tensors
             with self._no_sync(i == n_micro - 1):
                 with self._autocast():
                     out = self.module(batch)
@@ -347,6 +362,8 @@ class Trainer:
                     stats = self.train_step(micro)
                 dt = time.perf_counter() - t0
                 self.train_time += dt
+                if self.step == _BUDGET_WARM_STEP:
+                    self._time_at_warm_step = self.train_time
                 window_t, window_n = window_t + dt, window_n + t.batch_size
                 self.losses.append(stats["loss"])
                 if self.step % t.log_every == 0 or self.step == t.steps or self.step == start_step + 1:
@@ -354,6 +371,8 @@ class Trainer:
                     monitor.write({"step": self.step, **stats, "samples_per_s": rate,
                                    "samples": self.step * t.batch_size, "train_time_s": self.train_time})
                     window_t, window_n = 0.0, 0
+                if t.time_budget_s and self.step == _BUDGET_PROBE_STEP:
+                    t = self._fit_time_budget(monitor)
                 monitor.progress(self.step, {"loss": stats["loss"], "lr": stats["lr"], "samples/s": rate})
                 if t.eval_every and self.step % t.eval_every == 0 and self.parallel != "fsdp":
                     self._run_eval(eval_fn, monitor)
@@ -377,6 +396,33 @@ class Trainer:
                     signal.signal(signal.SIGTERM, signal.SIG_IGN)
             elif old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
+
+    def _fit_time_budget(self, monitor: Monitor) -> Any:
+        """``train.time_budget_s``: after step :data:`_BUDGET_PROBE_STEP`, keep as many of
+        ``train.steps`` as this machine trains in the budget, from the time of the steps since
+        :data:`_BUDGET_WARM_STEP`. Decided once, on rank 0, broadcast; written to ``config.yaml``
+        (``train.steps`` decided, ``time_budget_s: 0``) and ``metrics.jsonl``. The probe ends before
+        any preset's warm-up does, and the warm-up does not depend on the total, so the run is the
+        one a config with the decided ``train.steps`` gives, step for step (only where the decision
+        falls depends on the machine)."""
+        t = self.cfg.train
+        per_step = (self.train_time - self._time_at_warm_step) / (_BUDGET_PROBE_STEP - _BUDGET_WARM_STEP)
+        fits = int((t.time_budget_s - self.train_time) / max(per_step, 1e-9)) + self.step
+        steps = broadcast_int(max(self.step, min(t.steps, fits)) if self.info.is_main else 0, "the time budget")
+        if steps < t.steps:
+            log.warning("train.time_budget_s %d: at %.2f s per step this machine trains %d of the %d steps in the "
+                        "budget; running %d (a faster machine, bf16 where native, or a smaller train.steps gets "
+                        "the rest)", t.time_budget_s, per_step, steps, t.steps, steps)
+        else:
+            log.info("train.time_budget_s %d: all %d steps fit (%.2f s per step)", t.time_budget_s, t.steps, per_step)
+        monitor.write({"step": self.step, "budget_s": t.time_budget_s, "s_per_step": per_step,
+                       "steps_requested": t.steps, "steps_decided": steps}, prefix="budget")
+        self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, steps=steps, time_budget_s=0))
+        monitor.total_steps = steps
+        if self.info.is_main:
+            resolved = config_to_dict(dataclasses.replace(self.cfg, model=self.model_cfg))
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        return self.cfg.train
 
     def _save_once(self) -> None:
         """Save unless the newest checkpoint already is this step (e.g. a periodic save)."""

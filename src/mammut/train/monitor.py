@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..runs import read_metrics  # the run-folder reader (library); the Monitor writes what it reads
 from .checkpointing import atomic_write_text
-
-from ..inference import read_metrics  # the run-folder reader; the Monitor writes what it reads
 
 log = logging.getLogger(__name__)
 

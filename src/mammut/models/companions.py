@@ -8,10 +8,10 @@ stale file left by an earlier save into the same folder is never picked up):
 - ``preprocess.json``: :meth:`mammut.preprocess.ImagePreprocess.to_dict`.
 - ``mammut_tokenizer.json``: which tokenizer and its context length,
   ``{"format": "mammut.tokenizer", "format_version": 1, "kind": ..., "context_length": ...}``.
-  ``kind="bpe"`` (:class:`mammut.data.tokenizer.Tokenizer`, a run's byte-level BPE): the
+  ``kind="bpe"`` (:class:`mammut.tokenizer.Tokenizer`, a run's byte-level BPE): the
   vocabulary is the Hugging Face ``tokenizer.json`` written beside it (``"file"``) and the
   record keeps the special ids (``pad_id``, ``bos_id``, ``eos_id``), so ids given explicitly
-  at construction survive. ``kind="clip"`` (:class:`mammut.convert.clip_tokenizer.CLIPTokenizer`):
+  at construction survive. ``kind="clip"`` (:class:`mammut.clip_tokenizer.CLIPTokenizer`):
   nothing else is written; the vocabulary (``bpe_simple_vocab_16e6.txt.gz``, 49408 ids) is
   the one inside the installed open-clip-torch wheel, which the tokenizer's code needs anyway
   (text cleaning), so loading works offline wherever the ``interop`` extra is installed. The
@@ -20,6 +20,9 @@ stale file left by an earlier save into the same folder is never picked up):
 
 The name ``mammut_tokenizer.json`` (not ``tokenizer_config.json``) keeps clear of the files
 Hugging Face ``transformers`` reads from the same folder of a Hub repository.
+
+Both tokenizers and the preprocessing are library modules (:mod:`mammut.tokenizer`,
+:mod:`mammut.clip_tokenizer`, :mod:`mammut.preprocess`), imported when used.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write, atomic_write_text, sha256_file
+from ..io.atomic import atomic_write, atomic_write_text, sha256_file
 
 __all__ = ["PREPROCESS_NAME", "TOKENIZER_RECORD_NAME", "TOKENIZER_FILE", "check_companions", "save_companions", "load_preprocess",
            "load_tokenizer", "companion_paths"]
@@ -56,12 +59,12 @@ def check_companions(preprocess: Any = None, tokenizer: Any = None) -> None:
 
 
 def _tokenizer_kind(tokenizer: Any) -> str | None:
-    from ..convert.clip_tokenizer import CLIPTokenizer
+    from ..clip_tokenizer import CLIPTokenizer
 
     if isinstance(tokenizer, CLIPTokenizer):
         return "clip"
     try:
-        from ..data.tokenizer import Tokenizer
+        from ..tokenizer import Tokenizer
     except ImportError:  # without `tokenizers` no object can be a Tokenizer
         return None
     return "bpe" if isinstance(tokenizer, Tokenizer) else None
@@ -124,11 +127,11 @@ def load_preprocess(path: Path) -> Any:
 
 def load_tokenizer(path: Path) -> Any:
     """The tokenizer a ``mammut_tokenizer.json`` describes (with its context length); a bare
-    Hugging Face ``tokenizer.json`` gives a :class:`~mammut.data.tokenizer.Tokenizer` without a
+    Hugging Face ``tokenizer.json`` gives a :class:`~mammut.tokenizer.Tokenizer` without a
     default context length (``tokenizer(texts, context_length)`` then needs one)."""
     record = _read_json(path)
     if "format" not in record and "model" in record:  # a Hugging Face tokenizer.json
-        from ..data.tokenizer import Tokenizer
+        from ..tokenizer import Tokenizer
 
         log.info("%s: a tokenizer.json without mammut_tokenizer.json: no default context_length", path)
         return Tokenizer.from_file(path)
@@ -139,7 +142,7 @@ def load_tokenizer(path: Path) -> Any:
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 3):
         raise ValueError(f"{path}: context_length: expected null or an int >= 3, got {length!r}")
     if kind == "clip":
-        from ..convert.clip_tokenizer import CLIPTokenizer
+        from ..clip_tokenizer import CLIPTokenizer
 
         tok = CLIPTokenizer(context_length=76 if length is None else length)
         want = record.get("vocab_sha256")
@@ -148,7 +151,7 @@ def load_tokenizer(path: Path) -> Any:
                              f"checkpoint was saved with (sha256 {want[:12]}...); install the open-clip-torch it used")
         return tok
     if kind == "bpe":
-        from ..data.tokenizer import Tokenizer
+        from ..tokenizer import Tokenizer
 
         name = record.get("file", TOKENIZER_FILE)
         if not isinstance(name, str):
