@@ -3,6 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# `make demo` needs only the train extra: a smaller first set-up than the dev extras of `make test`
+DEMO_STAMP := $(VENV)/.installed-train
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup test test-fast demo bench docs wheel clean
@@ -15,7 +17,13 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]" $(TORCH)
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[train]" $(TORCH)
+	touch $(DEMO_STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest
@@ -23,7 +31,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not slow"
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/mammut demo
 
 bench: $(STAMP)

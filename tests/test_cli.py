@@ -34,7 +34,7 @@ def test_help_lists_the_commands(capsys):
     [
         (["--train.stepz", "3"], "train.stepz: unknown key (did you mean 'steps'?)"),
         (["--train.steps", "many"], "train.steps: expected an integer, got 'many'"),
-        (["--train.precision", "fp8"], "train.precision: expected one of ['fp32', 'bf16'], got 'fp8'"),
+        (["--train.precision", "fp8"], "train.precision: expected one of ['auto', 'fp32', 'bf16'], got 'fp8'"),
         (["--model.dimm", "64"], "model.dimm: unknown key (did you mean 'dim'?)"),
         (["--model.dim", "[64]"], "model.dim: expected an integer"),
         (["--optim.betas", "[0.9]"], "optim.betas: expected a list of 2 values"),
@@ -72,7 +72,7 @@ def test_overrides_are_typed():
 def test_config_command_prints_the_resolved_config(capsys):
     assert main(["config", "--config", TINY, "--train.steps", "7"]) == 0
     out = capsys.readouterr().out
-    assert "steps: 7" in out and "precision: fp32" in out and "name: mammut" in out
+    assert "steps: 7" in out and "precision: auto" in out and "name: mammut" in out
 
 
 def test_train_eval_caption_embed(tmp_path, capsys):

@@ -157,3 +157,74 @@ def test_the_lock_is_reentrant_in_one_process_and_released(tmp_path):
         finally:
             holder.kill()
             holder.wait()
+
+
+# ----------------------------------------------------------------------------- train.time_budget_s
+
+def _fake_clock(monkeypatch, step_s: float) -> None:
+    """The loop's clock advances ``step_s`` during each training step and stands still otherwise."""
+    import mammut.train.loop as loop
+
+    now = [0.0]
+    step = loop.Trainer.train_step
+
+    def timed_step(self, micro):
+        now[0] += step_s
+        return step(self, micro)
+
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(loop.Trainer, "train_step", timed_step)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    last = sorted((run / "checkpoints").glob("step_*"))[-1]
+    return load_file(str(last / "model.safetensors"))
+
+
+def test_a_time_budget_keeps_the_steps_that_fit_and_equals_a_run_of_that_many(monkeypatch, tmp_path):
+    from mammut.train.loop import Trainer
+
+    base = ["--train.precision", "fp32", "--train.report", "false", "--train.progress", "false",
+            "--optim.warmup_steps", "30"]
+    _fake_clock(monkeypatch, 0.5)  # 0.5 s a step: 12.5 s spent at step 25, 15 more steps fit in 20 s
+    budget = load_config("tiny", [*base, "--train.steps", "60", "--train.time_budget_s", "20",
+                                  "--train.out_dir", str(tmp_path / "budget")])
+    result = Trainer(budget).fit()
+    assert result.step == 40
+    saved = yaml.safe_load((tmp_path / "budget" / "config.yaml").read_text())["train"]
+    assert (saved["steps"], saved["time_budget_s"]) == (40, 0)
+    records = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    decided = [r for r in records if r["kind"] == "budget"]
+    assert len(decided) == 1 and decided[0]["steps_requested"] == 60 and decided[0]["steps_decided"] == 40
+
+    plain = load_config("tiny", [*base, "--train.steps", "40", "--train.out_dir", str(tmp_path / "plain")])
+    Trainer(plain).fit()
+    a, b = _weights(tmp_path / "budget"), _weights(tmp_path / "plain")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same run, step for step
+
+    again = Trainer(budget, resume=True)  # the original config on --resume: the decision stands
+    assert again.cfg.train.steps == 40 and again.fit().step == 40
+
+
+def test_a_budget_that_fits_changes_nothing(monkeypatch, tmp_path):
+    from mammut.train.loop import Trainer
+
+    _fake_clock(monkeypatch, 0.01)
+    cfg = load_config("tiny", ["--train.steps", "30", "--train.time_budget_s", "600", "--train.report", "false",
+                               "--train.progress", "false", "--train.out_dir", str(tmp_path)])
+    assert Trainer(cfg).fit().step == 30
+    with pytest.raises(ConfigError, match="train.time_budget_s"):
+        load_config("tiny", ["--train.time_budget_s", "-1"])
+
+
+def test_the_precision_benchmark_prints_both_and_the_choice():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "precision.py"), "--config", "tiny", "--steps", "8",
+                          "--rounds", "1", "--threads", "1"], capture_output=True, text=True, timeout=300, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("CPU: ") and "ATen capability" in lines[0]
+    summary = [line for line in lines if line.startswith("preset tiny: fp32 ")]
+    assert len(summary) == 1 and " samples/s, bf16 " in summary[0] and summary[0].endswith("x")
+    assert lines[-1].startswith("auto picks fp32 (") or lines[-1].startswith("auto picks bf16 (")

@@ -123,7 +123,7 @@ def _config(tmp: Path, name: str, task: str) -> Path:
                  "max_len": 24},
         "optim": {"lr": 2e-3, "warmup_steps": 2},
         "train": {"task": task, "steps": 6, "batch_size": 8, "log_every": 1, "report": False, "progress": False,
-                  "tensorboard": False, "threads": 1, "save_every": 0},
+                  "tensorboard": False, "threads": 1, "save_every": 0, "precision": "fp32"},  # compared closely
         "eval": {"n": 16, "max_new_tokens": 8},
     }
     path = tmp / f"{name}-{task}.yaml"

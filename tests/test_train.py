@@ -84,7 +84,7 @@ _HAS_CXX = bool(shutil.which("g++") or shutil.which("clang++"))
 ])
 def test_block_wrappers_keep_the_losses(tmp_path, option, rtol, atol):
     """``train.activation_checkpointing`` / ``train.compile``: same parameter names, same losses."""
-    args = ("--train.steps", "3", "--train.log_every", "1")
+    args = ("--train.steps", "3", "--train.log_every", "1", "--train.precision", "fp32")  # compared closely
     plain = Trainer(tiny(tmp_path / "a", *args))
     wrapped = Trainer(tiny(tmp_path / "b", *args, f"--train.{option}", "true"))
     assert sorted(plain.model.state_dict()) == sorted(wrapped.model.state_dict())  # names unchanged

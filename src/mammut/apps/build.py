@@ -403,33 +403,18 @@ def _plain_errors(folder: IndexFolder) -> Iterator[None]:
         raise
 
 
-def _forget(folder: IndexFolder, lock: FolderLock) -> None:
-    """A failed first build that wrote nothing: remove the folder it made (its lock file only)."""
-    try:
-        if os.listdir(folder.root) == [lock.path.name]:
-            lock.path.unlink()
-            folder.root.rmdir()
-    except OSError:
-        pass
-
-
 def build(opts: BuildOptions, encoder: Encoder) -> BuildReport:
     """Build, resume or extend the index folder ``opts.out`` with ``encoder`` (see the module doc)."""
     opts.check(encoder.dim)
     folder = IndexFolder(opts.out)
     rank, _ = _dist_init()
+    # the lock removes the folder it made if nothing but the lock is in it (a failed first build)
     lock = FolderLock(folder.root, what="index folder") if rank == 0 else None
-    made = not folder.root.exists()
-    done = False
     try:
         with _plain_errors(folder):
-            report = _build(folder, opts, encoder, lock)
-        done = True
-        return report
+            return _build(folder, opts, encoder, lock)
     finally:
         if lock is not None and lock.held:
-            if made and not done:
-                _forget(folder, lock)
             lock.release()
 
 

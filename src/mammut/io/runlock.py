@@ -61,6 +61,15 @@ def _unlock(fh: IO[str]) -> None:
     fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def _remove_if_only_lock(folder: Path, lock: Path) -> None:
+    try:
+        if [p.name for p in folder.iterdir()] == [lock.name]:
+            lock.unlink()
+            folder.rmdir()
+    except OSError:  # someone else is writing there now: leave it
+        pass
+
+
 class FolderLock:
     """Exclusive, non-blocking lock on ``folder`` for one writer process.
 
@@ -74,7 +83,7 @@ class FolderLock:
     CLI can hold a run folder for a whole command while the ``Trainer`` inside takes it too.
     """
 
-    _held: dict[str, list] = {}  # resolved folder -> [open file, count], this process's locks
+    _held: dict[str, list] = {}  # resolved folder -> [open file, count, created], this process's locks
 
     def __init__(self, folder: str | Path, *, what: str = "folder") -> None:
         self.folder = Path(folder)
@@ -89,6 +98,7 @@ class FolderLock:
     def acquire(self) -> FolderLock:
         if self._key is not None:
             return self
+        created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         key = str(self.folder.resolve())
         if key in FolderLock._held:  # this process holds it already
@@ -106,7 +116,7 @@ class FolderLock:
         fh.truncate()
         fh.write(f"{os.getpid()}\n")
         fh.flush()
-        FolderLock._held[key] = [fh, 1]
+        FolderLock._held[key] = [fh, 1, created]
         self._key = key
         return self
 
@@ -119,10 +129,12 @@ class FolderLock:
         if entry[1] > 0:
             return
         del FolderLock._held[key]
-        fh = entry[0]
+        fh, created = entry[0], entry[2]
         try:
             fh.seek(0)
             fh.truncate()  # no stale PID left behind for a reader
+            if created:  # a refused or failed command leaves no folder it made (nothing but the lock in it);
+                _remove_if_only_lock(self.folder, self.path)  # a writer starting in this instant finds none
             _unlock(fh)
         finally:
             fh.close()
