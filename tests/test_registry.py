@@ -94,6 +94,116 @@ def test_generation(name):
     assert int(out.min()) >= 0 and int(out.max()) < model.config.num_tokens
 
 
+# ------------------------------------------------------------------------------ the contract
+# each family's Protocols (mammut.models.contract), exactly: a new model adds its line
+_CONTRASTIVE_CAPTIONER = {"ImageEmbedder", "TextEmbedder", "ContrastiveEmbedder", "Decoder", "Captioner",
+                          "PositionBounded", "ImageSized"}
+FAMILY_PROTOCOLS = {
+    "mammut": (_CONTRASTIVE_CAPTIONER, ("image",)),
+    "coca": (_CONTRASTIVE_CAPTIONER, ("image",)),
+    "flamingo_palm": ({"Decoder", "Captioner", "MediaDecoder", "ImageSized"}, ("media_sequence",)),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_model_satisfies_exactly_its_familys_protocols(name):
+    from mammut.models.contract import ContrastiveEmbedder, MediaDecoder, capabilities
+
+    assert name in FAMILY_PROTOCOLS, f"{name}: add its family's protocols and inputs to FAMILY_PROTOCOLS"
+    protocols, kinds = FAMILY_PROTOCOLS[name]
+    spec = get_model_spec(name)
+    model = spec.build_tiny()
+    assert capabilities(model) == protocols
+    assert spec.inputs == kinds and spec.media == ("media_sequence" in kinds)
+    # the input kind and the protocols agree: media sequences <-> a MediaDecoder
+    assert isinstance(model, MediaDecoder) == spec.media
+    if spec.media:
+        assert model.media_token_id == model.config.media_token_id and not isinstance(model, ContrastiveEmbedder)
+
+
+def test_model_spec_inputs_are_declared_kinds():
+    from mammut.models.contract import INPUT_KINDS, ModelSpec
+
+    assert set(INPUT_KINDS) == {"image", "video", "media_sequence"}
+    spec = ModelSpec("toy", torch.nn.Linear, inputs=("video",))
+    assert spec.inputs == ("video",) and not spec.media and spec.config_class is None
+    with pytest.raises(AttributeError):
+        spec.media = True  # read-only: inputs says it
+    for bad in (("pixels",), (), "image"):
+        with pytest.raises(ValueError, match="inputs: expected a non-empty tuple of"):
+            ModelSpec("toy", torch.nn.Linear, inputs=bad)
+
+
+class _DuckDecoder(torch.nn.Module):
+    """Not a mammut model (no ModelBase): a wrapper with the decoder protocol's members only,
+    plus a media token when it wraps a media model."""
+
+    def __init__(self, inner, media=False):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+        if media:
+            self.media_token_id = inner.config.media_token_id
+
+    def image_context(self, images=None, *, image_tokens=None):
+        return self.inner.image_context(images, image_tokens=image_tokens)
+
+    def decode(self, text, context=None, **kwargs):
+        return self.inner.decode(text, context, **kwargs)
+
+    def generate(self, images=None, prompt=None, **kwargs):
+        from mammut.generation import generate
+
+        return generate(self, images, prompt, **kwargs)
+
+
+def test_a_duck_typed_object_satisfying_a_protocol_is_accepted():
+    from mammut import Embedder
+    from mammut.generation import generate
+    from mammut.inference import embed_images
+    from mammut.models.contract import (Captioner, ContrastiveEmbedder, Decoder, ImageEmbedder, MediaDecoder,
+                                        capabilities, missing_members)
+
+    class Embeds(torch.nn.Module):  # another library's contrastive model, say
+        def embed_image(self, images):
+            return torch.nn.functional.normalize(images.flatten(1)[:, :4], dim=-1)
+
+        def embed_text(self, text):
+            return torch.nn.functional.normalize(text[:, :4].float(), dim=-1)
+
+    duck = Embeds()
+    assert isinstance(duck, ContrastiveEmbedder) and capabilities(duck) == {"ImageEmbedder", "TextEmbedder",
+                                                                           "ContrastiveEmbedder"}
+    images = torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(embed_images(duck, images, batch_size=2), duck.embed_image(images))
+    assert Embedder(duck).contrastive and not Embedder(duck).captioner
+
+    model = get_model_spec("mammut").build_tiny().eval()
+    _, pixels = inputs("mammut", b=2)
+    wrapped = _DuckDecoder(model)
+    assert isinstance(wrapped, Decoder) and isinstance(wrapped, Captioner) and not isinstance(wrapped, ImageEmbedder)
+    assert not isinstance(wrapped, MediaDecoder)
+    want = model.generate(pixels, max_new_tokens=4, min_new_tokens=4)
+    torch.testing.assert_close(generate(wrapped, pixels, max_new_tokens=4, min_new_tokens=4), want)
+    assert Embedder(wrapped).captioner and not Embedder(wrapped).media
+
+    flamingo = get_model_spec("flamingo_palm").build_tiny().eval()
+    media_duck = _DuckDecoder(flamingo, media=True)
+    assert isinstance(media_duck, MediaDecoder) and Embedder(media_duck).media and not Embedder(media_duck).contrastive
+    _, media = inputs("flamingo_palm", b=2)
+    got = Embedder(media_duck).generate(media[:, 0], max_new_tokens=3)  # gets (b, 1, c, h, w) and [bos, <image>]
+    cfg = flamingo.config
+    torch.testing.assert_close(got, flamingo.generate(media, prompt=[[cfg.bos_id, cfg.media_token_id]] * 2,
+                                                      max_new_tokens=3))
+
+    class Half(torch.nn.Module):  # image_context but no decode / config: not a decoder
+        def image_context(self, images=None, *, image_tokens=None):
+            return images
+
+    assert missing_members(Half(), Decoder) == ["config", "decode"]
+    with pytest.raises(TypeError, match=r"decoder protocol, Half lacks \['config', 'decode'\]"):
+        generate(Half(), pixels)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_activation_checkpointing_keeps_losses_and_gradients(name):
     spec = get_model_spec(name)

@@ -27,16 +27,16 @@ def test_token_count_and_shape(class_token):
     enc = encoder(class_token=class_token)
     # 2 sampled frames x 16 patches + tube 1: 2 x 2 x 2 + tube 2: 1 x 2 x 2 (+ class token)
     assert enc.num_tokens() == 32 + 8 + 4 + int(class_token)
-    assert enc(torch.randn(3, 3, 8, 32, 32)).shape == (3, enc.num_tokens(), 48)
+    assert enc(torch.randn(3, 8, 3, 32, 32)).shape == (3, enc.num_tokens(), 48)
 
 
 def test_sparse_frames_use_the_image_patches_and_learned_positions_at_gate_zero():
     enc = encoder()
-    video = torch.randn(2, 3, 8, 32, 32)
+    video = torch.randn(2, 8, 3, 32, 32)  # (b, t, c, h, w)
     x = pre_blocks(enc, video)
     vit = enc.vit
     for j, f in enumerate((0, 4)):
-        want = vit.to_patches(video[:, :, f]).flatten(2).transpose(1, 2) + vit.pos_emb.flatten(2).transpose(1, 2)
+        want = vit.to_patches(video[:, f]).flatten(2).transpose(1, 2) + vit.pos_emb.flatten(2).transpose(1, 2)
         torch.testing.assert_close(x[:, 16 * j:16 * (j + 1)], want)
     with torch.no_grad():
         enc.fixed_gate.fill_(0.5)
@@ -46,9 +46,9 @@ def test_sparse_frames_use_the_image_patches_and_learned_positions_at_gate_zero(
 
 def test_tubes_see_the_frames_the_patches_skip_and_carry_fixed_positions():
     enc = encoder().eval()
-    video = torch.randn(1, 3, 8, 32, 32)
+    video = torch.randn(1, 8, 3, 32, 32)
     other = video.clone()
-    other[:, :, 1] += 1.0  # frame 1 is not one of the sampled frames (0, 4)
+    other[:, 1] += 1.0  # frame 1 is not one of the sampled frames (0, 4)
     a, b = pre_blocks(enc, video), pre_blocks(enc, other)
     torch.testing.assert_close(a[:, :32], b[:, :32])
     assert not torch.allclose(a[:, 32:], b[:, 32:])
@@ -72,7 +72,7 @@ def test_sincos_3d_is_distinct_per_axis_and_zero_padded():
 def test_mammut_trains_and_captions_videos():
     torch.manual_seed(0)
     model = MaMMUT(dim=32, num_tokens=50, depth=2, heads=2, dim_head=16, img_encoder=encoder(), image_dim=48, bos_id=1)
-    text, video = torch.randint(2, 50, (2, 6)), torch.randn(2, 3, 8, 32, 32)
+    text, video = torch.randint(2, 50, (2, 6)), torch.randn(2, 8, 3, 32, 32)
     loss = model(text, video, return_loss=True)
     loss.backward()
     assert model.img_encoder.fixed_gate.grad is not None and model.img_encoder.tubes[0].weight.grad.abs().sum() > 0
@@ -88,8 +88,28 @@ def test_bad_configs_and_inputs_are_named():
     with pytest.raises(TypeError, match="vit"):
         VideoTubeViT(torch.nn.Linear(2, 2))
     enc = encoder()
+    with pytest.raises(ValueError, match=r"images \(videos\): expected .*\(batch, 8, 3, 32, 32\), got \(2, 4, 3, 32, 32\)"):
+        enc(torch.randn(2, 4, 3, 32, 32))  # too few frames
     with pytest.raises(ValueError, match="images"):
-        enc(torch.randn(2, 3, 4, 32, 32))
+        enc(torch.randn(2, 8, 3, 32, 32).unsqueeze(1))  # 6-D
+
+
+def test_channels_first_videos_are_refused_with_the_fix():
+    """One order for videos in the library, (b, t, c, h, w): Conv3d's (b, c, t, h, w) is internal."""
+    enc = encoder()
+    video = torch.randn(2, 8, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"expected .*\(batch, 8, 3, 32, 32\), got \(2, 3, 8, 32, 32\).*channels-first"
+                                         r".*transpose\(1, 2\)"):
+        enc(video.transpose(1, 2))
+    with pytest.raises(ValueError, match="a batch of images"):
+        enc(video[:, 0])
+    torch.testing.assert_close(enc(video.transpose(1, 2).transpose(1, 2)), enc(video))
+    # the tubes read the frames as Conv3d's channels-first clip: one tube token by hand
+    conv, ((kt, ky, kx), _, _) = enc.tubes[0], TUBES[0]
+    clip = video[:1, :kt, :, :ky, :kx].permute(0, 2, 1, 3, 4)  # b c t h w
+    want = (conv.weight * clip).sum(dim=(1, 2, 3, 4)) + conv.bias
+    got = pre_blocks(enc, video[:1])[0, 32] - enc.tube_fixed[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_video_model_saves_and_reloads_with_its_encoder_passed_again(tmp_path):
@@ -99,5 +119,5 @@ def test_a_video_model_saves_and_reloads_with_its_encoder_passed_again(tmp_path)
     model.save_pretrained(tmp_path / "m")
     loaded = MaMMUT.from_pretrained(tmp_path / "m", img_encoder=encoder()).eval()
     assert loaded.img_encoder.fixed_gate.item() == pytest.approx(0.3)
-    text, video = torch.randint(2, 50, (2, 6)), torch.randn(2, 3, 8, 32, 32)
+    text, video = torch.randint(2, 50, (2, 6)), torch.randn(2, 8, 3, 32, 32)
     torch.testing.assert_close(loaded(text, video), model(text, video))

@@ -3,7 +3,8 @@
     mammut train --config tiny [--resume] [--train.steps 200 --optim.lr 3e-4 ...]
     torchrun --nproc_per_node 2 -m mammut.cli train --config tiny --train.parallel ddp
     mammut eval RUN_DIR [--checkpoint DIR] [--n 512]
-    mammut eval TASK SOURCE ...     # TASK: zeroshot, retrieval, caption, vqa (mammut eval TASK --help)
+    mammut eval BENCHMARK SOURCE ...   # a registered benchmark (listed below and by mammut eval
+                                       # --help; mammut eval BENCHMARK --help: its options)
     mammut caption IMAGE... --run RUN_DIR
     mammut embed --run RUN_DIR (--images IMAGE... | --texts TEXT...) --out emb.npy
     mammut demo [--train.steps 600 ...]
@@ -55,8 +56,11 @@ def _run_precision(args: argparse.Namespace) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .eval.benchmarks import list_benchmarks
 
-    p = argparse.ArgumentParser(prog="mammut", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = list_benchmarks()  # the registry: a new benchmark file shows up in the help
+    p = argparse.ArgumentParser(prog="mammut", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"mammut eval BENCHMARK: one of {', '.join(names)}")
     p.add_argument("--version", action="version", version=f"mammut {__version__} (distribution mammut-vl)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -70,13 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config (defaults + file + overrides) as YAML")
     c.add_argument("--config", default=None, help="YAML config file or preset name (default: the built-in defaults)")
 
-    e = sub.add_parser("eval", help="evaluate a run folder and write its report, or run a standard task "
-                                    "(mammut eval {zeroshot,retrieval,caption,vqa} SOURCE ...)",
-                       description="mammut eval RUN: a run folder on its own held-out data. mammut eval TASK SOURCE "
-                                   "...: a standard task (zeroshot, retrieval, caption, vqa) on standard data formats "
-                                   "for any model mammut.load loads; see mammut eval TASK --help. (A run folder named "
-                                   "like a task: write it as ./NAME.)")
-    e.add_argument("run", help="run folder (train.out_dir), or a task: zeroshot, retrieval, caption, vqa")
+    e = sub.add_parser("eval", help="evaluate a run folder and write its report, or run a benchmark "
+                                    f"(mammut eval {{{','.join(names)}}} SOURCE ...)",
+                       description="mammut eval RUN: a run folder on its own held-out data. mammut eval BENCHMARK "
+                                   f"SOURCE ...: a benchmark ({', '.join(names)}) on standard data formats for any "
+                                   "model mammut.load loads; see mammut eval BENCHMARK --help. (A run folder named "
+                                   "like a benchmark: write it as ./NAME.)")
+    e.add_argument("run", help=f"run folder (train.out_dir), or a benchmark: {', '.join(names)}")
     e.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the latest)")
     e.add_argument("--n", type=int, default=None, help="evaluation set size in images (default: eval.n of the run)")
     e.add_argument("--data", default=None,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models.contract import Captioner, ContrastiveEmbedder, Decoder, ImageEmbedder, MediaDecoder, TextEmbedder
 from .precision import Precision, autocast, resolve_precision
 
 __all__ = ["Embedder", "token_ids"]
@@ -103,26 +104,28 @@ class Embedder:
         self._tokenize = tokenize
 
     # ------------------------------------------------------------------ what the model can do
+    # (the Protocols of mammut.models.contract: any object with their members qualifies)
     @property
     def contrastive(self) -> bool:
-        """Whether the model embeds (``embed_image`` and ``embed_text``)."""
-        return all(callable(getattr(self.model, n, None)) for n in ("embed_image", "embed_text"))
+        """Whether the model embeds images and texts (``ContrastiveEmbedder``)."""
+        return isinstance(self.model, ContrastiveEmbedder)
 
     @property
     def captioner(self) -> bool:
-        """Whether the model generates text (``generate``)."""
-        return callable(getattr(self.model, "generate", None))
+        """Whether the model generates text (``Captioner``: ``generate``)."""
+        return isinstance(self.model, Captioner)
 
     @property
     def media(self) -> bool:
-        """A media model (Flamingo): images ``(b, 1, c, h, w)`` and a media token in the prompt."""
-        return not self.contrastive and getattr(getattr(self.model, "config", None), "media_token_id", None) is not None
+        """A media model (``MediaDecoder``, Flamingo): images ``(b, 1, c, h, w)`` and a media
+        token in the prompt."""
+        return isinstance(self.model, MediaDecoder)
 
     # ------------------------------------------------------------------ embedding
     def embed_images(self, images: torch.Tensor | Sequence[Any], *, batch_size: int | None = None) -> torch.Tensor:
         """L2-normalised image embeddings ``(n, l)``, float32 on the CPU, of a pixel tensor
         ``(n, c, h, w)`` or a list of PIL images (through ``preprocess``)."""
-        self._need_method("embed_image")
+        self._need(ImageEmbedder, "a contrastive model with embed_image()")
         pixels = self._pixels(images)
         return self._run(lambda part: self.model.embed_image(part.to(self.device, non_blocking=True)),
                          pixels, batch_size)
@@ -130,7 +133,7 @@ class Embedder:
     def embed_texts(self, texts: Sequence[str], *, batch_size: int | None = None) -> torch.Tensor:
         """L2-normalised text embeddings ``(n, l)``, float32 on the CPU, of strings (tokenised
         by ``tokenize``, default ``tokenizer(texts)``: texts longer than its context are cut)."""
-        self._need_method("embed_text")
+        self._need(TextEmbedder, "a contrastive model with embed_text()")
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise TypeError(f"texts: expected a list of strings, got {type(texts).__name__}")
         return self._run(lambda part: self.model.embed_text(self.tokenize(part).to(self.device, non_blocking=True)),
@@ -155,8 +158,8 @@ class Embedder:
         if len(parts) == 1:
             return parts[0]
         pad = getattr(self.tokenizer, "pad_id", None)
-        if pad is None:
-            pad = getattr(getattr(self.model, "config", None), "pad_id", None)
+        if pad is None and isinstance(self.model, Decoder):
+            pad = self.model.config.pad_id
         width = max(p.shape[1] for p in parts)
         return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=int(pad or 0)) for p in parts])
 
@@ -185,8 +188,7 @@ class Embedder:
                 if media:
                     part = part.unsqueeze(1)
                     if rows is None:
-                        cfg = self.model.config  # type: ignore[union-attr]
-                        rows = [[cfg.bos_id, cfg.media_token_id]] * len(part)
+                        rows = [[self.model.config.bos_id, self.model.media_token_id]] * len(part)
                 extra = {} if rows is None else {"prompt": rows}
                 yield token_ids(self.model.generate(part, **extra, **options)).cpu()
 
@@ -226,12 +228,11 @@ class Embedder:
         return torch.stack([self.preprocess(image) for image in images])
 
     def _need_captioner(self) -> None:
-        if not self.captioner:
-            raise TypeError(f"model: expected a captioning model with generate(), got {type(self.model).__name__}")
+        self._need(Captioner, "a captioning model with generate()")
 
-    def _need_method(self, name: str) -> None:
-        if not callable(getattr(self.model, name, None)):
-            raise TypeError(f"model: expected a contrastive model with {name}(), got {type(self.model).__name__}")
+    def _need(self, protocol: type, what: str) -> None:
+        if not isinstance(self.model, protocol):
+            raise TypeError(f"model: expected {what}, got {type(self.model).__name__}")
 
     @staticmethod
     def _check_batch_size(batch_size: Any) -> int:

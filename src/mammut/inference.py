@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .models.contract import Captioner, ImageEmbedder, TextEmbedder
+
 if TYPE_CHECKING:
     from .preprocess import ImagePreprocess
     from .tokenizer import Tokenizer
@@ -121,8 +123,8 @@ def load_image_files(paths: Sequence[str | Path], image_size: int | None = None,
 
 
 def _check_model(model: nn.Module) -> None:
-    for name in ("embed_image", "embed_text"):
-        if not callable(getattr(model, name, None)):
+    for protocol, name in ((ImageEmbedder, "embed_image"), (TextEmbedder, "embed_text")):
+        if not isinstance(model, protocol):
             raise TypeError(f"model: expected a contrastive model with {name}(), got {type(model).__name__}")
 
 
@@ -155,7 +157,7 @@ def generate_captions(model: nn.Module, tokenizer: Tokenizer, images: torch.Tens
     :meth:`mammut.Embedder.caption`."""
     from .embedder import Embedder
 
-    if not callable(getattr(model, "generate", None)):
+    if not isinstance(model, Captioner):
         raise TypeError(f"model: expected a captioning model with generate(), got {type(model).__name__}")
     embedder = Embedder(model, tokenizer=tokenizer, batch_size=batch_size)
     return embedder.caption(images, max_new_tokens=max_new_tokens, strategy="greedy")

@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .models.contract import ImageSized
 from .preprocess import ImagePreprocess
 
 __all__ = ["load", "Loaded", "MissingComponent", "MissingComponentError", "detect_open_clip_architecture"]
@@ -134,7 +135,7 @@ def load(
     else:
         model, preprocess, tokenizer = _load_open_clip(path, kind, device, dtype)
     if isinstance(preprocess, ImagePreprocess):
-        size = getattr(model, "image_size", None)
+        size = model.image_size if isinstance(model, ImageSized) else None
         if isinstance(size, int) and size != preprocess.image_size:
             log.info("preprocess.image_size %d -> %d (the model's image size)", preprocess.image_size, size)
             preprocess = preprocess.with_image_size(size)

@@ -304,13 +304,13 @@ def _model_from_section(section: Any, where: str) -> nn.Module:
     """A registered model built from ``config.yaml``'s ``model:`` section (its config dataclass
     read as ``load_pretrained`` reads ``config.json``: strict types, dotted keys in errors)."""
     from .io.coerce import coerce
-    from .models import get_model_class
+    from .models import get_model_spec
 
     if not isinstance(section, dict) or not isinstance(section.get("name"), str):
         raise ValueError(f"{where}: expected a mapping with the registered model's name, got {section!r:.80}")
-    cls = get_model_class(section["name"])
+    spec = get_model_spec(section["name"])
+    cls, config_class = spec.cls, spec.config_class
     fields = {k: v for k, v in section.items() if k != "name"}
-    config_class = getattr(cls, "config_class", None)
     if config_class is None or not dataclasses.is_dataclass(config_class):
         return cls(**fields)
     return cls(coerce(fields, config_class, where, error=ValueError))

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..embedder import Embedder
+from ..models.contract import Captioner, ImageEmbedder, TextEmbedder
 from ..precision import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ class ModelEncoder:
                  tokenize: Callable[[list[str]], torch.Tensor], tokenizer: Any, *, name: str,
                  device: str | torch.device = "cpu", bf16: bool = False, max_new_tokens: int = 24,
                  precision: Precision | str | None = None) -> None:
-        for attr in ("embed_image", "embed_text"):
-            if not callable(getattr(model, attr, None)):
+        for protocol, attr in ((ImageEmbedder, "embed_image"), (TextEmbedder, "embed_text")):
+            if not isinstance(model, protocol):
                 raise TypeError(f"model: expected a contrastive model with {attr}(), got {type(model).__name__}")
         self.model = model.eval()
         self.transform = preprocess
@@ -127,8 +128,8 @@ class ModelEncoder:
         return out.numpy()
 
     def caption(self, pixels: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:
-        if not callable(getattr(self.model, "caption", None)) or not callable(getattr(self.model, "generate", None)):
-            raise ValueError(f"--model: {type(self.model).__name__} has no caption(); it cannot caption images")
+        if not isinstance(self.model, Captioner):
+            raise ValueError(f"--model: {type(self.model).__name__} has no generate(); it cannot caption images")
         self._need(self.tokenizer, "write captions")
         n = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         with self._lock:

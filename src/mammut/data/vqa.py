@@ -1,7 +1,7 @@
 """Questions with exact answers about emoji scenes, balanced so that a guess from the text alone is weak.
 
 VQA lives in three layers, each its own concern: this module makes the emoji-scene questions
-(data, no model); :mod:`mammut.tasks.vqa` trains and scores a run on them (``train.task: vqa``);
+(data, no model) and their prompt / answer token ids (:class:`VqaEncoder`); :mod:`mammut.tasks.vqa` trains and scores a run on them (``train.task: vqa``);
 :mod:`mammut.eval.vqa` is the VQAv2 scoring rule both use plus the ``mammut eval vqa`` benchmark
 on VQAv2 files (its command-line options: :mod:`mammut.eval.benchmarks.vqa`).
 
@@ -30,13 +30,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from .scenes import RELATIONS, EmojiScenes, Scene, relation_from_boxes
 
-__all__ = ["QUESTION_TYPES", "OPPOSITE", "VqaSample", "EmojiQuestions", "question_texts", "ANSWER_PROMPT"]
+__all__ = ["QUESTION_TYPES", "OPPOSITE", "VqaSample", "EmojiQuestions", "question_texts", "ANSWER_PROMPT", "VqaEncoder"]
 
 QUESTION_TYPES: tuple[str, ...] = ("exists", "count", "relation", "spatial")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -167,3 +168,25 @@ def question_texts(names: Sequence[str], pairs: int = 2000, seed: int = 0) -> li
             rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
             texts.append(f"is the {names[a]} {rel} the {names[b]}? {ANSWER_PROMPT}")
     return texts
+
+
+class VqaEncoder:
+    """Token ids of a prompt (``BOS [<image>] question "answer:"``) and of an answer (``answer EOS``),
+    with a run's tokenizer (``bos_id``, ``eos_id``, ``hf``); ``media_id``: the media token a media
+    model (FlamingoPaLM) reads right after BOS, else None. Training (``mammut.tasks.vqa``) and the
+    evaluation of a VQA run (``mammut.eval.model_source``) build their prompts with it."""
+
+    def __init__(self, tokenizer: Any, media_id: int | None = None) -> None:
+        if tokenizer.bos_id is None or tokenizer.eos_id is None:
+            raise ValueError("data.tokenizer: the vqa task needs a tokenizer with bos and eos tokens, got one without")
+        self.tokenizer, self.media_id, self.suffix = tokenizer, media_id, f" {ANSWER_PROMPT}"
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer.hf.encode(text, add_special_tokens=False).ids)
+
+    def prompt(self, question: str) -> list[int]:
+        media = [self.media_id] if self.media_id is not None else []
+        return [self.tokenizer.bos_id, *media, *self._ids(question + self.suffix)]
+
+    def answer(self, answer: str) -> list[int]:
+        return [*self._ids(answer), self.tokenizer.eos_id]

@@ -1,6 +1,12 @@
 """Video encoder for MaMMUT's video tasks: TubeViT-style sparse tubes through the image ViT.
 
-Legend: ``b`` batch, ``c`` channels, ``t`` frames, ``H, W`` frame size, ``d`` ViT width.
+Legend: ``b`` batch, ``t`` frames, ``c`` channels, ``H, W`` frame size, ``d`` ViT width.
+
+Videos are ``(b, t, c, H, W)`` here as everywhere in the library: frames first, each frame an
+image ``(c, H, W)`` like every image the library takes. It is what video decoders (PyAV,
+torchcodec) give frame by frame once stacked, and the order FlamingoPaLM's videos already use
+(``(b, t, f, c, h, w)``: ``f`` frames of images); ``nn.Conv3d``'s channels-first
+``(b, c, t, H, W)`` is an internal transpose of the tube projections, never an input layout.
 
 MaMMUT (arXiv 2303.16839, section "MaMMUT for video tasks") extends the image model without a
 new backbone:
@@ -17,7 +23,7 @@ scalar weight on the fixed embedding of the 2D patch tokens. The video path uses
 positional grid (no cropping) and drops no patches; a ViT class token comes first, as for images.
 
 ``VideoTubeViT(vit, VideoTubeConfig(...))`` is an image encoder for the models:
-``MaMMUT(img_encoder=VideoTubeViT(vit), ...)`` then takes ``images=`` videos ``(b, c, t, H, W)``.
+``MaMMUT(img_encoder=VideoTubeViT(vit), ...)`` then takes ``images=`` videos ``(b, t, c, H, W)``.
 """
 
 from __future__ import annotations
@@ -83,8 +89,10 @@ def _grid_centers(size: Triple, kernel: Triple, stride: Triple, offset: Triple) 
 
 
 class VideoTubeViT(nn.Module):
-    """videos ``(b, c, t, H, W)`` -> tokens ``(b, n, d)``: sparse-frame 2D patches then tube
-    tokens, through ``vit``'s blocks (shared with the image path)."""
+    """videos ``(b, t, c, H, W)`` (``t = config.frames`` frames, each an image ``(c, H, W)`` of
+    the ViT's channels and size) -> tokens ``(b, n, d)``: sparse-frame 2D patches then tube
+    tokens, through ``vit``'s blocks (shared with the image path). Channels-first videos
+    ``(b, c, t, H, W)`` are a ``ValueError`` (``videos.transpose(1, 2)`` gives this order)."""
 
     def __init__(self, vit: ViT, config: VideoTubeConfig | None = None) -> None:
         super().__init__()
@@ -127,21 +135,30 @@ class VideoTubeViT(nn.Module):
                 f"vit: its image size changed to {vc.image_size} after this VideoTubeViT was built for "
                 f"{self.built_image_size}; call vit.set_image_size(...) before wrapping it"
             )
-        expected = (vc.channels, cfg.frames, vc.image_size, vc.image_size)
-        if videos.ndim != 5 or tuple(videos.shape[1:]) != expected:
-            raise ValueError(f"images: expected videos of shape (batch, {', '.join(map(str, expected))}), got {tuple(videos.shape)}")
+        expected = (cfg.frames, vc.channels, vc.image_size, vc.image_size)
+        shape = tuple(videos.shape)
+        if videos.ndim != 5 or shape[1:] != expected:
+            hint = ""
+            if videos.ndim == 5 and shape[2] != vc.channels and shape[1] == vc.channels:
+                hint = (f"; dim 2 should be the ViT's {vc.channels} channels, dim 1 holds them: channels-first "
+                        f"(b, c, t, H, W)? videos.transpose(1, 2) gives (b, t, c, H, W)")
+            elif videos.ndim == 4:
+                hint = "; a 4-D tensor is a batch of images, a video encoder takes (b, t, c, H, W)"
+            raise ValueError(f"images (videos): expected (batch, frames, channels, height, width) = "
+                             f"(batch, {', '.join(map(str, expected))}), got {shape}{hint}")
 
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
         self.check_images(videos)
         vit, cfg = self.vit, self.config
         b = videos.shape[0]
-        frames = videos[:, :, :: cfg.frame_stride].transpose(1, 2).flatten(0, 1)  # (b t') c H W
+        frames = videos[:, :: cfg.frame_stride].flatten(0, 1)  # (b t') c H W
         patches = vit.to_patches(frames).flatten(2).transpose(1, 2)  # (b t') n d
         patches = patches + vit.pos_emb.flatten(2).transpose(1, 2).to(patches.dtype)
         patches = patches.reshape(b, -1, patches.shape[-1]) + self.fixed_gate * self.patch_fixed.to(patches.dtype)
         tubes = []
         for conv, (_, _, (ot, oy, ox)) in zip(self.tubes, cfg.tubes):
-            tubes.append(conv(videos[:, :, ot:, oy:, ox:]).flatten(2).transpose(1, 2))  # b n_i d
+            clip = videos[:, ot:, :, oy:, ox:].transpose(1, 2)  # b c t H W: Conv3d's layout, internal only
+            tubes.append(conv(clip).flatten(2).transpose(1, 2))  # b n_i d
         tube_tokens = torch.cat(tubes, dim=1)
         x = torch.cat((patches, tube_tokens + self.tube_fixed.to(tube_tokens.dtype)), dim=1)
         if vit.config.class_token:

@@ -25,6 +25,7 @@ from torch import nn
 from ..data.scenes import HeldoutSet
 from ..data.tokenizer import Tokenizer
 from ..inference import embed_images, embed_texts, generate_captions
+from ..models.contract import Captioner
 from .caption_metrics import caption_scores
 from .metrics import emoji_name_accuracy, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 
@@ -76,7 +77,7 @@ def evaluate_pairs(model: nn.Module, tokenizer: Tokenizer, images: torch.Tensor,
                                   "caption) ranks within k; ties count against the model"},
     }
     generated: list[str] = []
-    if with_captions and callable(getattr(model, "generate", None)):
+    if with_captions and isinstance(model, Captioner):
         generated = generate_captions(model, tokenizer, images, max_new_tokens=max_new_tokens, batch_size=batch_size)
         refs: list[list[str]] = [[] for _ in range(len(images))]
         for j, i in enumerate(index):
@@ -229,12 +230,12 @@ def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, 
 
     from ..tasks import get_task
     from ..inference import load_run, read_metrics
-    from .report import write_report
+    from .report import RunReport, write_report
 
     run = load_run(run_dir, checkpoint)
     cfg = run.config
     task = get_task(cfg.train.task)(cfg)
-    metrics, parts = task.evaluate(run.model, run.tokenizer, data=data, n=n)
+    metrics, report = task.evaluate(run.model, run.tokenizer, data=data, n=n)
     records = read_metrics(Path(run_dir) / "metrics.jsonl")
     train_recs = [r for r in records if r.get("kind", "train") == "train"]
     last = train_recs[-1] if train_recs else {}
@@ -250,22 +251,11 @@ def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, 
     }
     metrics = {**summary, **(extra or {}), **metrics, "model": cfg.model}
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
-    path = write_report(out, metrics, records, _run_report(parts, metrics, cfg.eval.grid))
+    if not isinstance(report, RunReport):
+        raise TypeError(f"train.task={cfg.train.task!r}: its evaluate() must return (metrics, RunReport), got a "
+                        f"{type(report).__name__} report")
+    path = write_report(out, metrics, records, report)
     return metrics, path
-
-
-def _run_report(parts: Any, metrics: dict[str, Any], grid: int) -> Any:
-    """A task's report parts as a ``RunReport``. The older form, a dict ``{"images", "generated",
-    "truth", "sections"}`` (still returned by ``tasks/interleaved.py``), gets its sections then the
-    image-text report's parts (what every run report held before tasks chose theirs)."""
-    from .report import RunReport, image_text_report
-
-    if isinstance(parts, RunReport):
-        return parts
-    base = image_text_report(metrics, parts.get("images"), parts.get("generated", ()), parts.get("truth", ()),
-                             grid=grid)
-    return RunReport(sections=[s.rstrip() for s in parts.get("sections", ())] + base.sections,
-                     figures=base.figures, files=base.files)
 
 
 def _first_caption_per_image(captions: Sequence[str], index: Sequence[int], n_images: int) -> list[str]:

@@ -8,7 +8,7 @@ no-grad embedding and generation of batches on the chosen device through
 only where the device runs bf16 natively, :mod:`mammut.precision`).
 
 A run folder trained with ``train.task: vqa`` keeps the prompt format it was trained on
-(``BOS [<image>] question "answer:"``, :class:`mammut.tasks.vqa.VqaEncoder`) for VQA.
+(``BOS [<image>] question "answer:"``, :class:`mammut.data.vqa.VqaEncoder`) for VQA.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 
 from ..constants import MEDIA_TOKEN
 from ..embedder import Embedder
+from ..models.contract import Captioner, ContrastiveEmbedder, MediaDecoder
 from ..precision import Precision
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,19 @@ class EvalModel:
 
     @property
     def contrastive(self) -> bool:
-        return all(callable(getattr(self.model, n, None)) for n in ("embed_image", "embed_text"))
+        """``ContrastiveEmbedder`` (``mammut.models.contract``): ``embed_image`` and ``embed_text``."""
+        return isinstance(self.model, ContrastiveEmbedder)
 
     @property
     def captioner(self) -> bool:
-        return callable(getattr(self.model, "generate", None))
+        """``Captioner``: ``generate``."""
+        return isinstance(self.model, Captioner)
 
     @property
     def media(self) -> bool:
-        """A media model (Flamingo): images ``(b, 1, c, h, w)`` and a media token in the prompt."""
-        return not self.contrastive and getattr(getattr(self.model, "config", None), "media_token_id", None) is not None
+        """A media model (``MediaDecoder``, Flamingo): images ``(b, 1, c, h, w)`` and a media
+        token in the prompt."""
+        return isinstance(self.model, MediaDecoder)
 
     @property
     def name(self) -> str:
@@ -113,10 +117,9 @@ class EvalModel:
 
     def media_prompt(self, n: int) -> list[list[int]] | None:
         """``[bos, <image>]`` per row for a media model, else None (the model's start token)."""
-        if not self.media:
+        if not isinstance(self.model, MediaDecoder):
             return None
-        cfg = self.model.config  # type: ignore[union-attr]
-        return [[cfg.bos_id, cfg.media_token_id]] * n
+        return [[self.model.config.bos_id, self.model.media_token_id]] * n
 
     def generate(self, images: torch.Tensor, prompts: list[list[int]] | None = None, **options: Any) -> list[str]:
         """Decoded generations for ``images`` (``options``: ``GenerationConfig`` fields), one
@@ -138,11 +141,11 @@ def _run_vqa_encoder(source: Path, tokenizer: Any) -> Any:
     if (cfg.get("train") or {}).get("task") != "vqa":
         return None
     from ..models import get_model_spec
-    from ..tasks.vqa import VqaEncoder
+    from ..data.vqa import VqaEncoder
     from ..tokenizer import Tokenizer
 
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(source / "tokenizer.json")
-    media_id = tok.special_id(MEDIA_TOKEN) if get_model_spec(cfg["model"]["name"]).media else None
+    media_id = tok.special_id(MEDIA_TOKEN) if "media_sequence" in get_model_spec(cfg["model"]["name"]).inputs else None
     return VqaEncoder(tok, media_id)
 
 

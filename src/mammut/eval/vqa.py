@@ -37,7 +37,7 @@ after :func:`normalize_answer` on both sides.
 :func:`mammut.data.formats.read_vqa` for the image file names). Each question is answered by
 prompted generation (greedy by default) from the image: a run folder fine-tuned with
 ``train.task: vqa`` uses the prompt it was trained on (``BOS [<image>] question "answer:"``,
-``mammut.tasks.vqa.VqaEncoder``); any other model gets ``--prompt`` (default
+``mammut.data.vqa.VqaEncoder``); any other model gets ``--prompt`` (default
 ``"{question} answer:"``, the same words) after its start token, and a media model (Flamingo)
 its ``<image>`` token right after the start token. Scored by the rule above: overall, per answer
 type (``yes/no``, ``number``, ``other``) and per question type. The model's answers are written

@@ -8,19 +8,22 @@ FlamingoPaLM): greedy search, beam search and sampling, with a KV cache.
 Legend: ``b`` batch (images), ``k`` beams, ``r`` active rows (``b`` or ``b * k``, fewer once
 rows finish), ``p`` prompt columns (left-padded), ``n`` new tokens, ``v`` vocabulary.
 
-The decoder protocol (reference implementation: ``MaMMUT.image_context`` / ``MaMMUT.decode``):
+The decoder protocol (``mammut.generation.protocol.Decoder``, a runtime-checkable Protocol that
+``generate`` checks with ``isinstance``; reference implementation: ``MaMMUT.image_context`` /
+``MaMMUT.decode``):
 ``model.image_context(images=... | image_tokens=...)`` encodes the images once;
 ``model.decode(text, context, keep=, positions=, cache=)`` returns logits for the new tokens
 ``text`` given a ``KVCache`` holding what came before; ``model.config`` has ``pad_id``,
 ``bos_id``, ``eos_id`` and ``num_tokens``. mammut's models (``decode`` =
 ``to_logits(decode_hidden(...))``) get only the last position through the vocabulary
-projection. Optional: ``model.decode_positions()``, the number of positions the decoder can
-embed (``generate`` checks against it, so that the model's steps need not read positions back).
+projection. Optional (``PositionBounded``): ``model.decode_positions()``, the number of
+positions the decoder can embed (``generate`` checks against it, so that the model's steps need
+not read positions back).
 
-How it runs (files: ``config.py`` options, ``inputs.py`` prompts and contexts, ``batch.py``
-rows and the done-row policy, ``loop.py`` greedy / sampling and logits processing,
-``beam.py`` beam search, ``compiled.py`` torch.compile and CUDA graphs, ``api.py`` the
-entry points):
+How it runs (files: ``protocol.py`` the decoder protocol, ``config.py`` options, ``inputs.py``
+prompts and contexts, ``batch.py`` the rows (``DecodeRows``) and the done-row policy,
+``loop.py`` greedy / sampling and logits processing, ``beam.py`` beam search, ``compiled.py``
+torch.compile and CUDA graphs, ``api.py`` the entry points):
 
 - arguments, prompts and images are checked once, before any compute; the per-token step
   holds no argument check and no host read (the loop reads one number per step, how many rows

@@ -1,5 +1,5 @@
 """``generate`` and ``caption``: arguments checked once, the image encoded once, then the
-decoding loop of the chosen strategy (``loop.py``, ``beam.py``) over a ``Batch``."""
+decoding loop of the chosen strategy (``loop.py``, ``beam.py``) over the ``DecodeRows``."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from torch import nn
 from ..layers.dropout import Dropout, no_dropout
 from .. import checks as _checks
 from . import compiled
-from .batch import Batch, step_function
+from .batch import DecodeRows, step_function
 from .beam import beam_search
 from .config import GenerationConfig, GenerationOutput, merge_config, resolve
 from .inputs import Context, PromptLike, context_batch, context_tensors, prepare_prompt
 from .loop import Processor, greedy_or_sample
+from .protocol import Decoder, PositionBounded, missing_members
 
 __all__ = ["generate", "caption"]
 
@@ -71,9 +72,9 @@ def generate(
     ``images`` / ``image_tokens`` / ``context`` are a ``ValueError`` naming the argument and
     counting the bad values.
     """
-    missing = [name for name in ("image_context", "decode", "config") if not hasattr(model, name)]
-    if missing:
-        raise TypeError(f"model: expected a decoder following the decoder protocol, {type(model).__name__} lacks {missing}")
+    if not isinstance(model, Decoder):
+        raise TypeError(f"model: expected a decoder following the decoder protocol, {type(model).__name__} lacks "
+                        f"{missing_members(model, Decoder)}")
     cfg, image_kwargs = merge_config(config, kwargs, model.image_context)
     ids_cfg = resolve(cfg, model.config, need_bos=prompt is None)
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -112,7 +113,7 @@ def generate(
         step = compiled.compiled_step(model, first) if cfg.compile else first
         if graphs:
             step = compiled.GraphedStep(step)
-        rows = Batch(ids, keep, context, max_new=cfg.max_new_tokens, pad_id=ids_cfg.pad_id, vocab=ids_cfg.num_tokens,
+        rows = DecodeRows(ids, keep, context, max_new=cfg.max_new_tokens, pad_id=ids_cfg.pad_id, vocab=ids_cfg.num_tokens,
                      track_seen=cfg.repetition_penalty != 1.0, use_cache=cfg.use_cache, static=cfg.static, first=first,
                      step=step, keep_logits=cfg.return_logits, position_limit=limit, stash=cfg.strategy != "beam",
                      stable=graphs)
@@ -128,8 +129,7 @@ def _position_limit(model: nn.Module, keep: torch.Tensor, max_new: int) -> int |
     """The decoder's position limit (``model.decode_positions()``, e.g. learned positions)
     when some row could reach it: then the loop checks live rows before each step; else
     ``None`` (the common case: no check, no host read)."""
-    fn = getattr(model, "decode_positions", None)
-    limit = fn() if callable(fn) else None
+    limit = model.decode_positions() if isinstance(model, PositionBounded) else None
     if limit is None:
         return None
     longest = int(keep.sum(dim=1).max())  # real prompt tokens; the model checks the prompt itself

@@ -1,6 +1,6 @@
 """The rows being decoded and the one policy for rows that are done.
 
-``Batch`` holds every row's growing sequence (ids and real-token mask, preallocated to the
+``DecodeRows`` holds every row's growing sequence (ids and real-token mask, preallocated to the
 final width), the position of its last real token, the log-probability of each new token, the
 KV cache and the image context; the loops (``loop.py``, ``beam.py``) only choose tokens.
 
@@ -24,7 +24,7 @@ from ..layers.masks import positions_from_mask
 from .config import STATIC_ROUND
 from .inputs import Context, select_context
 
-__all__ = ["Batch", "StepFn", "decode_last", "step_function", "logits_of_decode_hidden"]
+__all__ = ["DecodeRows", "StepFn", "decode_last", "step_function", "logits_of_decode_hidden"]
 
 StepFn = Callable[[nn.Module, torch.Tensor, Context, torch.Tensor, torch.Tensor, KVCache | None], torch.Tensor]
 
@@ -58,13 +58,14 @@ def logits_of_decode_hidden(decode: Callable[..., torch.Tensor]) -> Callable[...
 def step_function(model: nn.Module) -> StepFn:
     """``_hidden_last`` for mammut models whose ``decode`` is ``ModelBase.decode``
     (``to_logits(decode_hidden(...))``, so the two are the same: :func:`logits_of_decode_hidden`),
-    ``decode_last`` otherwise."""
-    decode = getattr(type(model), "decode", None)
+    ``decode_last`` otherwise. The mark is the whole test: a marked ``decode`` calls
+    ``decode_hidden`` and ``to_logits`` itself, so both are there."""
+    decode = getattr(type(model), "decode", None)  # the function, to read its mark
     plain = getattr(decode, _PLAIN_DECODE, False) is True and "decode" not in vars(model)
-    return _hidden_last if plain and hasattr(model, "decode_hidden") and hasattr(model, "to_logits") else decode_last
+    return _hidden_last if plain else decode_last
 
 
-class Batch:
+class DecodeRows:
     """Active rows: ids and keep ``(r, width)`` (``width`` = prompt + new tokens, rounded up
     to ``STATIC_ROUND`` with a static cache), ``last`` (each row's last token), ``last_pos`` /
     ``prompt_pos`` (positions of its last token / last prompt token: their difference counts its

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import Batch
+from .batch import DecodeRows
 from .config import GenerationConfig, GenerationOutput
 from .loop import Processor, normalise
 
@@ -64,7 +64,7 @@ class BeamHypotheses:
         return GenerationOutput(self.tokens[ar, best, :steps], self.score[ar, best], self.logp[ar, best, :steps], None)
 
 
-def beam_search(model: nn.Module, batch: Batch, proc: Processor, config: GenerationConfig, *,
+def beam_search(model: nn.Module, batch: DecodeRows, proc: Processor, config: GenerationConfig, *,
                 eos_id: int | None) -> GenerationOutput:
     k, max_new, lp = config.num_beams, config.max_new_tokens, config.length_penalty
     b = batch.rows

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .batch import Batch
+from .batch import DecodeRows
 from .config import GenerationConfig, GenerationOutput
 
 __all__ = ["Processor", "greedy_or_sample", "normalise"]
@@ -70,10 +70,10 @@ def normalise(total: torch.Tensor, length: torch.Tensor | int, length_penalty: f
     return total / length.clamp(min=1).to(total.dtype).pow(length_penalty)
 
 
-def greedy_or_sample(model: nn.Module, batch: Batch, proc: Processor, config: GenerationConfig, *,
+def greedy_or_sample(model: nn.Module, batch: DecodeRows, proc: Processor, config: GenerationConfig, *,
                      eos_id: int | None, generator: torch.Generator | None) -> GenerationOutput:
     """One token per row and step: the argmax (greedy) or a draw (sampling) of the processed
-    scores; rows end at eos (see ``Batch.finish`` for what happens to them)."""
+    scores; rows end at eos (see ``DecodeRows.finish`` for what happens to them)."""
     max_new = config.max_new_tokens
     keep_logits = batch.logits is not None
     for step in range(max_new):

@@ -1,5 +1,5 @@
 """Model registry: one file per architecture, each registering itself with a :class:`ModelSpec`
-(class, tiny config, block types, tasks), imported by :func:`_load_all`. See
+(class, tiny config, block types, tasks, input kinds), imported by :func:`_load_all`. See
 ``mammut.models.contract`` for the contract.
 
 Besides the architectures: :mod:`mammut.models.pretrained` (``save_pretrained`` /
@@ -28,14 +28,16 @@ def register_model(
     tiny: Mapping[str, Any] | None = None,
     block_types: tuple[type[nn.Module], ...] = (),
     tasks: tuple[str, ...] = (),
-    media: bool = False,
+    inputs: tuple[str, ...] = ("image",),
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: register ``cls`` under ``name`` with its spec (see :class:`ModelSpec`)."""
+    """Class decorator: register ``cls`` under ``name`` with its spec (see :class:`ModelSpec`;
+    ``inputs``: the kinds of ``images`` it takes, keys of ``mammut.models.contract.INPUT_KINDS``)."""
+    spec_inputs = tuple(inputs)
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"model name {name!r} is already registered")
-        _REGISTRY[name] = ModelSpec(name, cls, dict(tiny or {}), tuple(block_types), tuple(tasks), media)
+        _REGISTRY[name] = ModelSpec(name, cls, dict(tiny or {}), tuple(block_types), tuple(tasks), spec_inputs)
         cls.model_name = name
         return cls
 

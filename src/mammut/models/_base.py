@@ -136,19 +136,21 @@ class ModelBase(nn.Module):
         """open_clip's ``encode_image``: image embeddings ``(b, l)`` of pixels ``(b, c, h, w)``,
         L2-normalised only with ``normalize=True`` (``embed_image`` normalises by default).
         Floating pixels are cast to the model's dtype (a bf16 model takes float32 images)."""
-        embed = getattr(self, "embed_image", None)
-        if not callable(embed):
+        from .contract import ImageEmbedder
+
+        if not isinstance(self, ImageEmbedder):
             raise TypeError(f"encode_image: {type(self).__name__} has no contrastive image embedding (embed_image)")
-        return embed(self._as_model_dtype(images), normalize=normalize)
+        return self.embed_image(self._as_model_dtype(images), normalize=normalize)
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """open_clip's ``encode_text``: text embeddings ``(b, l)`` of right-padded token ids
         ``(b, n)`` (what the tokenizer of :func:`mammut.load` returns), L2-normalised only with
         ``normalize=True``."""
-        embed = getattr(self, "embed_text", None)
-        if not callable(embed):
+        from .contract import TextEmbedder
+
+        if not isinstance(self, TextEmbedder):
             raise TypeError(f"encode_text: {type(self).__name__} has no contrastive text embedding (embed_text)")
-        return embed(text, normalize=normalize)
+        return self.embed_text(text, normalize=normalize)
 
     def _as_model_dtype(self, images: torch.Tensor) -> torch.Tensor:
         if torch.is_tensor(images) and images.is_floating_point():

@@ -130,6 +130,7 @@ class MultimodalLayer(nn.Module):
               pad_id=0, num_img_queries=8, vit=dict(image_size=32, patch_size=8, dim=64, depth=2, heads=2, dim_head=32)),
     block_types=(ParallelBlock, TransformerBlock, CrossAttentionBlock),
     tasks=("pretrain", "vqa"),
+    inputs=("image",),
 )
 class CoCa(ContrastiveCaptioner):
     """CoCa. ``CoCa(dim=..., img_encoder=vit, image_dim=..., num_tokens=..., unimodal_depth=...,

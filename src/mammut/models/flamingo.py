@@ -231,7 +231,7 @@ class FlamingoLayer(nn.Module):
               vit=dict(image_size=32, patch_size=8, dim=64, depth=2, heads=2, dim_head=32)),
     block_types=(ParallelBlock, GatedCrossAttentionBlock, PerceiverLayer, TransformerBlock),
     tasks=("vqa", "interleaved"),
-    media=True,
+    inputs=("media_sequence",),
 )
 class FlamingoPaLM(ModelBase):
     """Flamingo on a PaLM-style LM. ``FlamingoPaLM(num_tokens=..., dim=..., depth=...,
@@ -289,6 +289,11 @@ class FlamingoPaLM(ModelBase):
         return self
 
     # ------------------------------------------------------------------ media side
+    @property
+    def media_token_id(self) -> int:
+        """The token that marks a media item in the text (``MediaDecoder`` protocol)."""
+        return self.config.media_token_id
+
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.img_encoder is None:
             raise ValueError("images / videos: this model has no img_encoder; pass image_embeds= or build it with img_encoder= / vit=")

@@ -163,6 +163,7 @@ class DecoderLayer(nn.Module):
               vit=dict(image_size=32, patch_size=8, dim=64, depth=2, heads=2, dim_head=32)),
     block_types=(ParallelBlock, CrossAttentionBlock, TransformerBlock),
     tasks=("pretrain", "vqa"),
+    inputs=("image",),
 )
 class MaMMUT(ContrastiveCaptioner):
     """MaMMUT. ``MaMMUT(dim=..., img_encoder=vit, image_dim=..., num_tokens=..., depth=...)``

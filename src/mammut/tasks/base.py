@@ -62,8 +62,7 @@ class Task:
                  n: int | None = None) -> tuple[dict[str, Any], Any]:
         """Held-out metrics and the run report's parts: ``(metrics, mammut.eval.report.RunReport)``
         (the markdown sections, figures and extra files the task wants in ``mammut eval RUN``'s
-        report; the report itself adds the summary and the loss curves). The older form, a dict
-        ``{"images", "generated", "truth", "sections"}``, still gets the image-text report's parts."""
+        report; the report itself adds the summary and the loss curves)."""
         raise NotImplementedError
 
     def quick_eval(self, model: nn.Module, tokenizer: Any) -> dict[str, float] | None:

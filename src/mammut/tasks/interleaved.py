@@ -194,14 +194,18 @@ class Interleaved(Task):
         return [t or "" for t in out]
 
     def evaluate(self, model: nn.Module, tokenizer: Any, *, data: str | None = None,
-                 n: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                 n: int | None = None) -> tuple[dict[str, Any], Any]:
         """Last-image captions of ``n`` (default ``eval.n``) held-out sequences, with and without
-        the earlier scenes: ``(metrics, drawn)``; ``metrics["caption"]`` holds the with-context
-        scores (the report's caption table), ``metrics["last_image"]`` both and their gain."""
+        the earlier scenes: ``(metrics, mammut.eval.report.RunReport)``; ``metrics["caption"]``
+        holds the with-context scores (the report's caption table), ``metrics["last_image"]`` both
+        and their gain. The report: the last-image section, then the image-text report's parts
+        (the caption table, ``scenes.png`` of the last images with their with-context captions,
+        ``retrieval.md``)."""
         if data is not None:
             raise ValueError(f"--data: train.task='interleaved' evaluates on its built-in held-out emoji sequences, "
                              f"expected no data file, got {data!r}")
         from ..data.sources import emoji_dataset
+        from ..eval.report import RunReport, image_text_report
 
         n = self.cfg.eval.n if n is None else n
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -236,9 +240,10 @@ class Interleaved(Task):
         }
         examples = [(s.captions[:-1], generated["context"][j], generated["no_context"][j], truth[j])
                     for j, s in enumerate(samples[:6])]
-        drawn = {"images": torch.stack([s.images[-1] for s in samples]), "generated": generated["context"],
-                 "truth": truth, "sections": [last_image_section(metrics["last_image"], examples)]}
-        return metrics, drawn
+        base = image_text_report(metrics, torch.stack([s.images[-1] for s in samples]), generated["context"], truth,
+                                 grid=self.cfg.eval.grid)
+        section = last_image_section(metrics["last_image"], examples).rstrip()
+        return metrics, RunReport(sections=[section, *base.sections], figures=base.figures, files=base.files)
 
     def quick_eval(self, model: nn.Module, tokenizer: Any) -> dict[str, float] | None:
         """Last-image captions of the first ``QUICK_N`` held-out sequences, with context."""

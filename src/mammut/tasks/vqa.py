@@ -11,9 +11,10 @@ One sequence (``n`` tokens, ``n <= data.max_len``, right-padded to the batch's l
 
 position ``i`` predicts ``labels[:, i]`` (``ModelBase.caption_loss``), so the prompt (BOS, the
 media token, the question and ``"answer:"``) is context only and the loss is the token mean
-over the answer and its EOS. A media model (``ModelSpec.media``, FlamingoPaLM) gets its one
-image as ``(b, 1, c, h, w)`` and the media token ``<image>`` right after BOS; the others get
-``(b, c, h, w)`` and no media token.
+over the answer and its EOS. A media model (``"media_sequence"`` in ``ModelSpec.inputs``,
+FlamingoPaLM) gets its one image as ``(b, 1, c, h, w)`` and the media token ``<image>`` right
+after BOS; the others get ``(b, c, h, w)`` and no media token. The prompts:
+:class:`mammut.data.vqa.VqaEncoder`.
 
 Batches: ``{"images": (b, 3, H, W) | (b, 1, 3, H, W), "text": (b, n), "labels": (b, n)}``.
 Global sample ``i`` is question ``i`` of the training split seeded by ``train.seed`` (a pure
@@ -37,37 +38,17 @@ import torch
 from torch import nn
 
 from ..constants import IGNORE_INDEX, MEDIA_TOKEN
+from ..data.vqa import VqaEncoder
 from ..models.contract import Batch
 from .base import Task, register_task
 
-__all__ = ["Vqa", "VqaEncoder", "VqaSource", "VqaCollate", "HELDOUT_SEED"]
+__all__ = ["Vqa", "VqaEncoder", "VqaSource", "VqaCollate", "HELDOUT_SEED"]  # VqaEncoder: mammut.data.vqa's
 
 log = logging.getLogger(__name__)
 
 HELDOUT_SEED = 0  # the held-out questions' seed: the same questions for every run
 _REPLACE_TRIES = 64  # replacements tried for a question longer than data.max_len
 _QUICK_N = 64  # held-out questions in quick_eval
-
-
-class VqaEncoder:
-    """Token ids of a prompt (``BOS [<image>] question "answer:"``) and of an answer (``answer EOS``)."""
-
-    def __init__(self, tokenizer: Any, media_id: int | None = None) -> None:
-        from ..data.vqa import ANSWER_PROMPT
-
-        if tokenizer.bos_id is None or tokenizer.eos_id is None:
-            raise ValueError("data.tokenizer: the vqa task needs a tokenizer with bos and eos tokens, got one without")
-        self.tokenizer, self.media_id, self.suffix = tokenizer, media_id, f" {ANSWER_PROMPT}"
-
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer.hf.encode(text, add_special_tokens=False).ids)
-
-    def prompt(self, question: str) -> list[int]:
-        media = [self.media_id] if self.media_id is not None else []
-        return [self.tokenizer.bos_id, *media, *self._ids(question + self.suffix)]
-
-    def answer(self, answer: str) -> list[int]:
-        return [*self._ids(answer), self.tokenizer.eos_id]
 
 
 class VqaSource:
@@ -132,7 +113,7 @@ class Vqa(Task):
         from ..train.config import ConfigError
 
         super().__init__(cfg)
-        self.media = get_model_spec(cfg.model["name"]).media
+        self.media = "media_sequence" in get_model_spec(cfg.model["name"]).inputs
         if cfg.data.max_objects < 2:
             raise ConfigError(f"data.max_objects: the vqa task asks about emoji pairs, expected >= 2, got {cfg.data.max_objects}")
         self._heldout: dict[int, list[dict[str, Any]]] = {}

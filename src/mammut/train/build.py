@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from ..constants import MEDIA_TOKEN  # where an image sits in an interleaved text (FlamingoPaLM's media_token_id)
-from ..models import get_model_class
+from ..models import get_model_spec
 from ..tokenizer import Tokenizer
 from .config import ConfigError, RunConfig
 
@@ -24,8 +24,8 @@ def resolve_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]
     """The ``model:`` section with vocabulary size and special ids taken from the tokenizer
     (where left out or null) and the built-in ViT's image size from ``data.image_size``."""
     model = dict(cfg.model)
-    cls = get_model_class(model["name"])
-    fields = {f.name for f in dataclasses.fields(cls.config_class)} if dataclasses.is_dataclass(getattr(cls, "config_class", None)) else set()
+    config_class = get_model_spec(model["name"]).config_class
+    fields = {f.name for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else set()
     fill = {"num_tokens": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
             "media_token_id": tokenizer.token_to_id(MEDIA_TOKEN)}
     for key, value in fill.items():
@@ -45,9 +45,9 @@ def resolve_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]
 
 def build_model(model_cfg: dict[str, Any]) -> nn.Module:
     """Instantiate a registered model from its (resolved) config section."""
-    cls = get_model_class(model_cfg["name"])
+    spec = get_model_spec(model_cfg["name"])
+    cls, config_class = spec.cls, spec.config_class
     kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
-    config_class = getattr(cls, "config_class", None)
     try:
         if config_class is not None:
             return cls(config_class(**kwargs))

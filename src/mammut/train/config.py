@@ -203,16 +203,15 @@ def _unknown(key: str, name: str, valid: list[str]) -> ConfigError:
 
 def check_model_section(section: dict[str, Any]) -> dict[str, Any]:
     """Check ``model:`` against the registered model's config dataclass; returns the checked dict."""
-    from ..models import get_model_class, list_models
+    from ..models import get_model_spec, list_models
 
     name = section.get("name")
     if not isinstance(name, str):
         raise ConfigError(f"model.name: expected a registered model name, got {name!r}")
     try:
-        cls = get_model_class(name)
+        config_class = get_model_spec(name).config_class
     except ValueError:
         raise ConfigError(f"model.name: expected one of {list_models()}, got {name!r}") from None
-    config_class = getattr(cls, "config_class", None)
     out: dict[str, Any] = {"name": name}
     if config_class is None or not dataclasses.is_dataclass(config_class):
         out.update({k: v for k, v in section.items() if k != "name"})

@@ -476,10 +476,9 @@ def _image_encoder_model_section(cfg: RunConfig, source: dict[str, Any]) -> dict
     """This run's ``model:`` section with the ``train.image_encoder_from`` source's ``vit``
     section (so its tensors fit); the keys that differed are logged."""
     from ..encoders import ViTConfig
-    from ..models import get_model_class
 
     key, name = "train.image_encoder_from", cfg.model["name"]
-    config_class = getattr(get_model_class(name), "config_class", None)
+    config_class = get_model_spec(name).config_class
     if not (dataclasses.is_dataclass(config_class) and "vit" in {f.name for f in dataclasses.fields(config_class)}):
         raise ConfigError(f"{key}: expected a model with a built-in ViT (model.vit), got model.name={name!r}")
     vit = source.get("vit")
