@@ -335,3 +335,24 @@ def test_huge_declared_config_allocates_nothing_big(tmp_path):
     assert "ERROR" in done.stdout, done.stdout + done.stderr
     growth_kb = int(done.stdout.split("GROWTH_KB")[1].split()[0])
     assert growth_kb < 1_000_000, growth_kb  # the declared model is about 13 GB in float32
+
+
+@pytest.mark.skipif(not __import__("shutil").which("java"), reason="the PTB jar runs under java")
+def test_a_failing_ptb_jar_falls_back_and_says_so(tmp_path, monkeypatch):
+    import mammut.eval.caption_metrics as cm
+    from mammut.eval.captioning import evaluate_captioning
+
+    draw(tmp_path / "1.png", "red")
+    coco = {"images": [{"id": 1, "file_name": "1.png"}], "annotations": [{"image_id": 1, "caption": "a red thing"}]}
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(coco))
+
+    def broken(texts):
+        raise RuntimeError("PTB tokenizer (stanford-corenlp-3.4.1.jar) failed with exit code 1: ")
+
+    monkeypatch.setattr(cm, "ptb_tokenize", broken)
+    metrics, _, _ = evaluate_captioning(fake_model(), path, tmp_path / "out", progress=False)
+    assert metrics["tokenizer"] == "simple" and metrics["comparable_to_published"] is False
+    assert any("PTB tokenizer" in r and "stand-in" in r for r in metrics["not_comparable_because"])
+    with pytest.raises(RuntimeError, match="PTB tokenizer"):  # asked for by name: no silent stand-in
+        evaluate_captioning(fake_model(), path, tmp_path / "out2", progress=False, tokenizer="ptb")

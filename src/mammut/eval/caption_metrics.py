@@ -97,14 +97,22 @@ def ptb_tokenize(texts: Sequence[str]) -> list[str]:
     return [" ".join(w for w in line.rstrip().split(" ") if w and w not in drop) for line in out[:len(texts)]]
 
 
-def _tokenize(texts: list[str], tokenizer: str) -> tuple[list[str], str]:
+def _tokenize(texts: list[str], tokenizer: str) -> tuple[list[str], str, str | None]:
+    """Tokenised texts, which tokenizer ran, and why the stand-in ran under ``auto`` when Java
+    is there but the PTB jar failed (the evaluation goes on, marked not comparable)."""
     if tokenizer not in ("auto", "ptb", "simple"):
         raise ValueError(f"tokenizer: expected 'auto', 'ptb' or 'simple', got {tokenizer!r}")
     if tokenizer == "ptb" or (tokenizer == "auto" and java_available()):
         if not java_available():
             raise ValueError("tokenizer: 'ptb' needs java on PATH, got none (use 'simple' or 'auto')")
-        return ptb_tokenize(texts), "ptb"
-    return [simple_ptb_tokenize(t) for t in texts], "simple"
+        try:
+            return ptb_tokenize(texts), "ptb", None
+        except RuntimeError as exc:
+            if tokenizer == "ptb":
+                raise
+            log.warning("%s; scoring with the regular-expression stand-in instead", exc)
+            return [simple_ptb_tokenize(t) for t in texts], "simple", str(exc)
+    return [simple_ptb_tokenize(t) for t in texts], "simple", None
 
 
 def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float | None, list[float], str | None]:
@@ -152,7 +160,7 @@ def caption_scores(candidates: Sequence[str], references: Sequence[Sequence[str]
     if unknown or isinstance(metrics, str):
         raise ValueError(f"metrics: expected some of {METRICS}, got {metrics!r}")
     sizes = [len(r) for r in refs]
-    flat, how = _tokenize(cands + [r for rs in refs for r in rs], tokenizer)
+    flat, how, failed = _tokenize(cands + [r for rs in refs for r in rs], tokenizer)
     res = {i: [flat[i]] for i in range(len(cands))}
     gts: dict[int, list[str]] = {}
     pos = len(cands)
@@ -160,6 +168,8 @@ def caption_scores(candidates: Sequence[str], references: Sequence[Sequence[str]
         gts[i] = flat[pos:pos + k]
         pos += k
     out: dict[str, Any] = {"n": len(cands), "references_per_image": sum(sizes) / len(sizes), "tokenizer": how}
+    if failed:
+        out["tokenizer_failed"] = failed
     absent: dict[str, str] = {}
     items: dict[str, list[float]] = {}
     if "bleu" in metrics:

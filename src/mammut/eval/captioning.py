@@ -56,6 +56,8 @@ def scoring_reasons(scores: dict[str, Any], tokenizer: str) -> list[str]:
         stand_in = "captions tokenised with the regular-expression stand-in for the PTB tokenizer"
         if tokenizer == "simple":
             reasons.append(f"--tokenizer simple: {stand_in}")
+        elif scores.get("tokenizer_failed"):
+            reasons.append(f"{scores['tokenizer_failed']}: {stand_in}")
         else:
             no_java = [LABELS[k] for k, why in absent.items() if why == NO_JAVA]
             absent = {k: why for k, why in absent.items() if why != NO_JAVA}
