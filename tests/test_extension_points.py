@@ -1,11 +1,15 @@
 """Application-side extension points of training: data kinds registered by their readers and
 checked against the run's task (no fixed list), a task's own ``task_options:`` section checked
-by the config's typed coercion, and nested micro-batches moved to the device whole. A toy task
-and a toy data kind are registered here, in the test, and trained by the Trainer."""
+by the config's typed coercion, nested micro-batches moved to the device whole, and tasks found
+through the entry points of the group ``mammut.tasks`` (how the built-in tasks and another
+package's are registered). A toy task and a toy data kind are registered here, in the test, and
+trained by the Trainer."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import sys
 from collections import namedtuple
 from typing import Any
 
@@ -14,7 +18,7 @@ import torch
 import yaml
 
 import mammut.models as models
-import mammut.tasks.base as task_base
+import mammut.train.task as task_registry
 import mammut.train.data as train_data
 from mammut.tasks import Task, register_task
 from mammut.train.config import ConfigError, config_from_dict, config_to_dict, load_config
@@ -64,7 +68,8 @@ class ToyTask(Task):
 def toy(monkeypatch):
     """The toy data kind and task registered for one test (the registries restored after)."""
     monkeypatch.setattr(train_data, "_DATA_KINDS", dict(train_data._DATA_KINDS))
-    monkeypatch.setattr(task_base, "_TASKS", dict(task_base._TASKS))
+    task_registry.list_tasks()  # the built-in tasks' entry points loaded before the copy
+    monkeypatch.setattr(task_registry, "_TASKS", dict(task_registry._TASKS))
     emoji = get_data_kind("emoji")
     register_data_kind("toy", lambda cfg, tokenizer, **kw: emoji.reader(cfg, tokenizer, **kw), corpus=emoji.corpus)
     register_task(ToyTask)
@@ -126,6 +131,70 @@ def test_trainer_moves_nested_batches_of_a_registered_task(toy, tmp_path):
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert toy.seen == [[(3, 4), (3, 4)]] * 4  # 2 steps x 2 micro-batches of 2 images, 3 boxes each
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["task_options"]["boxes_per_image"] == 3
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+@pytest.fixture
+def entry_points(monkeypatch, tmp_path):
+    """``add(name, value)``: one more entry point of the group ``mammut.tasks``, next to the
+    installed ones, as another installed package would declare it; the registry starts afresh
+    (restored after). A module ``plugin_tasks_for_test`` in ``tmp_path`` plays the package."""
+    real = importlib.metadata.entry_points
+    extra: list[importlib.metadata.EntryPoint] = []
+
+    def fake(**params):
+        eps = list(real(**params))
+        return eps + [ep for ep in extra if ep.group == params.get("group")]
+
+    (tmp_path / "plugin_tasks_for_test.py").write_text(
+        "from mammut.tasks import Task\n\n\n"
+        "class Plugged(Task):  # no decorator: the entry point registers it\n"
+        "    name = 'plugged'\n    data_kinds = ('emoji',)\n\n\n"
+        "class Misnamed(Task):\n    name = 'other'\n\n\nNOT_A_TASK = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(importlib.metadata, "entry_points", fake)
+    monkeypatch.setattr(task_registry, "_TASKS", {})
+    monkeypatch.setattr(task_registry, "_entry_points_loaded", False)
+    yield lambda name, value: extra.append(importlib.metadata.EntryPoint(name, value, task_registry.ENTRY_POINT_GROUP))
+    sys.modules.pop("plugin_tasks_for_test", None)
+
+
+def test_the_built_in_tasks_are_entry_points():
+    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="mammut.tasks")}
+    assert eps == {"pretrain": "mammut.tasks.pretrain:Pretrain", "vqa": "mammut.tasks.vqa:Vqa",
+                   "interleaved": "mammut.tasks.interleaved:Interleaved"}
+    found = {name: task_registry.get_task(name) for name in task_registry.list_tasks()}
+    assert {name: f"{cls.__module__}:{cls.__qualname__}" for name, cls in found.items()} == eps
+    from mammut.tasks.base import get_task as old  # the old import paths still work
+
+    assert old is task_registry.get_task and Task is task_registry.Task
+
+
+def test_a_task_declared_as_an_entry_point_is_found(entry_points):
+    entry_points("plugged", "plugin_tasks_for_test:Plugged")
+    cls = task_registry.get_task("plugged")
+    assert cls.__module__ == "plugin_tasks_for_test" and issubclass(cls, Task)
+    assert task_registry.list_tasks() == ["interleaved", "plugged", "pretrain", "vqa"]
+    with pytest.raises(ValueError, match=r"^train\.task: expected one of \['interleaved', 'plugged', 'pretrain', "
+                                         r"'vqa'\], got 'nope'$"):
+        task_registry.get_task("nope")
+
+
+@pytest.mark.parametrize("value, says", [
+    ("no_such_module_for_mammut_test:Task", r"failed to load: ModuleNotFoundError: No module named "
+                                            r"'no_such_module_for_mammut_test'"),
+    ("plugin_tasks_for_test:Missing", r"failed to load: AttributeError: .*Missing"),
+    ("plugin_tasks_for_test:NOT_A_TASK", r"gives 3, not a Task subclass"),
+    ("plugin_tasks_for_test:Misnamed", r"gives a task named 'other'; the entry point's name must be the task's name"),
+], ids=["no-module", "no-attribute", "not-a-task", "misnamed"])
+def test_a_broken_entry_point_is_named(entry_points, value, says):
+    entry_points("broken", value)
+    where = rf"^task 'broken': entry point broken = '{value}' \(group 'mammut\.tasks'\) "
+    for lookup in (lambda: task_registry.get_task("pretrain"), task_registry.list_tasks):  # every look-up says so
+        with pytest.raises(task_registry.TaskEntryPointError, match=where + says):
+            lookup()
 
 
 Pair = namedtuple("Pair", ["image", "label"])

@@ -444,6 +444,7 @@ def test_wheel_installs_and_runs_the_demo_outside_the_checkout(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         metadata = z.read(f"mammut_vl-{version}.dist-info/METADATA").decode()
+        entry_points = z.read(f"mammut_vl-{version}.dist-info/entry_points.txt").decode()
     package_files = {p.relative_to(SRC).as_posix() for p in (SRC / "mammut").rglob("*")
                      if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
     assert package_files - names == set()
@@ -454,6 +455,10 @@ def test_wheel_installs_and_runs_the_demo_outside_the_checkout(tmp_path):
         assert must in names, must
     assert all(n.startswith(("mammut/", f"mammut_vl-{version}.dist-info/")) for n in names), sorted(names)
     assert "License-Expression: MIT AND OFL-1.1" in metadata
+    # the tasks are found through their entry points (mammut.train.task.get_task): the demo trains one
+    group = entry_points.replace("\r", "").split("[mammut.tasks]\n", 1)[-1].split("\n\n", 1)[0].splitlines()
+    assert {"pretrain = mammut.tasks.pretrain:Pretrain", "vqa = mammut.tasks.vqa:Vqa",
+            "interleaved = mammut.tasks.interleaved:Interleaved"} <= set(group), entry_points
     assert re.search(r"^Requires-Dist: torchvision>=[\d.]+; extra == \"train\"$", metadata, re.M)
 
     # 3. a fresh venv that sees this environment's third-party packages (torch is not copied;

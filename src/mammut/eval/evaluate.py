@@ -222,14 +222,15 @@ def evaluate_image_text(model: nn.Module, tokenizer: Tokenizer, cfg: Any, *, dat
 
 def evaluate_run(run_dir: Any, *, checkpoint: Any = None, n: int | None = None, out_dir: Any = None,
                  extra: dict[str, Any] | None = None, data: str | None = None) -> tuple[dict[str, Any], Any]:
-    """Evaluate a run folder's latest (or given) checkpoint with its task's evaluation
-    (``mammut.tasks``) and write its report folder (default ``<run>/report``) with the sections
-    and figures the task returned. ``extra`` (timings) is merged into ``metrics.json``; ``data``
+    """Evaluate a run folder's latest (or given) checkpoint with its task's evaluation (the task
+    found by name in the registry, :mod:`mammut.train.task`) and write its report folder (default
+    ``<run>/report``) with the sections and figures the task returned. ``extra`` (timings) is
+    merged into ``metrics.json``; ``data``
     replaces the run's held-out data."""
     from pathlib import Path
 
-    from ..tasks import get_task
     from ..inference import load_run, read_metrics
+    from ..train.task import get_task
     from .report import RunReport, write_report
 
     run = load_run(run_dir, checkpoint)

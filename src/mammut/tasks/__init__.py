@@ -9,8 +9,12 @@ batches, calls ``task.prepare_step`` (token shares across micro-batches and rank
 micro-batch to the device and minimises ``task.loss(model, batch)["loss"]``.
 
 A new task: one file here (a :class:`Task` subclass with ``name``, ``data_kinds``, optionally an
-``options`` dataclass for its ``task_options:`` config section), and the task's name in the
-registry spec of each model that trains on it (``register_model(..., tasks=...)``). A new data
+``options`` dataclass for its ``task_options:`` config section), its entry point in
+pyproject.toml (``[project.entry-points."mammut.tasks"]``: ``name = "mammut.tasks.<file>:<Class>"``;
+another package declares its tasks the same way in its own pyproject), and the task's name in the
+registry spec of each model that trains on it (``register_model(..., tasks=...)``). The
+:class:`Task` base class and the registry live in :mod:`mammut.train.task` (the Trainer and the
+evaluation look tasks up there, without importing this package) and are re-exported here. A new data
 kind: ``mammut.train.data.register_data_kind(name, reader)`` where it is read, and its name in
 the ``data_kinds`` of the tasks that read it.
 

@@ -99,7 +99,7 @@ class LoopConfig:
     parallel: str = "auto"  # auto | none | ddp | fsdp (auto: ddp when launched by torchrun)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads per process (0 = leave as is)
-    task: str = "pretrain"  # pretrain | vqa | interleaved (mammut.tasks); the model must support it
+    task: str = "pretrain"  # pretrain | vqa | interleaved | a plugin's (mammut.train.task); the model must support it
     init_from: str | None = None  # start from this run's (or save_pretrained folder's) weights, model and tokenizer
     # start the built-in ViT (model.vit and its img_encoder.* weights) from this run's newest valid
     # checkpoint or save_pretrained folder (the sources init_from takes); not with init_from
@@ -310,7 +310,7 @@ def task_options(task: str, values: dict[str, Any] | None) -> Any:
     """The ``task_options:`` section checked against the task's options dataclass
     (``Task.options``) by the config's typed coercion (errors name ``task_options.<key>``);
     None for a task without options, whose section must be absent or empty."""
-    from ..tasks import get_task
+    from .task import get_task
 
     cls = get_task(task).options
     if cls is None:
@@ -323,7 +323,7 @@ def task_options(task: str, values: dict[str, Any] | None) -> Any:
 
 def _check_model_task(name: str, task: str) -> None:
     from ..models import get_model_spec, list_models
-    from ..tasks import list_tasks
+    from .task import list_tasks
 
     if task not in list_tasks():
         raise ConfigError(f"train.task: expected one of {list_tasks()}, got {task!r}")
@@ -340,7 +340,7 @@ def check_task(cfg: RunConfig) -> None:
     """The model must train on ``train.task`` (its registry spec says so) and the task must
     read ``data.kind`` (its ``data_kinds``, each registered by its reader): an impossible
     combination is refused before any work."""
-    from ..tasks import get_task
+    from .task import get_task
     from .data import get_data_kind, list_data_kinds
 
     task = cfg.train.task

@@ -1,7 +1,7 @@
 """The training loop: ``Trainer(cfg).fit()`` (what ``mammut train`` runs, one per rank).
 
-The Trainer knows no objective: the run's task (``train.task``, :mod:`mammut.tasks`) gives the
-micro-batches (dicts), sets each one's token share (``task.prepare_step``) and computes the
+The Trainer knows no objective: the run's task (``train.task``, :mod:`mammut.tasks`, found by
+name in the registry :mod:`mammut.train.task`) gives the micro-batches (dicts), sets each one's token share (``task.prepare_step``) and computes the
 named losses (``task.loss(model, batch)``, minimising ``"loss"``); the model's registry spec
 names the blocks that activation checkpointing, compile and FSDP2 wrap.
 
@@ -61,9 +61,9 @@ from .distributed import (
 from ..io.runlock import FolderLock
 from ..models import get_model_spec
 from ..precision import autocast, resolve_precision
-from ..tasks import get_task
 from .monitor import Monitor
 from .optim import build_optimizer, lr_at, set_lr
+from .task import get_task
 
 log = logging.getLogger(__name__)
 
