@@ -82,3 +82,28 @@ def test_the_training_decoder_and_eval_transform_take_it_too():
     im = decode_image(buf.getvalue(), where="tall.png")
     assert image_transform(48, train=False)(im).shape == (3, 48, 48)
     assert image_transform(48, train=True)(im).shape == (3, 48, 48)
+
+
+def test_the_search_servers_encoder_path_stays_small_on_a_one_pixel_wide_upload():
+    """What `/api/caption` and `/api/search/image` do with an upload: decode it, then
+    ``encoder.preprocess`` (the model's ImagePreprocess), then embed. Before: 6.5 GB resident."""
+    code = textwrap.dedent("""
+        import io, resource, torch
+        from PIL import Image
+        from mammut import MaMMUT, ImagePreprocess
+        from mammut.apps.encoder import ModelEncoder
+        from mammut.data.datasets import decode_image
+        model = MaMMUT(dim=32, num_tokens=50, depth=1, heads=2, dim_head=16,
+                       vit=dict(image_size=32, patch_size=8, dim=32, depth=1, heads=2, dim_head=16))
+        enc = ModelEncoder(model, ImagePreprocess(32), lambda texts: torch.ones(len(texts), 4, dtype=torch.long),
+                           None, name="tiny", precision="fp32")
+        buf = io.BytesIO(); Image.new("RGB", (1, 1_000_000), (10, 200, 30)).save(buf, "PNG")
+        enc.embed_images(enc.preprocess(Image.new("RGB", (40, 40)))[None])  # imports and first call done
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        vec = enc.embed_images(enc.preprocess(decode_image(buf.getvalue(), where="upload.png"))[None])
+        print(len(buf.getvalue()), vec.shape[0], (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    png_bytes, rows, grew_mb = (int(v) for v in out.stdout.split())
+    assert png_bytes < 10_000 and rows == 1
+    assert grew_mb < 200, out.stdout
