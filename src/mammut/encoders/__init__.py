@@ -9,6 +9,8 @@ from .external import (
     VitPytorchEncoder,
     build_encoder,
     encoder_spec,
+    register_encoder,
+    registered_encoders,
     wrap_encoder,
 )
 from .video import VideoTubeConfig, VideoTubeViT, sincos_3d
@@ -17,5 +19,6 @@ from .vit import ViT, ViTConfig
 __all__ = [
     "ViT", "ViTConfig", "as_image_tokens", "encode_images", "EncoderAdapter", "HFVisionEncoder",
     "TimmEncoder", "VitPytorchEncoder", "build_encoder", "encoder_spec", "wrap_encoder",
+    "register_encoder", "registered_encoders",
     "VideoTubeConfig", "VideoTubeViT", "sincos_3d",
 ]

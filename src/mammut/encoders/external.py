@@ -19,6 +19,9 @@ model's ``image_dim`` can be left out) and ``check_images`` (clear errors before
 :func:`encoder_spec`, a JSON-able description that :func:`build_encoder` turns back into the
 same architecture (random init, no download). Checkpoints store it, so a model with such an
 encoder reloads without being handed one. String specs: ``"timm:vit_tiny_patch16_224"``.
+Encoder types are registered (:func:`register_encoder`): ``mammut.vit`` (alias ``vit``),
+``video_tube`` (:class:`~mammut.encoders.video.VideoTubeViT` around our ViT), ``timm``,
+``transformers`` (alias ``hf``); a model config's ``encoder`` field takes such a spec.
 
 This module imports only torch; timm / transformers / vit-pytorch are imported when used
 (``pip install mammut-vl[interop]``).
@@ -29,13 +32,15 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .adapters import as_image_tokens
+from .video import VideoTubeConfig, VideoTubeViT
 from .vit import ViT, ViTConfig
 
 __all__ = [
@@ -46,6 +51,8 @@ __all__ = [
     "wrap_encoder",
     "encoder_spec",
     "build_encoder",
+    "register_encoder",
+    "registered_encoders",
 ]
 
 log = logging.getLogger(__name__)
@@ -295,13 +302,56 @@ def wrap_encoder(module: nn.Module, **kwargs: Any) -> nn.Module:
     return module
 
 
+# ------------------------------------------------------------------------ encoder registry
+@dataclass(frozen=True)
+class _EncoderType:
+    name: str
+    build: Callable[[dict[str, Any]], nn.Module]
+    spec: Callable[[nn.Module], dict[str, Any] | None] | None
+
+
+_ENCODERS: dict[str, _EncoderType] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_encoder(
+    type_name: str,
+    build_fn: Callable[[dict[str, Any]], nn.Module],
+    spec_fn: Callable[[nn.Module], dict[str, Any] | None] | None = None,
+    *,
+    aliases: tuple[str, ...] = (),
+) -> None:
+    """Declare an encoder type for :func:`build_encoder` / :func:`encoder_spec` and the models'
+    ``encoder=`` config field. ``build_fn(spec)`` builds a module (random init) from a spec dict
+    ``{"type": type_name, ...}``; ``spec_fn(module)`` returns such a dict for a module of this
+    type, or None for any other module. ``aliases``: other names accepted in ``spec["type"]``."""
+    names = (type_name, *aliases)
+    for name in names:
+        if not isinstance(name, str) or not name or ":" in name:
+            raise ValueError(f"type_name / aliases: expected non-empty names without ':', got {name!r}")
+        if name in _ENCODERS or name in _ALIASES:
+            raise ValueError(f"type_name: encoder type {name!r} is already registered")
+    if not callable(build_fn) or (spec_fn is not None and not callable(spec_fn)):
+        raise TypeError("build_fn / spec_fn: expected callables")
+    _ENCODERS[type_name] = _EncoderType(type_name, build_fn, spec_fn)
+    for alias in aliases:
+        _ALIASES[alias] = type_name
+
+
+def registered_encoders() -> list[str]:
+    """Every name :func:`build_encoder` accepts in ``spec["type"]`` (types and aliases)."""
+    return sorted({*_ENCODERS, *_ALIASES})
+
+
 def encoder_spec(module: nn.Module) -> dict[str, Any] | None:
     """A JSON-able spec that :func:`build_encoder` turns back into ``module``'s architecture,
     or None when unknown (e.g. a vit-pytorch model or an arbitrary module)."""
+    for entry in _ENCODERS.values():
+        spec = entry.spec(module) if entry.spec is not None else None
+        if spec is not None:
+            return spec
     if isinstance(module, EncoderAdapter):
         return module.encoder_spec()
-    if isinstance(module, ViT):
-        return {"type": "mammut.vit", "config": asdict(module.config)}
     return None
 
 
@@ -309,7 +359,12 @@ def build_encoder(spec: str | dict[str, Any], **kwargs: Any) -> nn.Module:
     """Build an encoder (random init, never a download) from a spec.
 
     ``spec``: ``"timm:NAME"`` (``kwargs`` go to ``timm.create_model``), ``"vit"`` (``kwargs``
-    are ``ViTConfig`` fields), or a dict from :func:`encoder_spec`.
+    are ``ViTConfig`` fields), or a dict ``{"type": ..., ...}`` of a registered type
+    (:func:`registered_encoders`; :func:`encoder_spec` gives one):
+    ``{"type": "vit", "config": {ViTConfig fields}}`` (or the fields beside ``type``),
+    ``{"type": "video_tube", "vit": {ViTConfig fields}, VideoTubeConfig fields...}``,
+    ``{"type": "timm", "name": ..., "kwargs": {...}}``,
+    ``{"type": "transformers" | "hf", "class": ..., "config": {...}}``.
     """
     if isinstance(spec, str):
         kind, _, name = spec.partition(":")
@@ -322,23 +377,69 @@ def build_encoder(spec: str | dict[str, Any], **kwargs: Any) -> nn.Module:
         raise TypeError(f"spec: expected a string or a dict with a 'type' key, got {spec!r}")
     if kwargs:
         raise TypeError(f"build_encoder: keyword arguments apply only to string specs, got {sorted(kwargs)}")
-    kind = spec["type"]
-    if kind == "timm":
-        return TimmEncoder.create(spec["name"], patch_tokens_only=bool(spec.get("patch_tokens_only", False)), **dict(spec.get("kwargs") or {}))
-    if kind == "transformers":
-        transformers = _require("transformers", "HFVisionEncoder")
-        cls_name = spec.get("class")
-        model_cls = getattr(transformers, cls_name, None) if isinstance(cls_name, str) else None
-        if not (isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel)):
-            raise ValueError(f"spec['class']: expected a transformers model class name, got {cls_name!r}")
-        config = model_cls.config_class.from_dict(dict(spec["config"]))
-        return HFVisionEncoder(
-            model_cls(config), hidden_layer=spec.get("hidden_layer"), patch_tokens_only=bool(spec.get("patch_tokens_only", False))
-        )
-    if kind == "mammut.vit":
-        cfg = dict(spec["config"])
-        for key in ("cpe_scale", "cpe_ratio"):
-            if isinstance(cfg.get(key), list):
-                cfg[key] = tuple(cfg[key])
-        return ViT(ViTConfig(**cfg))
-    raise ValueError(f"spec['type']: expected 'timm', 'transformers' or 'mammut.vit', got {kind!r}")
+    kind = _ALIASES.get(spec["type"], spec["type"])
+    entry = _ENCODERS.get(kind)
+    if entry is None:
+        raise ValueError(f"spec['type']: unknown encoder type {spec['type']!r}; registered types: {registered_encoders()}")
+    return entry.build(spec)
+
+
+def _vit_config(fields: Any, key: str) -> ViTConfig:
+    if not isinstance(fields, dict):
+        raise TypeError(f"{key}: expected a dict of ViTConfig fields, got {fields!r}")
+    cfg = dict(fields)
+    for name in ("cpe_scale", "cpe_ratio"):
+        if isinstance(cfg.get(name), list):
+            cfg[name] = tuple(cfg[name])
+    return ViTConfig(**cfg)
+
+
+def _build_vit(spec: dict[str, Any]) -> nn.Module:
+    rest = {k: v for k, v in spec.items() if k != "type"}
+    if "config" in rest:
+        if len(rest) > 1:
+            raise TypeError(f"spec: a 'vit' spec takes either 'config' or ViTConfig fields, got {sorted(rest)}")
+        return ViT(_vit_config(rest["config"], "spec['config']"))
+    return ViT(_vit_config(rest, "spec"))
+
+
+def _vit_spec(module: nn.Module) -> dict[str, Any] | None:
+    return {"type": "mammut.vit", "config": asdict(module.config)} if isinstance(module, ViT) else None
+
+
+def _build_video_tube(spec: dict[str, Any]) -> nn.Module:
+    rest = {k: v for k, v in spec.items() if k not in ("type", "vit")}
+    if "vit" not in spec:
+        raise KeyError("spec['vit']: a 'video_tube' spec needs its ViT's ViTConfig fields under 'vit'")
+    vit = ViT(_vit_config(spec["vit"], "spec['vit']"))
+    return VideoTubeViT(vit, VideoTubeConfig(**rest))
+
+
+def _video_tube_spec(module: nn.Module) -> dict[str, Any] | None:
+    if not isinstance(module, VideoTubeViT):
+        return None
+    return {"type": "video_tube", "vit": asdict(module.vit.config), **asdict(module.config)}
+
+
+def _build_timm(spec: dict[str, Any]) -> nn.Module:
+    return TimmEncoder.create(spec["name"], patch_tokens_only=bool(spec.get("patch_tokens_only", False)), **dict(spec.get("kwargs") or {}))
+
+
+def _build_transformers(spec: dict[str, Any]) -> nn.Module:
+    transformers = _require("transformers", "HFVisionEncoder")
+    cls_name = spec.get("class")
+    model_cls = getattr(transformers, cls_name, None) if isinstance(cls_name, str) else None
+    if not (isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel)):
+        raise ValueError(f"spec['class']: expected a transformers model class name, got {cls_name!r}")
+    config = model_cls.config_class.from_dict(dict(spec["config"]))
+    return HFVisionEncoder(model_cls(config), hidden_layer=spec.get("hidden_layer"), patch_tokens_only=bool(spec.get("patch_tokens_only", False)))
+
+
+def _adapter_spec(cls: type[EncoderAdapter]) -> Callable[[nn.Module], dict[str, Any] | None]:
+    return lambda module: module.encoder_spec() if isinstance(module, cls) else None
+
+
+register_encoder("mammut.vit", _build_vit, _vit_spec, aliases=("vit",))
+register_encoder("video_tube", _build_video_tube, _video_tube_spec)
+register_encoder("timm", _build_timm, _adapter_spec(TimmEncoder))
+register_encoder("transformers", _build_transformers, _adapter_spec(HFVisionEncoder), aliases=("hf",))

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..constants import MEDIA_TOKEN
 from ..embedder import Embedder
-from ..models.contract import Captioner, ContrastiveEmbedder, MediaDecoder
+from ..models.contract import MediaDecoder
 from ..precision import Precision
 
 log = logging.getLogger(__name__)
@@ -61,21 +61,10 @@ class EvalModel:
         precision = Precision(name, name, self.precision_reason or f"{name} chosen")
         return Embedder(self.model, self.preprocess, self.tokenizer, device=self.device, precision=precision)
 
-    @property
-    def contrastive(self) -> bool:
-        """``ContrastiveEmbedder`` (``mammut.models.contract``): ``embed_image`` and ``embed_text``."""
-        return isinstance(self.model, ContrastiveEmbedder)
-
-    @property
-    def captioner(self) -> bool:
-        """``Captioner``: ``generate``."""
-        return isinstance(self.model, Captioner)
-
-    @property
-    def media(self) -> bool:
-        """A media model (``MediaDecoder``, Flamingo): images ``(b, 1, c, h, w)`` and a media
-        token in the prompt."""
-        return isinstance(self.model, MediaDecoder)
+    # what the model can do: the Embedder's answers (the Protocols of mammut.models.contract)
+    contrastive = property(lambda self: self.embedder().contrastive, doc="``embed_image`` and ``embed_text``.")
+    captioner = property(lambda self: self.embedder().captioner, doc="``generate``.")
+    media = property(lambda self: self.embedder().media, doc="A media model (Flamingo).")
 
     @property
     def name(self) -> str:

@@ -30,16 +30,26 @@ class ModelBase(nn.Module):
 
     def _setup(self, config: Any, img_encoder: nn.Module | None, kwargs: dict[str, Any]) -> tuple[Any, int]:
         """The constructor steps every model shares: ``Model(Config(...))`` or ``Model(**fields)``
-        (the seed READMEs' form, not both), the built-in ViT from ``config.vit`` when no
-        ``img_encoder`` is given, and the encoder's token width; returns ``(config, image_dim)``."""
-        from ..encoders import ViT, ViTConfig
+        (the seed READMEs' form, not both), the built-in ViT from ``config.vit`` or the encoder
+        ``config.encoder`` declares (a :func:`~mammut.encoders.build_encoder` spec, e.g.
+        ``{"type": "video_tube", "vit": {...}, "frames": 8}``) when no ``img_encoder`` is given,
+        and the encoder's token width; returns ``(config, image_dim)``."""
+        from ..encoders import ViT, ViTConfig, build_encoder
 
         name = type(self).__name__
         if config is not None and kwargs:
             raise TypeError(f"{name}: pass either a {self.config_class.__name__} or keyword arguments, not both")
         cfg = config if config is not None else self.config_class(**kwargs)
         self.config = cfg
-        if img_encoder is None and getattr(cfg, "vit", None) is not None:
+        encoder = getattr(cfg, "encoder", None)
+        if encoder is not None:
+            if getattr(cfg, "vit", None) is not None:
+                raise ValueError(f"{name}: encoder and vit both declare the image encoder; set only one of them "
+                                 f"(a built-in ViT is encoder={{'type': 'vit', ...}})")
+            if img_encoder is not None:
+                raise ValueError(f"{name}: encoder (config) and img_encoder= both give the image encoder; pass only one of them")
+            img_encoder = build_encoder(encoder)
+        elif img_encoder is None and getattr(cfg, "vit", None) is not None:
             img_encoder = ViT(ViTConfig(**cfg.vit))
         self.img_encoder = img_encoder
         image_dim = getattr(cfg, "image_dim", None) or getattr(img_encoder, "dim", None) or cfg.dim
@@ -181,6 +191,13 @@ class ModelBase(nn.Module):
         vit = getattr(self.config, "vit", None)
         if isinstance(vit, dict):  # a new dict and config: the caller's config (or a registry preset) may be shared
             self.config = dataclasses.replace(self.config, vit={**vit, "image_size": image_size})
+        spec = getattr(self.config, "encoder", None)
+        if isinstance(spec, dict) and spec.get("type") in ("vit", "mammut.vit"):  # a ViT declared as encoder=
+            if isinstance(spec.get("config"), dict):
+                spec = {**spec, "config": {**spec["config"], "image_size": image_size}}
+            else:
+                spec = {**spec, "image_size": image_size}
+            self.config = dataclasses.replace(self.config, encoder=spec)
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)

@@ -98,6 +98,9 @@ class MaMMUTConfig:
     norm: str = "layernorm"
     dropout: float = 0.0
     vit: dict[str, Any] | None = field(default=None)  # built-in ViT (ViTConfig fields) when no img_encoder
+    # or the image encoder as a spec (mammut.encoders.build_encoder), e.g. {"type": "video_tube", "vit": {...},
+    # "frames": 8}: saved in the config, so a checkpoint rebuilds it; not with vit or img_encoder=
+    encoder: dict[str, Any] | None = field(default=None)
 
     def __post_init__(self) -> None:
         check_choice("contrastive_pass", self.contrastive_pass, ("bidirectional", "causal"))

@@ -142,9 +142,12 @@ class Trainer:
             cfg = self.cfg = dataclasses.replace(cfg, model=_image_encoder_model_section(cfg, encoder.model_cfg))
         elif t.image_encoder_from:  # resuming: the ViT this run saved (its weights come from the checkpoint)
             saved = self.run_dir / "config.yaml"
-            vit = ((yaml.safe_load(saved.read_text()) or {}).get("model") or {}).get("vit") if saved.is_file() else None
+            saved_model = ((yaml.safe_load(saved.read_text()) or {}).get("model") or {}) if saved.is_file() else {}
+            vit, video = saved_model.get("vit"), saved_model.get("encoder")
             if isinstance(vit, dict):
                 cfg = self.cfg = dataclasses.replace(cfg, model=dict(cfg.model, vit=vit))
+            elif isinstance(video, dict) and video.get("type") == "video_tube":  # the video encoder around the source's ViT
+                cfg = self.cfg = dataclasses.replace(cfg, model=dict(cfg.model, encoder=video))
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
@@ -474,13 +477,20 @@ def _init_model_section(model: dict[str, Any], source: dict[str, Any]) -> dict[s
 
 def _image_encoder_model_section(cfg: RunConfig, source: dict[str, Any]) -> dict[str, Any]:
     """This run's ``model:`` section with the ``train.image_encoder_from`` source's ``vit``
-    section (so its tensors fit); the keys that differed are logged."""
+    section (so its tensors fit); the keys that differed are logged. A video run
+    (``model.encoder: {type: video_tube, ...}``) takes it as its encoder's ``vit``: the image
+    model fine-tuned for video, as in the paper."""
     from ..encoders import ViTConfig
 
     key, name = "train.image_encoder_from", cfg.model["name"]
     config_class = get_model_spec(name).config_class
     if not (dataclasses.is_dataclass(config_class) and "vit" in {f.name for f in dataclasses.fields(config_class)}):
         raise ConfigError(f"{key}: expected a model with a built-in ViT (model.vit), got model.name={name!r}")
+    encoder = cfg.model.get("encoder")
+    video = isinstance(encoder, dict) and encoder.get("type") == "video_tube"
+    if encoder is not None and not video:
+        raise ConfigError(f"{key}: expected model.vit or a model.encoder of type 'video_tube' (its ViT is taken from the "
+                          f"source), got model.encoder={encoder!r}")
     vit = source.get("vit")
     if not isinstance(vit, dict):
         raise ConfigError(f"{key}: expected a source whose model has a built-in ViT (a model.vit section), got "
@@ -490,10 +500,13 @@ def _image_encoder_model_section(cfg: RunConfig, source: dict[str, Any]) -> dict
     if size != cfg.data.image_size:
         raise ConfigError(f"data.image_size: train.image_encoder_from's ViT takes {size}px images (its "
                           f"model.vit.image_size), got data.image_size={cfg.data.image_size}; set --data.image_size {size}")
-    own = {"image_size": cfg.data.image_size, **(cfg.model.get("vit") or {})}
+    where = "model.encoder.vit" if video else "model.vit"
+    own = {"image_size": cfg.data.image_size, **((encoder.get("vit") if video else cfg.model.get("vit")) or {})}
     taken = sorted(k for k in set(vit) | set(own) if vit.get(k) != own.get(k))
     if taken:
-        log.info("%s: model.vit.%s taken from the source", key, ", model.vit.".join(taken))
+        log.info("%s: %s.%s taken from the source", key, where, f", {where}.".join(taken))
+    if video:
+        return dict(cfg.model, encoder={**encoder, "vit": dict(vit)})
     return dict(cfg.model, vit=dict(vit))
 
 
@@ -517,20 +530,23 @@ class InitSource:
         log.info("initialised from %s", self.weights)
 
     def load_image_encoder_into(self, model: torch.nn.Module, key: str = "train.image_encoder_from") -> None:
-        """Only the built-in ViT: the source's ``img_encoder.*`` tensors into ``model.img_encoder``;
-        every tensor must be there with its shape."""
+        """Only the built-in ViT: the source's ``img_encoder.*`` tensors into ``model.img_encoder``
+        (into ``model.img_encoder.vit`` when it is a :class:`~mammut.encoders.VideoTubeViT`, whose
+        tubes keep their initialisation); every tensor must be there with its shape."""
+        from ..encoders import VideoTubeViT
         from .checkpointing import load_weights
 
         prefix = "img_encoder."
         state = {k[len(prefix):]: v for k, v in load_weights(self.weights).items() if k.startswith(prefix)}
-        target = model.img_encoder.state_dict()
+        encoder = model.img_encoder.vit if isinstance(model.img_encoder, VideoTubeViT) else model.img_encoder
+        target = encoder.state_dict()
         missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
         shapes = [f"{k} {tuple(state[k].shape)} != {tuple(target[k].shape)}" for k in sorted(set(state) & set(target))
                   if state[k].shape != target[k].shape]
         if missing or unexpected or shapes:
             raise ConfigError(f"{key}: the image encoder of {self.weights} does not fit this model's model.vit "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]})")
-        model.img_encoder.load_state_dict(state)
+        encoder.load_state_dict(state)
         log.info("%s: loaded %d image-encoder tensors from %s", key, len(state), self.weights)
 
 
