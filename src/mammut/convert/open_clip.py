@@ -47,6 +47,10 @@ __all__ = [
     "convert_open_clip_coca_state_dict",
     "coca_from_open_clip",
     "load_checkpoint",
+    # the helpers every converter of open_clip-layout weights shares (open_mammut.py uses them)
+    "as_state_dict",
+    "check_required",
+    "StateDictMapper",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,7 +94,7 @@ def open_clip_model_config(model_name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _check_required(section: str, cfg: Mapping[str, Any], required: Mapping[str, Any]) -> None:
+def check_required(section: str, cfg: Mapping[str, Any], required: Mapping[str, Any]) -> None:
     for key, want in required.items():
         got = cfg.get(key, want)
         if got != want and not (want is None and got in ("default", None)):
@@ -102,13 +106,13 @@ def coca_config_from_open_clip(oc_cfg: Mapping[str, Any]) -> CoCaConfig:
     for key in ("vision_cfg", "text_cfg", "multimodal_cfg"):
         if key not in oc_cfg:
             raise ValueError(f"model config: expected an open_clip CoCa config with {key!r}, got keys {sorted(oc_cfg)}")
-    _check_required("model config", oc_cfg, _TOP_REQUIRED)
+    check_required("model config", oc_cfg, _TOP_REQUIRED)
     vis = {**_VISION_DEFAULTS, **oc_cfg["vision_cfg"]}
     txt = {**_TEXT_DEFAULTS, **oc_cfg["text_cfg"]}
     mm = {**_MULTIMODAL_DEFAULTS, **oc_cfg["multimodal_cfg"]}
-    _check_required("vision_cfg", vis, _VISION_REQUIRED)
-    _check_required("text_cfg", txt, _TEXT_REQUIRED)
-    _check_required("multimodal_cfg", mm, dict(ls_init_value=None))
+    check_required("vision_cfg", vis, _VISION_REQUIRED)
+    check_required("text_cfg", txt, _TEXT_REQUIRED)
+    check_required("multimodal_cfg", mm, dict(ls_init_value=None))
     embed_dim = int(oc_cfg["embed_dim"])
     if not isinstance(vis["layers"], int) or not isinstance(vis["image_size"], int) or not isinstance(vis["patch_size"], int):
         raise ValueError("vision_cfg: the conversion supports a plain square ViT (int layers, image_size, patch_size)")
@@ -155,7 +159,9 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def _as_state_dict(state_dict_or_path: Any) -> dict[str, torch.Tensor]:
+def as_state_dict(state_dict_or_path: Any) -> dict[str, torch.Tensor]:
+    """A state dict from a state dict, a checkpoint path or a model (``module.`` prefixes of a
+    DDP-wrapped save removed)."""
     if isinstance(state_dict_or_path, nn.Module):
         sd = state_dict_or_path.state_dict()
     elif isinstance(state_dict_or_path, (str, Path)):
@@ -172,7 +178,7 @@ def _as_state_dict(state_dict_or_path: Any) -> dict[str, torch.Tensor]:
     return sd
 
 
-class _Mapper:
+class StateDictMapper:
     """Collects ``ours <- theirs`` tensors and remembers which of theirs were used."""
 
     def __init__(self, theirs: Mapping[str, torch.Tensor]) -> None:
@@ -255,7 +261,7 @@ class _Mapper:
 def convert_open_clip_coca_state_dict(state_dict: Mapping[str, torch.Tensor], config: CoCaConfig) -> dict[str, torch.Tensor]:
     """open_clip CoCa state dict -> mammut CoCa state dict for ``config`` (from
     :func:`coca_config_from_open_clip`). Raises ``ValueError`` listing missing or unused keys."""
-    m = _Mapper(state_dict)
+    m = StateDictMapper(state_dict)
     d = config.dim
     try:
         m.openai_vit(config.vit["depth"])  # image tower
@@ -310,7 +316,7 @@ def coca_from_open_clip(
     else:
         oc_cfg = open_clip_model_config(model_name)
     config = coca_config_from_open_clip(oc_cfg)
-    sd = convert_open_clip_coca_state_dict(_as_state_dict(state_dict_or_path), config)
+    sd = convert_open_clip_coca_state_dict(as_state_dict(state_dict_or_path), config)
     with torch.device("meta"):
         model = CoCa(config)
     model.load_state_dict(sd, strict=True, assign=True)

@@ -44,7 +44,7 @@ from typing import Any, Mapping
 import torch
 
 from ..models.mammut import MaMMUT, MaMMUTConfig
-from .open_clip import EOT_ID, PAD_ID, SOT_ID, _as_state_dict, _check_required, _Mapper
+from .open_clip import EOT_ID, PAD_ID, SOT_ID, as_state_dict, check_required, StateDictMapper
 
 __all__ = [
     "OPEN_MAMMUT_MODELS",
@@ -130,11 +130,11 @@ def mammut_config_from_open_clip(oc_cfg: Mapping[str, Any]) -> MaMMUTConfig:
             raise ValueError(f"model config: expected an openMaMMUT config with {key!r}, got keys {sorted(oc_cfg)}")
     if "multimodal_cfg" in oc_cfg:
         raise ValueError("model config: this is an open_clip CoCa config (multimodal_cfg); use CoCa.from_open_clip")
-    _check_required("model config", oc_cfg, _TOP_REQUIRED)
+    check_required("model config", oc_cfg, _TOP_REQUIRED)
     vis = {**_VISION_DEFAULTS, **oc_cfg["vision_cfg"]}
     txt = {**_TEXT_DEFAULTS, **oc_cfg["text_cfg"]}
-    _check_required("vision_cfg", vis, _VISION_REQUIRED)
-    _check_required("text_cfg", txt, _TEXT_REQUIRED)
+    check_required("vision_cfg", vis, _VISION_REQUIRED)
+    check_required("text_cfg", txt, _TEXT_REQUIRED)
     for name in ("layers", "image_size", "patch_size", "width"):
         if not isinstance(vis[name], int):
             raise ValueError(f"vision_cfg.{name}: the conversion supports a plain square ViT (an int), got {vis[name]!r}")
@@ -168,7 +168,7 @@ def mammut_config_from_open_clip(oc_cfg: Mapping[str, Any]) -> MaMMUTConfig:
 def convert_open_mammut_state_dict(state_dict: Mapping[str, torch.Tensor], config: MaMMUTConfig) -> dict[str, torch.Tensor]:
     """openMaMMUT state dict -> mammut MaMMUT state dict for ``config`` (from
     :func:`mammut_config_from_open_clip`). Raises ``ValueError`` listing missing or unused keys."""
-    m = _Mapper(state_dict)
+    m = StateDictMapper(state_dict)
     d = config.dim
     try:
         m.openai_vit(config.vit["depth"])
@@ -220,7 +220,7 @@ def mammut_from_open_clip(
     them. The result is in eval mode.
     """
     oc_cfg = copy.deepcopy(dict(model_name)) if isinstance(model_name, Mapping) else open_mammut_config(model_name)
-    sd = _as_state_dict(state_dict_or_path)
+    sd = as_state_dict(state_dict_or_path)
     pos = sd.get("visual.positional_embedding")
     if pos is not None and pos.ndim == 2:  # the checkpoint's resolution wins over the config's
         grid = round((pos.shape[0] - 1) ** 0.5)
