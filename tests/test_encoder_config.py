@@ -133,3 +133,19 @@ def test_image_encoder_from_an_image_run_fills_the_video_encoders_vit(tmp_path):
     assert want.keys() == got.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k])
+
+
+def test_a_run_config_fills_the_video_encoders_image_size_from_the_data():
+    from types import SimpleNamespace
+
+    from mammut.train.build import resolve_model_config
+    from mammut.train.config import ConfigError, load_config
+
+    tok = SimpleNamespace(vocab_size=100, pad_id=0, bos_id=1, eos_id=2, token_to_id=lambda t: None)
+    encoder = "{type: video_tube, frames: 4, frame_stride: 2, vit: {patch_size: 8, dim: 32, depth: 1, heads: 2, dim_head: 16}}"
+    cfg = load_config("tiny", ["--model.vit", "null", "--model.encoder", encoder])
+    model = resolve_model_config(cfg, tok)
+    assert model["encoder"]["vit"]["image_size"] == cfg.data.image_size and model.get("vit") is None
+    bad = encoder.replace("patch_size: 8", "image_size: 64, patch_size: 8")
+    with pytest.raises(ConfigError, match=r"model.encoder.vit.image_size: expected data.image_size=32, got 64"):
+        resolve_model_config(load_config("tiny", ["--model.vit", "null", "--model.encoder", bad]), tok)

@@ -33,14 +33,25 @@ def resolve_model_config(cfg: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]
             model[key] = value
     if model.get("num_tokens") is not None and model["num_tokens"] < tokenizer.vocab_size:
         raise ConfigError(f"model.num_tokens: expected >= the tokenizer's {tokenizer.vocab_size} ids, got {model['num_tokens']}")
-    vit = model.get("vit")
-    if isinstance(vit, dict):
-        vit = dict(vit)
-        vit.setdefault("image_size", cfg.data.image_size)
-        if vit["image_size"] != cfg.data.image_size:
-            raise ConfigError(f"model.vit.image_size: expected data.image_size={cfg.data.image_size}, got {vit['image_size']}")
-        model["vit"] = vit
+    model["vit"] = _vit_image_size(model.get("vit"), cfg.data.image_size, "model.vit")
+    encoder = model.get("encoder")
+    if isinstance(encoder, dict) and isinstance(encoder.get("vit"), dict):  # e.g. {type: video_tube, vit: {...}}
+        model["encoder"] = {**encoder, "vit": _vit_image_size(encoder["vit"], cfg.data.image_size, "model.encoder.vit")}
+    if model["vit"] is None and "vit" not in cfg.model:
+        del model["vit"]
     return model
+
+
+def _vit_image_size(vit: Any, image_size: int, key: str) -> Any:
+    """A ViT section with ``image_size`` from ``data.image_size`` (left out), or an error naming
+    ``key`` when it differs."""
+    if not isinstance(vit, dict):
+        return vit
+    vit = dict(vit)
+    vit.setdefault("image_size", image_size)
+    if vit["image_size"] != image_size:
+        raise ConfigError(f"{key}.image_size: expected data.image_size={image_size}, got {vit['image_size']}")
+    return vit
 
 
 def build_model(model_cfg: dict[str, Any]) -> nn.Module:
