@@ -356,3 +356,12 @@ def test_a_failing_ptb_jar_falls_back_and_says_so(tmp_path, monkeypatch):
     assert any("PTB tokenizer" in r and "stand-in" in r for r in metrics["not_comparable_because"])
     with pytest.raises(RuntimeError, match="PTB tokenizer"):  # asked for by name: no silent stand-in
         evaluate_captioning(fake_model(), path, tmp_path / "out2", progress=False, tokenizer="ptb")
+
+
+def test_a_run_report_says_why_the_stand_in_tokenizer_ran():
+    from mammut.eval.report import caption_sections
+
+    base = {"scorer": "pycocoevalcap", "tokenizer": "simple", "bleu4": 0.1}
+    failed = "\n".join(caption_sections({"caption": {**base, "tokenizer_failed": "PTB tokenizer (x.jar) failed"}}))
+    assert "the PTB jar failed: PTB tokenizer (x.jar) failed" in failed and "no Java" not in failed
+    assert "(no Java)" in "\n".join(caption_sections({"caption": base}))

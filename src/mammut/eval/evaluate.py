@@ -86,7 +86,8 @@ def evaluate_pairs(model: nn.Module, tokenizer: Tokenizer, images: torch.Tensor,
         metrics["caption"] = {k: scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider_d")}
         metrics["caption"].update({"n": len(generated), "references_per_image": len(captions) / max(len(images), 1),
                                    "tokenizer": scores["tokenizer"], "absent": scores["absent"],
-                                   "scorer": "pycocoevalcap"})
+                                   "scorer": "pycocoevalcap",
+                                   **({"tokenizer_failed": scores["tokenizer_failed"]} if "tokenizer_failed" in scores else {})})
     metrics["eval_time_s"] = time.perf_counter() - t0
     return metrics, generated
 

@@ -164,8 +164,9 @@ def caption_sections(metrics: dict[str, Any]) -> list[str]:
             lines.append(f"| {label} | {_fmt(cap[key])} |")
     sections = ["\n".join(lines)]
     if cap.get("scorer") == "pycocoevalcap":
+        why = f"the PTB jar failed: {cap['tokenizer_failed']}" if cap.get("tokenizer_failed") else "no Java"
         how = ("PTB tokenizer (Java)" if cap.get("tokenizer") == "ptb"
-               else "the regular-expression stand-in for the PTB tokenizer (no Java)")
+               else f"the regular-expression stand-in for the PTB tokenizer ({why})")
         absent = "".join(f" {k.upper()} not computed: {why}." for k, why in (cap.get("absent") or {}).items())
         sections.append(f"Scored with pycocoevalcap (coco-caption), captions tokenised with {how}; CIDEr-D is its "
                         f"CIDEr scorer.{absent}")
