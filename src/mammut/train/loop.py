@@ -421,7 +421,7 @@ class Trainer:
         monitor.write({"step": self.step, "budget_s": t.time_budget_s, "s_per_step": per_step,
                        "steps_requested": t.steps, "steps_decided": steps}, prefix="budget")
         self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, steps=steps, time_budget_s=0))
-        monitor.total_steps = steps
+        monitor.set_total_steps(steps)
         if self.info.is_main:
             resolved = config_to_dict(dataclasses.replace(self.cfg, model=self.model_cfg))
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))

@@ -113,6 +113,13 @@ class Monitor:
                 parts.append(f"ETA {format_duration((self.total_steps - step) * self.batch_size / rate)}")
         return " ".join(parts)
 
+    def set_total_steps(self, steps: int) -> None:
+        """A new total (``train.time_budget_s`` decided it): the bar, the ETA and the log lines follow."""
+        self.total_steps = steps
+        if self._bar is not None:
+            self._bar.total = steps
+            self._bar.refresh()
+
     def write(self, record: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
             return
