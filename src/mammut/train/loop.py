@@ -28,6 +28,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,7 @@ from ..models import get_model_spec
 from ..precision import autocast, resolve_precision
 from .monitor import Monitor
 from .optim import build_optimizer, lr_at, set_lr
-from .task import get_task
+from .task import FINE_TUNE_KEYS, get_task  # noqa: F401  (FINE_TUNE_KEYS: its old home)
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,11 @@ class Trainer:
 
         self._seed(t.seed)
         init = init_source(t.init_from) if t.init_from else None
-        if init is not None:  # fine-tuning: the source's model and tokenizer
-            cfg = self.cfg = dataclasses.replace(cfg, model=_init_model_section(cfg.model, init.model_cfg),
+        task_class = get_task(t.task)
+        if init is not None:  # fine-tuning: the source's model (as the task adapts it) and tokenizer
+            cfg = self.cfg = dataclasses.replace(cfg, model=task_class.init_model_section(cfg, cfg.model, init.model_cfg),
                                                  data=dataclasses.replace(cfg.data, tokenizer=str(init.tokenizer)))
-        self.task = get_task(t.task)(cfg)
+        self.task = task_class(cfg)
         if self.info.is_main:
             self.tokenizer = build_tokenizer(cfg.data, self.run_dir, self.task.tokenizer_corpus(), self.task.special_tokens)
         barrier()
@@ -168,7 +170,7 @@ class Trainer:
             self._check_same_model()
         self.model = build_model(self.model_cfg)
         if init is not None and ckpt is None:
-            init.load_into(self.model)
+            init.load_into(self.model, adapt=self.task.adapt_init_state)
         if encoder is not None:
             encoder.load_image_encoder_into(self.model)
         self.model.to(self.info.device)
@@ -454,27 +456,6 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.losses, rate, self.train_time, interrupted)
 
 
-FINE_TUNE_KEYS = frozenset({"dropout", "caption_loss_weight", "contrastive_loss_weight", "freeze_lm", "shuffle_passes"})
-
-
-def _init_model_section(model: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
-    """The model of a fine-tuning run: the ``train.init_from`` source's architecture, with this
-    run's values only for the keys that may change between stages (dropout, loss weights,
-    freezing); other differing keys of this run's ``model:`` section are ignored (logged)."""
-    if model.get("name") != source.get("name"):
-        raise ConfigError(f"model.name: train.init_from holds a {source.get('name')!r} model, got {model.get('name')!r}")
-    out = dict(source)
-    ignored = []
-    for k, v in model.items():
-        if k in FINE_TUNE_KEYS:
-            out[k] = v
-        elif k in source and source[k] != v:
-            ignored.append(k)
-    if ignored:
-        log.info("train.init_from: the source's model.%s kept (this config's values ignored)", ", model.".join(sorted(ignored)))
-    return out
-
-
 def _image_encoder_model_section(cfg: RunConfig, source: dict[str, Any]) -> dict[str, Any]:
     """This run's ``model:`` section with the ``train.image_encoder_from`` source's ``vit``
     section (so its tensors fit); the keys that differed are logged. A video run
@@ -519,14 +500,30 @@ class InitSource:
     tokenizer: Path
     weights: Path
 
-    def load_into(self, model: torch.nn.Module) -> None:
+    def load_into(self, model: torch.nn.Module, adapt: Callable[..., Any] | None = None) -> None:
+        """The source's weights into ``model``, through ``adapt`` (``Task.adapt_init_state``:
+        ``(state, model) -> (state, new-parameter prefixes)``) when given. Every tensor of the
+        source must have its place and shape; a parameter may be missing only under a prefix
+        ``adapt`` names (kept at its initialisation, logged)."""
         from .checkpointing import load_weights
 
         state = load_weights(self.weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or missing:
-            raise ConfigError(f"train.init_from: weights do not fit the model (missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]})")
+        fresh: tuple[str, ...] = ()
+        if adapt is not None:
+            state, fresh = adapt(state, model)
+        target = model.state_dict()
+        unexpected = sorted(set(state) - set(target))
+        missing = sorted(k for k in set(target) - set(state) if not k.startswith(tuple(fresh)))
+        shapes = [f"{k} {tuple(state[k].shape)} != {tuple(target[k].shape)}" for k in sorted(set(state) & set(target))
+                  if state[k].shape != target[k].shape]
+        if unexpected or missing or shapes:
+            raise ConfigError(f"train.init_from: weights do not fit the model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, shapes {shapes[:5]})")
+        model.load_state_dict(state, strict=False)
+        new = sorted(set(target) - set(state))
+        if new:
+            log.info("train.init_from: %d tensors new in this model, kept at their initialisation (%s%s)", len(new),
+                     ", ".join(new[:5]), ", ..." if len(new) > 5 else "")
         log.info("initialised from %s", self.weights)
 
     def load_image_encoder_into(self, model: torch.nn.Module, key: str = "train.image_encoder_from") -> None:

@@ -21,6 +21,7 @@ class decorator) registers a task directly, e.g. one defined in a script or a te
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -31,12 +32,38 @@ from torch import nn
 from ..constants import IGNORE_INDEX
 from ..models.contract import Batch
 
-__all__ = ["Task", "register_task", "get_task", "list_tasks", "token_shares", "ENTRY_POINT_GROUP"]
+__all__ = ["Task", "register_task", "get_task", "list_tasks", "token_shares", "ENTRY_POINT_GROUP", "FINE_TUNE_KEYS",
+           "fine_tune_model_section"]
+
+log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "mammut.tasks"  # the entry point group tasks are declared in
 
 _TASKS: dict[str, type["Task"]] = {}
 _entry_points_loaded = False
+
+# the model: keys a run may set apart from its train.init_from source by default (they change no tensor)
+FINE_TUNE_KEYS = frozenset({"dropout", "caption_loss_weight", "contrastive_loss_weight", "freeze_lm", "shuffle_passes"})
+
+
+def fine_tune_model_section(model: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """The model of a fine-tuning run: the ``train.init_from`` source's architecture
+    (``source``, its saved ``model:`` section), with this run's values (``model``) only for
+    :data:`FINE_TUNE_KEYS`; other differing keys of this run's section are ignored (logged)."""
+    if model.get("name") != source.get("name"):
+        from .config import ConfigError
+
+        raise ConfigError(f"model.name: train.init_from holds a {source.get('name')!r} model, got {model.get('name')!r}")
+    out = dict(source)
+    ignored = []
+    for k, v in model.items():
+        if k in FINE_TUNE_KEYS:
+            out[k] = v
+        elif k in source and source[k] != v:
+            ignored.append(k)
+    if ignored:
+        log.info("train.init_from: the source's model.%s kept (this config's values ignored)", ", model.".join(sorted(ignored)))
+    return out
 
 
 class Task:
@@ -78,6 +105,26 @@ class Task:
     def tokenizer_corpus(self) -> list[str] | None:
         """Texts to train the run's BPE on when ``data.tokenizer`` is null (None: the data's captions)."""
         return None
+
+    # ---------------------------------------------------------------- starting from another run
+    @classmethod
+    def init_model_section(cls, cfg: Any, model: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+        """The ``model:`` section of a run of this task started from ``train.init_from``, whose
+        saved ``model:`` section is ``source``; ``model`` is this run's own section and ``cfg``
+        the whole RunConfig. Default (:func:`fine_tune_model_section`): the source's
+        architecture with this run's :data:`FINE_TUNE_KEYS`. A task that changes the
+        architecture (a video encoder around the source's ViT, a detection head, a higher
+        resolution) returns the new section and maps the tensors in :meth:`adapt_init_state`."""
+        return fine_tune_model_section(model, source)
+
+    def adapt_init_state(self, state: dict[str, torch.Tensor],
+                         model: nn.Module) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+        """The ``train.init_from`` source's tensors renamed / resized for this run's ``model``
+        (built from :meth:`init_model_section`'s section), and the parameter-name prefixes
+        ``model`` may lack in them: new parameters, kept at their initialisation (logged).
+        Loading is strict otherwise: an unexpected tensor, another missing one or a shape
+        mismatch stops the run naming ``train.init_from``. Default: ``(state, ())``."""
+        return state, ()
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, model: nn.Module, tokenizer: Any, *, data: str | None = None,
