@@ -16,6 +16,7 @@ so none of them reaches into the training loop.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +74,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> RunFi
     model.load_state_dict(load_weights(ckpt / "model.safetensors"), strict=True)
     model.eval()
     step = int(ckpt.name.split("_")[-1]) if ckpt.name.startswith("step_") else -1
+    if (ckpt / "best.json").is_file():  # train.keep_best's RUN/best
+        step = int(json.loads((ckpt / "best.json").read_text()).get("step", -1))
     return RunFiles(model, tokenizer, cfg, ckpt, step)
 
 

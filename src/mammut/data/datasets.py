@@ -45,8 +45,9 @@ class ImageDecodeError(ValueError):
     """An image file or blob that PIL cannot decode (the message says where it came from)."""
 
 
-def decode_image(source: str | Path | bytes, where: str | None = None) -> Image.Image:
-    """Decode an image file or its bytes to an RGB PIL image (transparency onto white).
+def decode_image(source: str | Path | bytes, where: str | None = None, *, keep_alpha: bool = False) -> Image.Image:
+    """Decode an image file or its bytes to an RGB PIL image (transparency onto white; with
+    ``keep_alpha`` an image with transparency comes back as RGBA, for ``data.augment.background``).
 
     Raises :class:`ImageDecodeError` naming ``where`` (default: the path) if it is not a
     readable image; a missing file raises ``FileNotFoundError``.
@@ -58,6 +59,8 @@ def decode_image(source: str | Path | bytes, where: str | None = None) -> Image.
     try:
         with Image.open(fp) as img:
             img.load()
+            if keep_alpha and img.mode != "RGB" and (img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info):
+                return img.convert("RGBA")
             return ToRGB()(img)
     except _DECODE_ERRORS as exn:
         raise ImageDecodeError(f"{label}: not a readable image ({type(exn).__name__}: {exn})") from exn
@@ -262,6 +265,12 @@ class CsvImageText(Dataset):
         return decode_image(fp, where=f"{self.where(i)} ({fp})")
 
     def __getitem__(self, index: int) -> tuple[Any, str]:
+        return self.item(index, lambda image, caption: (self.transform(image), caption))
+
+    def item(self, index: int, apply: Callable[[Image.Image, str], Any], *, keep_alpha: bool = False) -> Any:
+        """``apply(image, caption)`` of sample ``index``, or of the next readable one when its image
+        cannot be decoded (counted in ``num_corrupt``). ``keep_alpha``: images with transparency
+        come as RGBA (see :func:`decode_image`)."""
         n = len(self.samples)
         if n == 0:
             raise IndexError("CsvImageText is empty (all images missing)")
@@ -272,13 +281,14 @@ class CsvImageText(Dataset):
             i = (index + step) % n
             if i in self._bad:
                 continue
+            fp = self.samples[i][0]
             try:
-                image = self.load_image(i)
+                image = decode_image(fp, where=f"{self.where(i)} ({fp})", keep_alpha=keep_alpha)
             except (ImageDecodeError, FileNotFoundError) as exn:
                 self._bad.add(i)
                 log.warning("skipping corrupt image: %s; %d corrupt so far", exn, len(self._bad))
                 continue
-            return self.transform(image), self.samples[i][1]
+            return apply(image, self.samples[i][1])
         raise RuntimeError(f"no readable image in {self.path} ({len(self._bad)} corrupt)")
 
 

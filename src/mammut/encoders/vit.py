@@ -7,11 +7,14 @@ the patch grid of the input, ``n = h*w`` patch tokens (``g*g`` at the trained si
 
 - Patch dropout (arXiv 2212.00794): during training keep a random subset of the patch
   tokens of each image (after positional embeddings are added).
+- Stochastic depth (``drop_path``, arXiv 1603.09382): during training block ``i`` of ``L``
+  is skipped for an image with probability ``drop_path * i / (L - 1)`` (the first never),
+  its update scaled by ``1 / (1 - rate)`` where kept, so eval needs no rescaling.
 - Cropped Positional Embedding (RO-ViT, arXiv 2305.07011; used by MaMMUT): during training
   the learned ``g x g`` positional grid is bilinearly upsampled (``cpe_upsample`` times),
   a random-resized-crop box is drawn per image (area ``cpe_scale``, aspect ``cpe_ratio``)
   and cropped-and-resized back to ``g x g``. At eval the full grid is used.
-- Both act only in train mode and outside ``mammut.layers.no_dropout()`` (which generation
+- All three act only in train mode and outside ``mammut.layers.no_dropout()`` (which generation
   enters: a model in train mode encodes images there as in eval mode, see ``layers.dropout``).
 - OpenAI CLIP style (open_clip's ``VisionTransformer``), all off by default:
   ``class_token`` (a learned token with its own positional embedding, prepended: the
@@ -63,6 +66,7 @@ class ViTConfig:
     activation: str = "gelu"
     norm: str = "layernorm"
     patch_dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth: block i's residual dropped per image at rate drop_path * i / (depth - 1)
     cropped_pos_emb: bool = False
     cpe_upsample: float = 4.0
     cpe_scale: tuple[float, float] = (0.1, 1.0)
@@ -100,6 +104,8 @@ class ViT(nn.Module):
             raise ValueError(f"image_size: expected a multiple of patch_size={cfg.patch_size}, got {cfg.image_size}")
         if not 0.0 <= cfg.patch_dropout < 1.0:
             raise ValueError(f"patch_dropout: expected a value in [0, 1), got {cfg.patch_dropout}")
+        if not 0.0 <= cfg.drop_path < 1.0:
+            raise ValueError(f"drop_path: expected a value in [0, 1), got {cfg.drop_path}")
         self.config = cfg
         self.grid = cfg.image_size // cfg.patch_size
         self.to_patches = nn.Conv2d(cfg.channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
@@ -209,6 +215,12 @@ class ViT(nn.Module):
             cls = (self.cls_token + self.cls_pos_emb).to(x.dtype)
             x = torch.cat((cls.expand(x.shape[0], 1, -1), x), dim=1)
         x = self.pre_norm(x)
-        for block in self.blocks:
-            x = block(x)
+        drop = self.config.drop_path if stochastic(self) else 0.0
+        for i, block in enumerate(self.blocks):
+            rate = drop * i / max(1, len(self.blocks) - 1)
+            if rate > 0:  # stochastic depth: keep this block's update for each image with probability 1 - rate
+                keep = (torch.rand(x.shape[0], 1, 1, device=x.device) >= rate).to(x.dtype) / (1 - rate)
+                x = x + (block(x) - x) * keep
+            else:
+                x = block(x)
         return self.norm(x)

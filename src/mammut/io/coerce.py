@@ -104,8 +104,8 @@ class _Coercer:
             return cls(**kwargs)
         except self.error:
             raise
-        except (TypeError, ValueError) as exc:
-            raise self.error(f"{key}: {exc}") from exc
+        except (TypeError, ValueError) as exc:  # a message naming the dotted key already is kept as it is
+            raise self.error(str(exc) if str(exc).startswith(f"{key}.") else f"{key}: {exc}") from exc
 
     # ----------------------------------------------------------------------------- values
     def coerce(self, value: Any, tp: Any, key: str) -> Any:

@@ -32,6 +32,12 @@ def trim_padding(text: torch.Tensor, pad_id: int | None) -> torch.Tensor:
     return text[:, : int(used.max()) + 1] if used.numel() else text
 
 
+def _recalls(retrieval: dict[str, Any]) -> dict[str, float]:
+    out = {k: float(v) for k, v in retrieval.items() if k.startswith(("i2t", "t2i"))}
+    out["R@1"] = (out["i2t_R@1"] + out["t2i_R@1"]) / 2
+    return out
+
+
 @register_task
 class Pretrain(Task):
     name = "pretrain"
@@ -57,7 +63,8 @@ class Pretrain(Task):
         return evaluate_image_text(model, tokenizer, self.cfg, data=data, n=n)
 
     def quick_eval(self, model: nn.Module, tokenizer: Any) -> dict[str, float] | None:
-        """Held-out retrieval R@k: the emoji held-out split, or the first ``eval.n`` images of
+        """Held-out retrieval R@k both ways and ``R@1`` (their mean at 1, what ``train.keep_best``
+        compares by default): the emoji held-out split, or the first ``eval.n`` images of
         ``data.val_path``; nothing without held-out data (never training rows)."""
         if not hasattr(self, "_quick"):
             self._quick = self._build_quick_eval()
@@ -72,7 +79,7 @@ class Pretrain(Task):
 
             def emoji_fn(model: nn.Module, tokenizer: Any) -> dict[str, float]:
                 metrics, _ = ev(model, tokenizer, cfg.eval, quick=True)
-                return {k: v for k, v in metrics["retrieval"].items() if k.startswith(("i2t", "t2i"))}
+                return _recalls(metrics["retrieval"])
 
             return emoji_fn
         if cfg.data.val_path is None:
@@ -87,6 +94,6 @@ class Pretrain(Task):
             metrics, _ = evaluate_pairs(model, tokenizer, pairs.images, pairs.captions, max_len=cfg.data.max_len,
                                         batch_size=cfg.eval.batch_size, with_captions=False, truncate=True,
                                         image_index=pairs.image_index)
-            return {k: v for k, v in metrics["retrieval"].items() if k.startswith(("i2t", "t2i"))}
+            return _recalls(metrics["retrieval"])
 
         return pairs_fn

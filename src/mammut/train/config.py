@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from ..data.augment import AugmentConfig
 from ..io import coerce as _coerce
 
 __all__ = [
@@ -70,6 +71,9 @@ class DataConfig:
     truncate: bool = True  # cut captions longer than max_len (EOS kept); false = skip such samples and count them
     num_workers: int = 0  # DataLoader worker processes
     shuffle_buffer: int = 1000  # webdataset sample shuffle buffer
+    # training augmentations of csv data (crops, flips with left/right swapped in the caption, colour
+    # jitter, random backgrounds behind transparency, a random caption per image): mammut.data.augment
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class OptimConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
+    warmup_epochs: float = 0.0  # > 0: the warm-up in passes over the data (replaces warmup_steps; csv data)
     weight_decay: float = 0.05  # not applied to norms, biases, embeddings, scales, queries
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
@@ -86,6 +91,9 @@ class OptimConfig:
 @dataclass
 class LoopConfig:
     steps: int = 1000  # optimiser steps (the budget is in steps, not seconds; but see time_budget_s)
+    # > 0: train this many passes over the data instead (steps = ceil(epochs * samples / batch_size), decided
+    # when the run starts and written to its config.yaml; data kinds that know their size: csv)
+    epochs: float = 0.0
     # > 0: after 25 steps, keep as many of `steps` as this machine trains in this many seconds
     # (decided once, written to the run's config.yaml; 0 = all steps, whatever they take)
     time_budget_s: int = 0
@@ -111,6 +119,11 @@ class LoopConfig:
     save_every: int = 200  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
     eval_every: int = 0  # steps between quick held-out evaluations (0 = only at the end)
+    # keep the weights of the best quick evaluation (train.eval_every) in RUN/best (model.safetensors and
+    # best.json), besides the last checkpoint; best_metric: a key of the task's quick evaluation (higher is
+    # better; pretraining: "R@1", the mean of image->text and text->image R@1)
+    keep_best: bool = False
+    best_metric: str = "R@1"
     tensorboard: bool = True
     progress: bool = True  # tqdm progress bar (rank 0)
     report: bool = True  # evaluate and write the report at the end
@@ -154,6 +167,12 @@ class RunConfig:
                            "train.threads": self.train.threads, "train.time_budget_s": self.train.time_budget_s}.items():
             if value < 0:
                 raise ConfigError(f"{key}: expected a value >= 0, got {value}")
+        for key, value in {"train.epochs": self.train.epochs, "optim.warmup_epochs": self.optim.warmup_epochs}.items():
+            if value < 0 or value != value:
+                raise ConfigError(f"{key}: expected a value >= 0, got {value}")
+        if self.train.keep_best and not self.train.eval_every:
+            raise ConfigError("train.keep_best: expected train.eval_every > 0 (the best is chosen among its "
+                              "evaluations), got train.eval_every=0")
         if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {self.optim.min_lr_ratio}")
         if self.train.batch_size % self.train.grad_accum:

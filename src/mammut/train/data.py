@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.datasets import CsvImageText, ImageTextCollate, image_transform
+from ..data.augment import Augment, generator_for
+from ..data.augment import describe as describe_augment
+from ..data.datasets import CLIP_MEAN, CLIP_STD, CsvImageText, ImageTextCollate, image_transform
 from ..data.webdataset import expand_shards, webdataset_pipeline
 from ..data.sources import csv_dataset, emoji_corpus, emoji_dataset, is_csv
 from ..data.tokenizer import Tokenizer, train_bpe
@@ -66,13 +68,18 @@ class DataKind:
     :func:`train_batches`). ``corpus(cfg)``: texts to train the run's BPE on when
     ``data.tokenizer`` is null (None: the kind needs a ``data.tokenizer``). ``needs_path``:
     ``data.path`` must be given. ``check(cfg)``: fail fast before the model is built (e.g. the
-    files exist), raising an error naming the key."""
+    files exist), raising an error naming the key. ``size(cfg)``: the samples of one pass over
+    the data (what ``train.epochs`` and ``optim.warmup_epochs`` count in; None: the kind cannot
+    say, and those keys are refused). ``augments``: the reader applies ``data.augment``
+    (otherwise a run that sets it is refused)."""
 
     name: str
     reader: Callable[..., Iterator[list[Any]]]
     corpus: Callable[[Any], list[str]] | None = None
     needs_path: bool = False
     check: Callable[[Any], None] | None = None
+    size: Callable[[Any], int] | None = None  # samples in one pass (train.epochs needs it); None: unknown
+    augments: bool = False  # the reader applies data.augment
 
 
 _DATA_KINDS: dict[str, DataKind] = {}
@@ -80,14 +87,15 @@ _DATA_KINDS: dict[str, DataKind] = {}
 
 def register_data_kind(name: str, reader: Callable[..., Iterator[list[Any]]], *,
                        corpus: Callable[[Any], list[str]] | None = None, needs_path: bool = False,
-                       check: Callable[[Any], None] | None = None) -> DataKind:
+                       check: Callable[[Any], None] | None = None, size: Callable[[Any], int] | None = None,
+                       augments: bool = False) -> DataKind:
     """Register ``data.kind: name`` read by ``reader`` (see :class:`DataKind`); returns the entry.
     A task that reads it lists ``name`` in its ``data_kinds``."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: expected a non-empty str, got {name!r}")
     if name in _DATA_KINDS and _DATA_KINDS[name].reader is not reader:
         raise ValueError(f"data kind {name!r} is already registered")
-    kind = DataKind(name, reader, corpus, needs_path, check)
+    kind = DataKind(name, reader, corpus, needs_path, check, size, augments)
     _DATA_KINDS[name] = kind
     return kind
 
@@ -119,6 +127,11 @@ def check_data(cfg: DataConfig) -> None:
         raise ValueError(f"data.path: expected a file or shard pattern for data.kind={cfg.kind!r}, got null")
     if kind.check is not None:
         kind.check(cfg)
+    aug = cfg.augment
+    if (aug.active or aug.caption != "rows") and not kind.augments:
+        changed = ", ".join(f"data.augment.{k}" for k in describe_augment(aug))
+        raise ValueError(f"data.augment: data.kind={cfg.kind!r} is read without augmentation, got {changed} "
+                         f"(kinds that augment: {[k.name for k in _DATA_KINDS.values() if k.augments]})")
     if cfg.val_path:
         _check_source(cfg.val_path, "data.val_path", is_csv(cfg.val_path))
 
@@ -219,6 +232,35 @@ class _IndexedSource:
             if len(self.ds) == 0:
                 raise ValueError(f"data.path: {cfg.path} has no readable image-caption rows")
         self._perm: tuple[int, torch.Tensor] | None = None
+        self.augment: Augment | None = None
+        self.groups: list[list[int]] | None = None  # data.augment.caption random: the rows of each image
+        if not self.scenes:
+            self._setup_augment(cfg)
+
+    def _setup_augment(self, cfg: DataConfig) -> None:
+        aug = cfg.augment
+        if aug.caption == "random":
+            by_image: dict[Any, list[int]] = {}
+            for j, (fp, _) in enumerate(self.ds.samples):
+                by_image.setdefault(fp, []).append(j)
+            self.groups = list(by_image.values())
+            log.info("data.augment.caption random: %d images with %d captions", len(self.groups), len(self.ds))
+        if aug.active:
+            from torchvision.transforms import Normalize
+
+            frame = image_transform(cfg.image_size, train=False, normalize=False)
+            norm = Normalize(CLIP_MEAN, CLIP_STD) if cfg.normalize else None
+            self.augment = Augment(aug, cfg.image_size, frame, norm, fits=self._fits)
+            log.info("data.augment: %s", describe_augment(aug))
+
+    def _fits(self, caption: str) -> bool:
+        """A changed caption (a flip's) is used only if it fits ``data.max_len`` where the run
+        refuses longer ones (``data.truncate: false``)."""
+        return self.tokenizer is None or self.tokenizer.num_tokens([caption])[0] <= self.max_len
+
+    def size(self) -> int:
+        """Samples in one pass: csv rows, or images with ``data.augment.caption: random``."""
+        return len(self.groups) if self.groups is not None else len(self.ds)
 
     def _drop_long_rows(self, tokenizer: Tokenizer) -> None:
         ds: CsvImageText = self.ds
@@ -255,12 +297,21 @@ class _IndexedSource:
     def __call__(self, i: int) -> Any:
         if self.scenes:
             return self._emoji(i)
-        n = len(self.ds)
+        n = self.size()
         epoch, j = divmod(i, n)
         if self._perm is None or self._perm[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._perm = (epoch, torch.randperm(n, generator=g))
-        return self.ds[int(self._perm[1][j])]
+        unit = int(self._perm[1][j])
+        if self.groups is None and self.augment is None:
+            return self.ds[unit]
+        g = generator_for(self.seed, i)  # sample i's own draws: the same in any process, on resume
+        row = unit if self.groups is None else self.groups[unit][int(torch.randint(len(self.groups[unit]), (), generator=g))]
+        if self.augment is None:
+            return self.ds[row]
+        augment = self.augment
+        return self.ds.item(row, lambda image, caption: augment(image, caption, g),
+                            keep_alpha=augment.cfg.background == "random")
 
 
 class MicroBatches(Dataset):
@@ -377,6 +428,7 @@ def _csv_reader(cfg: DataConfig, tokenizer: Tokenizer, **steps: Any) -> Iterator
 
 register_data_kind("emoji", _emoji_reader, corpus=lambda cfg: emoji_corpus(emoji_dataset(cfg).class_names()))
 register_data_kind("csv", _csv_reader, corpus=lambda cfg: [caption for _, caption in csv_dataset(cfg).samples],
-                   needs_path=True, check=lambda cfg: _check_source(cfg.path, "data.path", csv=True))
+                   needs_path=True, check=lambda cfg: _check_source(cfg.path, "data.path", csv=True),
+                   size=lambda cfg: _IndexedSource(cfg, 0, scenes=False).size(), augments=True)
 register_data_kind("webdataset", _webdataset_reader, needs_path=True,
                    check=lambda cfg: _check_source(cfg.path, "data.path", csv=False))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -156,6 +157,17 @@ class Trainer:
         self._seed(t.seed)
         init = init_source(t.init_from) if t.init_from else None
         task_class = get_task(t.task)
+        if ckpt is None and (t.epochs or cfg.optim.warmup_epochs):  # resuming: config.yaml holds the steps decided
+            cfg = self.cfg = _steps_from_epochs(cfg)
+            t = cfg.train
+        elif ckpt is not None and (t.epochs or cfg.optim.warmup_epochs):
+            saved = self._saved_config()
+            steps, warmup = (saved.get("train") or {}).get("steps"), (saved.get("optim") or {}).get("warmup_steps")
+            if isinstance(steps, int) and isinstance(warmup, int):
+                cfg = self.cfg = dataclasses.replace(
+                    cfg, train=dataclasses.replace(cfg.train, steps=steps, epochs=0.0),
+                    optim=dataclasses.replace(cfg.optim, warmup_steps=warmup, warmup_epochs=0.0))
+                t = cfg.train
         if init is not None:  # fine-tuning: the source's model (as the task adapts it) and tokenizer
             cfg = self.cfg = dataclasses.replace(cfg, model=task_class.init_model_section(cfg, cfg.model, init.model_cfg),
                                                  data=dataclasses.replace(cfg.data, tokenizer=str(init.tokenizer)))
@@ -202,6 +214,9 @@ class Trainer:
         self._stop_agreed = False  # the all-reduced flag: the only thing the loop stops on
         self._time_at_warm_step = 0.0
         self.losses: list[float] = []
+        self.best: dict[str, Any] | None = None  # train.keep_best: {"step", "metric", "value"} of RUN/best
+        if t.keep_best and resume and (self.run_dir / "best" / "best.json").is_file():
+            self.best = json.loads((self.run_dir / "best" / "best.json").read_text())
 
     def close(self) -> None:
         """Release the run folder's lock (``fit`` does at its end; idempotent)."""
@@ -448,12 +463,69 @@ class Trainer:
             torch.set_rng_state(rng)
             if metrics:
                 monitor.write({"step": self.step, **metrics}, prefix="eval")
+                if self.cfg.train.keep_best:
+                    self._keep_best(metrics, monitor)
         barrier()
+
+    def _keep_best(self, metrics: dict[str, Any], monitor: Monitor) -> None:
+        """``train.keep_best``: when ``train.best_metric`` beats the best so far (ties keep the
+        earlier), this step's weights go to ``RUN/best/model.safetensors`` with ``best.json``
+        (step, metric, value); ``mammut eval RUN --checkpoint RUN/best`` evaluates them."""
+        key = self.cfg.train.best_metric
+        if key not in metrics:
+            raise ConfigError(f"train.best_metric: expected a key of the task's quick evaluation "
+                              f"{sorted(metrics)}, got {key!r}")
+        value = float(metrics[key])
+        if self.best is not None and not value > float(self.best["value"]):
+            return
+        from .checkpointing import save_weights
+
+        best = self.run_dir / "best"
+        tmp = self.run_dir / ".best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_weights(state, tmp / "model.safetensors", metadata={"model": self.model_cfg["name"], "step": str(self.step)})
+        self.best = {"step": self.step, "metric": key, "value": value}
+        (tmp / "best.json").write_text(json.dumps(self.best, indent=1) + "\n")
+        old = self.run_dir / ".best.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if best.exists():
+            best.rename(old)
+        tmp.rename(best)
+        shutil.rmtree(old, ignore_errors=True)
+        monitor.write({"step": self.step, "value": value, "metric": key}, prefix="best")
+        log.info("train.keep_best: %s %.4f at step %d, kept in %s", key, value, self.step, best)
 
     def _result(self, interrupted: bool = False) -> TrainResult:
         done = max(self.step, 1)
         rate = done * self.cfg.train.batch_size / max(self.train_time, 1e-9)
         return TrainResult(self.run_dir, self.step, self.losses, rate, self.train_time, interrupted)
+
+
+def _steps_from_epochs(cfg: RunConfig) -> RunConfig:
+    """``train.epochs`` / ``optim.warmup_epochs`` as steps: ``ceil(epochs * samples / batch_size)``
+    and ``round(warmup_epochs * samples / batch_size)``, with ``samples`` the size of one pass
+    over the data as its data kind counts it (``DataKind.size``). The decided values replace
+    ``train.steps`` / ``optim.warmup_steps`` (written to the run's config.yaml), so the cosine
+    decay ends with the last epoch."""
+    from .data import get_data_kind
+
+    kind = get_data_kind(cfg.data.kind)
+    key = "train.epochs" if cfg.train.epochs else "optim.warmup_epochs"
+    if kind.size is None:
+        raise ConfigError(f"{key}: expected a data.kind whose size is known (csv), got data.kind={cfg.data.kind!r}; "
+                          f"set train.steps / optim.warmup_steps instead")
+    n = kind.size(cfg.data)
+    per_epoch = n / cfg.train.batch_size
+    train, optim = cfg.train, cfg.optim
+    if train.epochs:
+        train = dataclasses.replace(train, steps=max(1, math.ceil(train.epochs * per_epoch)), epochs=0.0)
+    if optim.warmup_epochs:
+        optim = dataclasses.replace(optim, warmup_steps=max(1, round(optim.warmup_epochs * per_epoch)), warmup_epochs=0.0)
+    log.info("%d samples a pass, %.1f steps an epoch of %d: train.steps %d, optim.warmup_steps %d", n, per_epoch,
+             cfg.train.batch_size, train.steps, optim.warmup_steps)
+    return dataclasses.replace(cfg, train=train, optim=optim)
 
 
 def _image_encoder_model_section(cfg: RunConfig, source: dict[str, Any]) -> dict[str, Any]:
