@@ -121,3 +121,49 @@ def test_a_video_model_saves_and_reloads_with_its_encoder_passed_again(tmp_path)
     assert loaded.img_encoder.fixed_gate.item() == pytest.approx(0.3)
     text, video = torch.randint(2, 50, (2, 6)), torch.randn(2, 8, 3, 32, 32)
     torch.testing.assert_close(loaded(text, video), model(text, video))
+
+
+@pytest.mark.parametrize("option, absent, present", [
+    ({"gate": False}, "fixed_gate", "tubes.0.weight"),
+    ({"fixed_embeddings": False}, "fixed_gate", "tube_pos"),
+    ({"use_tubes": False}, "tubes.0.weight", "fixed_gate"),
+])
+def test_the_papers_ablations_are_named_options(option, absent, present, tmp_path):
+    torch.manual_seed(0)
+    vit = ViT(image_size=32, patch_size=8, dim=48, depth=2, heads=2, dim_head=16)
+    enc = VideoTubeViT(vit, VideoTubeConfig(frames=8, frame_stride=4, tubes=TUBES, **option))
+    params = dict(enc.named_parameters())
+    assert absent not in params and present in params
+    video = torch.randn(2, 8, 3, 32, 32)
+    x = pre_blocks(enc, video)
+    assert enc(video).shape == (2, enc.num_tokens(), 48)
+    full = encoder()
+    want = vit.to_patches(video[:, 0]).flatten(2).transpose(1, 2) + vit.pos_emb.flatten(2).transpose(1, 2)
+    if option == {"gate": False}:  # the fixed embeddings at weight 1 from the start
+        torch.testing.assert_close(x[:, :16], want + full.patch_fixed[:16])
+    elif option == {"fixed_embeddings": False}:  # no sin-cos: tube tokens carry only the learned positions (zero)
+        torch.testing.assert_close(x[:, :16], want)
+        assert enc.num_tokens() == full.num_tokens() and not enc.tube_fixed.any()
+    else:  # frames only: the 2 sampled frames' patches, no tube tokens
+        assert enc.num_tokens() == 32 and x.shape[1] == 32
+    assert "ablations" in repr(enc)
+    model = MaMMUT(dim=32, num_tokens=50, depth=2, heads=2, dim_head=16, bos_id=1,
+                   encoder={"type": "video_tube", "vit": dict(image_size=32, patch_size=8, dim=48, depth=2, heads=2,
+                                                              dim_head=16), "frames": 8, "frame_stride": 4,
+                            "tubes": TUBES, **option})
+    model.save_pretrained(tmp_path / "m")
+    loaded = MaMMUT.from_pretrained(tmp_path / "m").eval()
+    for k, v in option.items():
+        assert getattr(loaded.img_encoder.config, k) == v
+    text = torch.randint(2, 50, (2, 6))
+    torch.testing.assert_close(loaded(text, video), model.eval()(text, video))
+
+
+def test_the_gate_can_start_open():
+    torch.manual_seed(0)
+    vit = ViT(image_size=32, patch_size=8, dim=48, depth=2, heads=2, dim_head=16)
+    enc = VideoTubeViT(vit, VideoTubeConfig(frames=8, frame_stride=4, tubes=TUBES, gate_init=1.0))
+    assert isinstance(enc.fixed_gate, torch.nn.Parameter) and enc.fixed_gate.item() == 1.0
+    video = torch.randn(1, 8, 3, 32, 32)
+    want = vit.to_patches(video[:, 0]).flatten(2).transpose(1, 2) + vit.pos_emb.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(pre_blocks(enc, video)[:, :16], want + enc.patch_fixed[:16])

@@ -22,6 +22,16 @@ The exact gate form is not published (see ``shared/reference.md``); this is our 
 scalar weight on the fixed embedding of the 2D patch tokens. The video path uses the ViT's full
 positional grid (no cropping) and drops no patches; a ViT class token comes first, as for images.
 
+The paper's ablations (its "Video Model Ablations": the gate, the fixed embeddings, the tubes,
+in increasing order of importance) are options of :class:`VideoTubeConfig`:
+- ``gate=False`` (no gate): the fixed embeddings are added to the 2D patch tokens at weight 1,
+  with no learned weight (the image model's tokens change from the start);
+- ``fixed_embeddings=False`` (no fixed 3D embeddings): no sin-cos anywhere; the 2D patches keep
+  only the ViT's learned positions and each tube token gets a learned position (``tube_pos``,
+  starting at zero);
+- ``use_tubes=False`` (no tubes, frames only): only the ViT's 2D patches of every
+  ``frame_stride``-th frame (with the gated fixed embeddings for their time).
+
 ``VideoTubeViT(vit, VideoTubeConfig(...))`` is an image encoder for the models:
 ``MaMMUT(img_encoder=VideoTubeViT(vit), ...)`` then takes ``images=`` videos ``(b, t, c, H, W)``.
 """
@@ -54,6 +64,10 @@ class VideoTubeConfig:
         ((4, 12, 12), (16, 32, 32), (0, 16, 16)),
     )
     theta: float = 10000.0  # base of the fixed sin-cos embedding
+    gate: bool = True  # False: fixed embeddings added to the 2D patch tokens at weight 1 (ablation "no gate")
+    gate_init: float = 0.0  # the learned gate's starting value (0: the image model's tokens unchanged at the start)
+    fixed_embeddings: bool = True  # False: no sin-cos; learned tube positions (ablation "no fixed embeddings")
+    use_tubes: bool = True  # False: 2D patches of the sparse frames only (ablation "no tubes")
 
     def __post_init__(self) -> None:
         if self.frames < 1 or self.frame_stride < 1:
@@ -106,18 +120,27 @@ class VideoTubeViT(nn.Module):
                 raise ValueError(f"tubes[{i}]: offset {offset} + kernel {kernel} does not fit a video of (t, H, W) = {size}")
         self.config, self.vit = cfg, vit
         self.built_image_size = vc.image_size  # the fixed position tables below are for this size
+        tubes = cfg.tubes if cfg.use_tubes else ()
         self.tubes = nn.ModuleList(
-            nn.Conv3d(vc.channels, vc.dim, kernel, stride=stride, bias=vc.patch_bias) for kernel, stride, _ in cfg.tubes
+            nn.Conv3d(vc.channels, vc.dim, kernel, stride=stride, bias=vc.patch_bias) for kernel, stride, _ in tubes
         )
-        self.fixed_gate = nn.Parameter(torch.zeros(()))
+        if cfg.gate and cfg.fixed_embeddings:
+            self.fixed_gate = nn.Parameter(torch.full((), float(cfg.gate_init)))
+        else:  # ablations: the fixed embeddings at weight 1 (no gate), or none at all (no fixed embeddings)
+            self.register_buffer("fixed_gate", torch.tensor(1.0 if cfg.fixed_embeddings else 0.0), persistent=False)
         p = vc.patch_size
         frames = torch.arange(0, cfg.frames, cfg.frame_stride)
         patch = _grid_centers((1, vc.image_size, vc.image_size), (1, p, p), (1, p, p), (0, 0, 0))  # g*g 3
         patch_centers = patch.repeat(len(frames), 1)
         patch_centers[:, 0] = frames.float().repeat_interleave(patch.shape[0])
         self.register_buffer("patch_fixed", sincos_3d(patch_centers, vc.dim, cfg.theta), persistent=False)
-        tube_centers = torch.cat([_grid_centers(size, k, s, o) for k, s, o in cfg.tubes])
+        if not cfg.fixed_embeddings:
+            self.patch_fixed.zero_()
+        tube_centers = torch.cat([_grid_centers(size, k, s, o) for k, s, o in tubes] or [torch.zeros(0, 3)])
         self.register_buffer("tube_fixed", sincos_3d(tube_centers, vc.dim, cfg.theta), persistent=False)
+        if not cfg.fixed_embeddings:  # ablation: a learned position per tube token instead
+            self.tube_fixed.zero_()
+            self.tube_pos = nn.Parameter(torch.zeros(tube_centers.shape[0], vc.dim))
 
     @property
     def dim(self) -> int:
@@ -155,12 +178,15 @@ class VideoTubeViT(nn.Module):
         patches = vit.to_patches(frames).flatten(2).transpose(1, 2)  # (b t') n d
         patches = patches + vit.pos_emb.flatten(2).transpose(1, 2).to(patches.dtype)
         patches = patches.reshape(b, -1, patches.shape[-1]) + self.fixed_gate * self.patch_fixed.to(patches.dtype)
-        tubes = []
+        tubes = [patches]
         for conv, (_, _, (ot, oy, ox)) in zip(self.tubes, cfg.tubes):
             clip = videos[:, ot:, :, oy:, ox:].transpose(1, 2)  # b c t H W: Conv3d's layout, internal only
             tubes.append(conv(clip).flatten(2).transpose(1, 2))  # b n_i d
-        tube_tokens = torch.cat(tubes, dim=1)
-        x = torch.cat((patches, tube_tokens + self.tube_fixed.to(tube_tokens.dtype)), dim=1)
+        x = torch.cat(tubes, dim=1)
+        if len(tubes) > 1:
+            n = patches.shape[1]
+            pos = self.tube_fixed if cfg.fixed_embeddings else self.tube_pos
+            x = torch.cat((x[:, :n], x[:, n:] + pos.to(x.dtype)), dim=1)
         if vit.config.class_token:
             cls = (vit.cls_token + vit.cls_pos_emb).to(x.dtype)
             x = torch.cat((cls.expand(b, 1, -1), x), dim=1)
@@ -170,5 +196,9 @@ class VideoTubeViT(nn.Module):
         return vit.norm(x)
 
     def extra_repr(self) -> str:
-        return f"frames={self.config.frames}, frame_stride={self.config.frame_stride}, tokens={self.num_tokens()}"
+        cfg = self.config
+        ablations = [name for name, on in (("no gate", cfg.gate), ("no fixed embeddings", cfg.fixed_embeddings),
+                                           ("no tubes", cfg.use_tubes)) if not on]
+        return (f"frames={cfg.frames}, frame_stride={cfg.frame_stride}, tokens={self.num_tokens()}"
+                + (f", ablations: {', '.join(ablations)}" if ablations else ""))
 

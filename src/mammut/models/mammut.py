@@ -165,7 +165,7 @@ class DecoderLayer(nn.Module):
     tiny=dict(dim=64, num_tokens=300, depth=2, heads=2, dim_head=32, bos_id=1, eos_id=2, pad_id=0,
               vit=dict(image_size=32, patch_size=8, dim=64, depth=2, heads=2, dim_head=32)),
     block_types=(ParallelBlock, CrossAttentionBlock, TransformerBlock),
-    tasks=("pretrain", "vqa"),
+    tasks=("pretrain", "vqa", "video", "videoqa"),
     inputs=("image",),
 )
 class MaMMUT(ContrastiveCaptioner):
