@@ -5,8 +5,8 @@
     mammut eval RUN_DIR [--checkpoint DIR] [--n 512]
     mammut eval BENCHMARK SOURCE ...   # a registered benchmark (listed below and by mammut eval
                                        # --help; mammut eval BENCHMARK --help: its options)
-    mammut caption IMAGE... --run RUN_DIR
-    mammut embed --run RUN_DIR (--images IMAGE... | --texts TEXT...) --out emb.npy
+    mammut caption IMAGE_OR_VIDEO... --run RUN_DIR   # a video (.mp4, .webm, ...): a run with a video encoder
+    mammut embed --run RUN_DIR (--images IMAGE... | --videos VIDEO... | --texts TEXT...) --out emb.npy
     mammut demo [--train.steps 600 ...]
     mammut config [--config FILE] [--key value ...]      # print the full resolved config
 
@@ -43,6 +43,33 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto (default): bf16 autocast where the CPU/GPU runs bf16 natively, else fp32")
     p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
+
+
+def _video_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampling", choices=("uniform", "stride"), default="uniform",
+                   help="videos: frames uniform over the clip (default) or --stride frames apart, centred")
+    p.add_argument("--stride", type=int, default=None, help="videos, with --sampling stride: frames between samples")
+
+
+def _run_clips(run: Any, paths: list[str], args: argparse.Namespace) -> Any:
+    """Video files -> clips ``(n, t, 3, H, W)`` as the run's model takes them (its frame count, the
+    run's image preprocessing); a model without a video encoder is a ``ValueError`` saying so."""
+    import torch
+
+    from .data.video_files import model_clip_shape, read_clip
+    from .inference import run_preprocess
+
+    shape = model_clip_shape(run.model)
+    if shape is None:
+        encoder = type(getattr(run.model, "img_encoder", None)).__name__
+        raise ValueError(f"{paths[0]}: the run {args.run} has a model that takes only images "
+                         f"({type(run.model).__name__}, image encoder {encoder}); caption or embed videos with a "
+                         "run whose model has a video encoder (model.encoder: {type: video_tube, ...}, e.g. "
+                         "train.task: video)")
+    frames, size = shape
+    pre = run_preprocess(size, run.config.data.normalize)
+    return torch.stack([read_clip(p, frames=frames, image_size=size, sampling=args.sampling, stride=args.stride,
+                                  preprocess=pre) for p in paths])
 
 
 def _run_precision(args: argparse.Namespace) -> Any:
@@ -88,18 +115,22 @@ def _parser() -> argparse.ArgumentParser:
                         "the built-in held-out split)")
     e.add_argument("--out", default=None, help="report folder (default: RUN/report)")
 
-    k = sub.add_parser("caption", help="print greedy captions of image files")
-    k.add_argument("images", nargs="+", help="image files")
+    k = sub.add_parser("caption", help="print greedy captions of image or video files")
+    k.add_argument("images", nargs="+", metavar="FILE",
+                   help="image files, or video files (.mp4, .webm, ...) for a run whose model has a video encoder")
     k.add_argument("--run", required=True, help="run folder")
     k.add_argument("--max-new-tokens", type=int, default=None)
+    _video_args(k)
     _precision_arg(k)
 
     m = sub.add_parser("embed", help="write L2-normalised embeddings of images or texts (.npy or .safetensors)")
     m.add_argument("--run", required=True, help="run folder")
     group = m.add_mutually_exclusive_group(required=True)
     group.add_argument("--images", nargs="+", help="image files")
+    group.add_argument("--videos", nargs="+", help="video files (a run whose model has a video encoder)")
     group.add_argument("--texts", nargs="+", help="texts")
     m.add_argument("--out", required=True, help="output file: .npy or .safetensors")
+    _video_args(m)
     _precision_arg(m)
 
     from .apps import register_commands
@@ -171,7 +202,8 @@ def _print_summary(metrics: dict, report: Path) -> None:
     r = metrics.get("retrieval", {})
     cap = metrics.get("caption", {})
     split = metrics.get("eval_split", {})
-    lines = [f"report: {Path(report).resolve()}  (report.md, metrics.json, loss_curves.png, scenes.png)"]
+    files = sorted(f.name for f in Path(report).iterdir() if f.is_file()) if Path(report).is_dir() else []
+    lines = [f"report: {Path(report).resolve()}  ({', '.join(files)})"]  # what the task's report holds
     if not split.get("held_out", True):
         lines.append(f"NOT held-out: scored on training rows of {split.get('source')} "
                      f"(set data.val_path or pass `mammut eval RUN --data FILE`)")
@@ -194,9 +226,21 @@ def _caption(args: argparse.Namespace) -> int:
 
     from .precision import autocast
 
+    from .data.video_files import is_video_file, model_clip_shape
+
     precision = _run_precision(args)
     run = load_run(args.run)
-    images = load_image_files(args.images, run.config.data.image_size, run.config.data.normalize)
+    videos = [is_video_file(p) for p in args.images]
+    if any(videos) and not all(videos):
+        raise ValueError(f"FILE: expected all images or all videos, got both ({args.images[videos.index(False)]} and "
+                         f"{args.images[videos.index(True)]}); caption them in two commands")
+    if all(videos):
+        images = _run_clips(run, args.images, args)
+    elif model_clip_shape(run.model) is not None:
+        raise ValueError(f"FILE: the run {args.run} has a video model: expected video files (.mp4, .webm, ...), "
+                         f"got {args.images[0]}")
+    else:
+        images = load_image_files(args.images, run.config.data.image_size, run.config.data.normalize)
     n_tokens = args.max_new_tokens or run.config.eval.max_new_tokens
     with autocast(precision, "cpu"):
         captions = generate_captions(run.model, run.tokenizer, images, max_new_tokens=n_tokens)
@@ -221,6 +265,10 @@ def _embed(args: argparse.Namespace) -> int:
     with autocast(precision, "cpu"):
         if args.images:
             emb = embed_images(run.model, load_image_files(args.images, run.config.data.image_size, run.config.data.normalize))
+        elif args.videos:
+            from .embedder import Embedder
+
+            emb = Embedder(run.model, batch_size=16).embed_images(_run_clips(run, args.videos, args))
         else:
             emb = embed_texts(run.model, run.tokenizer, args.texts, run.config.data.max_len, truncate=True)
     emb = torch.nn.functional.normalize(emb.float(), dim=-1)  # unit norm in fp32 after a bf16 forward too
@@ -233,7 +281,7 @@ def _embed(args: argparse.Namespace) -> int:
         from safetensors.torch import save_file
 
         save_file({"embeddings": emb.contiguous()}, str(out),
-                  metadata={"inputs": "\n".join(args.images or args.texts), "run": str(args.run)})
+                  metadata={"inputs": "\n".join(args.images or args.videos or args.texts), "run": str(args.run)})
     print(f"wrote {tuple(emb.shape)} embeddings to {out}")
     return 0
 

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.datasets import ImageDecodeError, decode_image
 from ..io.runlock import FolderLock
 from . import ann
-from .collection import display, list_items, read_item_checked, source_kind
+from .collection import display, is_video, list_items, read_item_checked, source_kind
 from .encoder import Encoder
 from .folder import FULL_ERRNOS, IndexFolder, disk_full, remove_stray_temp_files, write_atomic
 from .store import DiskFullError, MetadataStore, Record, database_error
@@ -150,9 +150,11 @@ def _broadcast(objects: list[Any], world: int) -> None:
 # ----------------------------------------------------------------------------- planning
 
 
-def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str, precision: dict[str, str] | None = None) -> bool:
+def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str, precision: dict[str, str] | None = None,
+          media: str = "image") -> bool:
     """Rank 0: create or extend the plan in the store. Returns False when there is nothing to do.
-    ``precision``: the model's (:meth:`mammut.precision.Precision.as_dict`), recorded beside it."""
+    ``precision``: the model's (:meth:`mammut.precision.Precision.as_dict`), recorded beside it;
+    ``media``: what the model indexes, ``"image"`` or ``"video"`` (a video model: video files)."""
     info = folder.read_info() if folder.exists() else None
     src = None
     if opts.source is not None:  # as recorded in index.json: resolved, but a shard pattern as given
@@ -183,7 +185,7 @@ def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str, precision: d
     info = dict(info or {})
     for scan in scans:
         items = list_items(scan["source"], img_key=scan.get("img_key") or "filepath",
-                           caption_key=scan.get("caption_key"), image_root=scan.get("image_root"))
+                           caption_key=scan.get("caption_key"), image_root=scan.get("image_root"), media=media)
         with MetadataStore(folder.root, create=True) as store:
             known = store.known()
             known |= {(str(Path(p).resolve()), m) for p, m in known}  # paths recorded before they were resolved
@@ -195,6 +197,8 @@ def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str, precision: d
             info.setdefault("sources", []).append({**scan, "kind": source_kind(scan["source"]),
                                                    "added": time.strftime("%Y-%m-%dT%H:%M:%S")})
     info.update(model=model_name, **(precision or {}), status="building", chunk_size=opts.chunk_size)
+    if media != "image":  # an image index's index.json is as it always was
+        info["media"] = media
     info.setdefault("nprobe", opts.nprobe)  # search settings are the index's own, chosen when it was made
     info.setdefault("rerank", opts.rerank)
     folder.write_info(info)
@@ -206,19 +210,29 @@ def _plan(folder: IndexFolder, opts: BuildOptions, model_name: str, precision: d
 
 class _Images(Dataset):  # type: ignore[type-arg]
     """Records -> (id, pixels or None, (width, height) or None, identity or None, error or None);
-    the identity (size:mtime_ns:inode:device) is of the file the pixels were read from."""
+    the identity (size:mtime_ns:inode:device) is of the file the pixels were read from.
+    ``read_video(bytes, where) -> (clip, (width, height))``: how a video file is read (a video
+    model's encoder), for records that name one."""
 
-    def __init__(self, records: Sequence[Record], transform: Any) -> None:
-        self.records, self.transform = list(records), transform
+    def __init__(self, records: Sequence[Record], transform: Any, read_video: Any = None) -> None:
+        self.records, self.transform, self.read_video = list(records), transform, read_video
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, tuple[int, int] | None, str | None, str | None]:
         r = self.records[i]
+        where = display(f"{r.path}:{r.member}" if r.member else r.path)
+        if self.read_video is not None and is_video(r.member or r.path):
+            try:  # a VideoDecodeError is an OSError
+                data, ident = read_item_checked(r.path, r.member, r.offset, r.size)
+                clip, size = self.read_video(data, where)
+            except OSError as exc:
+                return r.id, None, None, None, display(str(exc))
+            return r.id, clip, size, ident, None
         try:
             data, ident = read_item_checked(r.path, r.member, r.offset, r.size)
-            image = decode_image(data, where=display(f"{r.path}:{r.member}" if r.member else r.path))
+            image = decode_image(data, where=where)
         except (ImageDecodeError, OSError) as exc:
             return r.id, None, None, None, display(str(exc))
         return r.id, self.transform(image), image.size, ident, None
@@ -244,7 +258,8 @@ def _embed_chunks(folder: IndexFolder, encoder: Encoder, todo: list[int], record
     flat = [r for c in todo for r in records[c]]
     by_id = {r.id: r for r in flat}
     precision = getattr(getattr(encoder, "precision", None), "name", None)
-    loader = DataLoader(_Images(flat, encoder.preprocess), batch_sampler=_batches([records[c] for c in todo],
+    read_video = encoder.read_video if getattr(encoder, "media", "image") == "video" else None
+    loader = DataLoader(_Images(flat, encoder.preprocess, read_video), batch_sampler=_batches([records[c] for c in todo],
                         opts.batch_size), num_workers=opts.workers, collate_fn=_collate)
     chunk_of = {r.id: r.chunk for r in flat}
     left = {c: len(records[c]) for c in todo}
@@ -432,7 +447,7 @@ def _build(folder: IndexFolder, opts: BuildOptions, encoder: Encoder, lock: Fold
             if lock is not None:
                 lock.acquire()
                 remove_stray_temp_files(folder)
-            work = _plan(folder, opts, encoder.name, precision)
+            work = _plan(folder, opts, encoder.name, precision, getattr(encoder, "media", "image"))
             with MetadataStore(folder.root, readonly=True) as store:
                 chunks = store.chunks()
             todo = [c for c in chunks if folder.read_chunk(c) is None] if work else []

@@ -1,7 +1,8 @@
 """What gets indexed: the images of a folder (recursive), of a CSV/TSV file (image path column,
 optional caption column; open_clip's ``filepath``/``title`` as in :mod:`mammut.data.datasets`),
 or of local WebDataset shards (``{key}.jpg|png|...`` + optional ``{key}.txt``, as in
-:mod:`mammut.data.webdataset`).
+:mod:`mammut.data.webdataset`). With ``media="video"`` (an index built with a video model) the
+same sources give their video files instead (``.mp4``, ``.webm``, ...: :data:`VIDEO_EXTENSIONS`).
 
 :func:`list_items` turns a source into :class:`Item` records in a fixed order (the plan that
 indexing splits into chunks); :func:`read_item` returns an item's image bytes: a file is read
@@ -32,15 +33,22 @@ from pathlib import Path
 from PIL import Image
 
 from ..data.datasets import IMAGE_EXTENSIONS, decode_image
+from ..data.video_files import VIDEO_EXTENSIONS
 from ..data.webdataset import expand_shards
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Item", "ItemChanged", "list_items", "read_item", "read_item_checked", "open_item", "source_kind",
+__all__ = ["Item", "ItemChanged", "is_video", "list_items", "read_item", "read_item_checked", "open_item", "source_kind",
            "display", "identity"]
 
 # what a folder scan picks up (the training data's list plus a few common others)
 FOLDER_EXTENSIONS: tuple[str, ...] = (*IMAGE_EXTENSIONS, "gif", "tif", "tiff")
+MEDIA: tuple[str, ...] = ("image", "video")
+
+
+def is_video(name: str) -> bool:
+    """Whether an item's name (file or shard member) is a video file, by its suffix."""
+    return Path(name).suffix.lower().lstrip(".") in VIDEO_EXTENSIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +107,9 @@ def _sidecar_caption(image: Path) -> str | None:
     return None
 
 
-def _folder_items(root: Path) -> list[Item]:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in FOLDER_EXTENSIONS and p.is_file())
+def _folder_items(root: Path, media: str = "image") -> list[Item]:
+    exts = VIDEO_EXTENSIONS if media == "video" else FOLDER_EXTENSIONS
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in exts and p.is_file())
     return [Item(str(p.resolve()), caption=_sidecar_caption(p)) for p in files]
 
 
@@ -143,7 +152,8 @@ def _csv_items(path: Path, img_key: str, caption_key: str | None, image_root: st
     return items
 
 
-def _shard_items(pattern: str) -> list[Item]:
+def _shard_items(pattern: str, media: str = "image") -> list[Item]:
+    exts = VIDEO_EXTENSIONS if media == "video" else IMAGE_EXTENSIONS
     items: list[Item] = []
     for shard in expand_shards(pattern, key="SOURCE"):
         if "://" in shard or shard.startswith("pipe:"):
@@ -158,7 +168,7 @@ def _shard_items(pattern: str) -> list[Item]:
                         continue
                     key, _, ext = info.name.partition(".")
                     ext = ext.lower()
-                    if ext in IMAGE_EXTENSIONS and key not in images:
+                    if ext in exts and key not in images:
                         images[key] = info
                     elif ext == "txt":
                         texts[key] = info
@@ -174,24 +184,28 @@ def _shard_items(pattern: str) -> list[Item]:
 
 
 def list_items(source: str, *, img_key: str = "filepath", caption_key: str | None = None,
-               image_root: str | None = None) -> list[Item]:
-    """The images of ``source`` in a fixed order (see the module doc). In a CSV, ``caption_key``
-    names the caption column (an error if absent); ``None`` takes ``title`` where there is one."""
+               image_root: str | None = None, media: str = "image") -> list[Item]:
+    """The images (``media="video"``: the videos) of ``source`` in a fixed order (see the module
+    doc). In a CSV, ``caption_key`` names the caption column (an error if absent); ``None`` takes
+    ``title`` where there is one."""
+    if media not in MEDIA:
+        raise ValueError(f"media: expected one of {MEDIA}, got {media!r}")
     kind = source_kind(source)
     p = Path(source).expanduser()
     if kind == "folder":
-        items = _folder_items(p)
+        items = _folder_items(p, media)
     elif kind == "csv":
         items = _csv_items(p, img_key, caption_key, image_root)
     else:
-        items = _shard_items(source)
+        items = _shard_items(source, media)
     if not items:
-        raise ValueError(f"SOURCE: no images found in {source}")
+        raise ValueError(f"SOURCE: no {media}s found in {source}"
+                         + (f" ({', '.join(VIDEO_EXTENSIONS)})" if media == "video" else ""))
     unique = list({(it.path, it.member): it for it in reversed(items)}.values())[::-1]  # the first of each
     if len(unique) < len(items):  # two names (links) of one file: indexed once
         log.info("%s: %d names of images already listed under another name", source, len(items) - len(unique))
         items = unique
-    log.info("%s (%s): %d images", source, kind, len(items))
+    log.info("%s (%s): %d %ss", source, kind, len(items), media)
     return items
 
 

@@ -4,8 +4,11 @@ anything :func:`mammut.load` loads (a run folder, a checkpoint, an open_clip CoC
 HF snapshot).
 
 Embeddings come back as float32 numpy arrays ``(n, dim)``, L2-normalised, computed by
-:class:`mammut.Embedder`. Calls into one model are serialised by a lock, so a server may call
-from several threads.
+:class:`mammut.Embedder`. A model whose image encoder is a video encoder (``clip_shape`` set:
+frames and size) embeds and captions clips ``(n, t, 3, H, W)`` read from video files
+(:meth:`ModelEncoder.read_video`); an image given to it (a search by image, an uploaded picture
+to caption) is a still clip, the image repeated ``t`` times. Calls into one model are
+serialised by a lock, so a server may call from several threads.
 
 The model runs in a :class:`mammut.precision.Precision` (``fp32``, or ``bf16`` autocast):
 ``precision="auto"`` picks bf16 where the device computes it natively (see
@@ -85,6 +88,9 @@ class ModelEncoder:
         self.max_new_tokens = int(max_new_tokens)
         self._lock = threading.Lock()
         self._dim: int | None = None
+        from ..data.video_files import model_clip_shape
+
+        self.clip_shape: tuple[int, int] | None = model_clip_shape(model)  # (frames, image size) of a video model
 
     @property
     def bf16(self) -> bool:
@@ -103,19 +109,47 @@ class ModelEncoder:
             raise ValueError(f"--model: {self.name} cannot {what}: {getattr(part, 'reason', 'it is missing')}")
 
     @property
+    def media(self) -> str:
+        """``"video"`` for a model with a video encoder (it indexes video files), else ``"image"``."""
+        return "image" if self.clip_shape is None else "video"
+
+    @property
     def dim(self) -> int:
         if self._dim is None:
             probe = self.preprocess(Image.new("RGB", (32, 32)))[None]
             self._dim = int(self.embed_images(probe).shape[1])
         return self._dim
 
+    def read_video(self, data: bytes, where: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        """A video file's bytes -> ``(clip (t, 3, H, W), (width, height))``: ``t`` frames sampled
+        uniformly (by seeking), each through the model's image preprocessing;
+        :class:`mammut.data.video_files.VideoDecodeError` (an ``OSError``) naming ``where``."""
+        from ..data.video_files import read_clip_with_stats
+        from ..preprocess import ImagePreprocess
+
+        if self.clip_shape is None:
+            raise ValueError(f"--model: {self.name} takes only images, not videos ({where})")
+        frames, size = self.clip_shape
+        pre = self.transform if isinstance(self.transform, ImagePreprocess) else None
+        clip, stats = read_clip_with_stats(data, frames=frames, image_size=size, preprocess=pre, where=where)
+        return clip, stats["size"]
+
+    def _clips(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels for the model: a video model gets clips, an image ``(n, 3, H, W)`` as a still clip."""
+        if self.clip_shape is not None and pixels.ndim == 4:
+            return pixels.unsqueeze(1).expand(-1, self.clip_shape[0], -1, -1, -1)
+        want = 4 if self.clip_shape is None else 5
+        if pixels.ndim != want:
+            shape = "(n, 3, H, W)" if want == 4 else "(n, t, 3, H, W) or (n, 3, H, W)"
+            raise ValueError(f"pixels: expected a tensor {shape}, got shape {tuple(pixels.shape)}")
+        return pixels
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         self._need(self.transform, "read images")
         return self.transform(image)
 
     def embed_images(self, pixels: torch.Tensor) -> np.ndarray:
-        if pixels.ndim != 4:
-            raise ValueError(f"pixels: expected a tensor (n, 3, H, W), got shape {tuple(pixels.shape)}")
+        pixels = self._clips(pixels)
         with self._lock:
             out = self._embedder().embed_images(pixels, batch_size=max(1, len(pixels)))
         return out.numpy()
@@ -132,6 +166,7 @@ class ModelEncoder:
             raise ValueError(f"--model: {type(self.model).__name__} has no generate(); it cannot caption images")
         self._need(self.tokenizer, "write captions")
         n = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        pixels = self._clips(pixels)
         with self._lock:
             return self._embedder().caption(pixels, batch_size=max(1, len(pixels)), max_new_tokens=n)
 

@@ -1,5 +1,7 @@
 """The search page of ``mammut serve``: one HTML document with its CSS and JS inline (no build
-step, nothing fetched from elsewhere). It talks to the JSON API of :mod:`mammut.apps.server`."""
+step, nothing fetched from elsewhere). It talks to the JSON API of :mod:`mammut.apps.server`.
+A video result (a name with a video suffix) shows the strip of frames the server draws for it,
+on a card two columns wide."""
 
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ PAGE = r"""<!doctype html>
   #grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(180px, 1fr)); gap: 12px; }
   .card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 8px; }
   .card img { width: 100%; aspect-ratio: 1; object-fit: contain; image-rendering: pixelated; background: #eee; border-radius: 4px; }
+  .card.video { grid-column: span 2; }
+  .card img.strip { aspect-ratio: auto; image-rendering: auto; }
   .head { display: flex; gap: 6px; justify-content: space-between; align-items: baseline; margin-top: 4px; }
   .rank { font-weight: 600; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
   .score { color: var(--muted); font-variant-numeric: tabular-nums; }
@@ -88,6 +92,8 @@ async function call(url, options) {
   return body;
 }
 
+const VIDEO = /\.(mp4|webm|mkv|mov|avi|m4v|ogv)$/i;  // mammut.data.video_files.VIDEO_EXTENSIONS
+
 function kValue() { return $("k").value || "12"; }
 
 function render(data, what) {
@@ -98,6 +104,8 @@ function render(data, what) {
     card.className = "card";
     card.dataset.id = r.id;
     const img = document.createElement("img");
+    const video = VIDEO.test(r.name);
+    if (video) { card.classList.add("video"); img.classList.add("strip"); }
     img.src = r.image_url;
     img.alt = r.name;
     img.title = r.name + " (" + (r.width || "?") + "x" + (r.height || "?") + ")";
@@ -119,7 +127,7 @@ function render(data, what) {
     const button = document.createElement("button");
     button.className = "plain caption-this";
     button.type = "button";
-    button.textContent = "Caption this image";
+    button.textContent = video ? "Caption this video" : "Caption this image";
     button.addEventListener("click", async () => {
       button.disabled = true;
       generated.textContent = "captioning...";

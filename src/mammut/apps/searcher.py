@@ -7,7 +7,9 @@ Opening reads every row of ``metadata.sqlite`` once, so a damaged store is a one
 then (naming the file), not a failure of every search. :meth:`SearchIndex.image_bytes` hands
 out only the file that was indexed: opened without following a symbolic link, with the
 identity recorded at index time (size, mtime, inode, device), and decoding as an image, whose
-own type (not the name's) is the media type; anything else is an ``ItemChanged``.
+own type (not the name's) is the media type; anything else is an ``ItemChanged``. For a video
+(an index built by a video model) it is a PNG strip of frames sampled from the file
+(:func:`frame_strip`); :meth:`SearchIndex.item_bytes` gives the file's own bytes.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from typing import Any
 import numpy as np
 
 from . import ann
-from .collection import ItemChanged, read_item_checked
+from .collection import ItemChanged, is_video, read_item_checked
 from .folder import IndexFolder
 from .store import MetadataStore, Record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Hit", "SearchIndex", "check_k", "DEFAULT_MAX_K"]
+__all__ = ["Hit", "SearchIndex", "check_k", "frame_strip", "DEFAULT_MAX_K", "STRIP_FRAMES"]
 
 DEFAULT_MAX_K = 1000
+STRIP_FRAMES = 5  # frames in a video's strip
+STRIP_HEIGHT = 96  # pixels
 
 
 def check_k(k: Any, max_k: int = DEFAULT_MAX_K) -> int:
@@ -138,15 +142,51 @@ class SearchIndex:
             rec = self.store.get([int(image_id)]).get(int(image_id))
         return rec if rec is not None and rec.status == "ok" else None
 
-    def image_bytes(self, image_id: int) -> tuple[bytes, str]:
-        """``(bytes, media type)`` of an indexed image; ``KeyError`` for an id the index does not
-        have; ``ItemChanged`` when its file is not the one that was indexed (a link now, replaced,
-        modified) or no longer an image; ``OSError`` when it cannot be read."""
+    def item_bytes(self, image_id: int) -> tuple[bytes, Record]:
+        """``(the file's bytes, its record)`` of an indexed item (image or video); errors as
+        :meth:`image_bytes`."""
         rec = self.record(image_id)
         if rec is None:
             raise KeyError(f"id: no image {image_id} in this index")
         data, _ = read_item_checked(rec.path, rec.member, rec.offset, rec.size, expect=rec.identity)
+        return data, rec
+
+    def image_bytes(self, image_id: int) -> tuple[bytes, str]:
+        """``(bytes, media type)`` of an indexed image (of a video: a PNG strip of its frames);
+        ``KeyError`` for an id the index does not have; ``ItemChanged`` when its file is not the one
+        that was indexed (a link now, replaced, modified) or no longer an image / video; ``OSError``
+        when it cannot be read."""
+        data, rec = self.item_bytes(image_id)
+        if is_video(rec.member or rec.path):
+            return frame_strip(data, rec.name), "image/png"
         return data, _media_type(data, rec.name)
+
+
+def frame_strip(data: bytes, name: str, frames: int = STRIP_FRAMES, height: int = STRIP_HEIGHT) -> bytes:
+    """PNG bytes: ``frames`` frames sampled uniformly from a video file's bytes, side by side at
+    ``height`` pixels (each frame's aspect ratio kept); ``ItemChanged`` if it is no longer a video."""
+    from PIL import Image
+
+    from ..data.video_files import VideoDecodeError, read_clip_with_stats
+    from ..preprocess import ImagePreprocess
+
+    try:
+        _, stats = read_clip_with_stats(data, frames=1, image_size=8, where=name)
+        w, h = stats["size"]
+        width = max(1, round(height * w / max(h, 1)))
+        # "squash" to the frame's own aspect ratio: nothing cropped
+        pre = ImagePreprocess(height, resize_mode="squash")
+        clip = read_clip_with_stats(data, frames=frames, image_size=height, preprocess=pre, where=name)[0]
+    except VideoDecodeError as exc:
+        raise ItemChanged(f"{name} is no longer a readable video ({exc})") from None
+    gap = 4
+    strip = Image.new("RGB", (frames * width + (frames - 1) * gap, height), (40, 40, 40))
+    for i, frame in enumerate(clip):
+        pixels = (frame.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        strip.paste(Image.fromarray(pixels).resize((width, height), Image.BICUBIC), (i * (width + gap), 0))
+    buf = io.BytesIO()
+    strip.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 _MEDIA = {"MPO": "image/jpeg"}  # a camera's multi-picture JPEG: browsers show it as a JPEG

@@ -42,7 +42,7 @@ from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data.datasets import ImageDecodeError, decode_image
-from .collection import ItemChanged
+from .collection import ItemChanged, is_video
 from .encoder import Encoder
 from .page import PAGE
 from .searcher import DEFAULT_MAX_K, SearchIndex, check_k
@@ -346,13 +346,18 @@ def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = 
                 captions.move_to_end(image_id)
                 return CaptionResponse(id=image_id, caption=captions[image_id])
         try:
-            data, _ = index.image_bytes(image_id)
-            picture = decode_image(data, where=f"image {image_id}")
+            rec = index.record(image_id)
+            if rec is not None and is_video(rec.member or rec.path) and getattr(encoder, "media", "image") == "video":
+                data, _ = index.item_bytes(image_id)
+                pixels = encoder.read_video(data, f"video {image_id}")[0]  # type: ignore[attr-defined]
+            else:
+                data, _ = index.image_bytes(image_id)
+                pixels = encoder.preprocess(decode_image(data, where=f"image {image_id}"))
         except KeyError as exc:
             raise HTTPException(404, str(exc.args[0])) from None
         except (OSError, ImageDecodeError) as exc:
             raise gone(image_id, exc) from None
-        text = encoder.caption(encoder.preprocess(picture)[None])[0]
+        text = encoder.caption(pixels[None])[0]
         with cache_lock:
             captions[image_id] = text
             while len(captions) > caption_cache:
