@@ -32,6 +32,7 @@ from .transforms.m2pt import CrossModalReparameterization, MPTransformerBlock, a
 from .models.coca import CoCa, CoCaConfig
 from .models.flamingo import FlamingoConfig, FlamingoPaLM, GatedCrossAttentionBlock
 from .models.mammut import LossOutput, MaMMUT, MaMMUTConfig
+from .models.detector import DetectorConfig, MaMMUTDetector
 
 from ._version import __version__
 from .models import set_open_clip_lookup as _set_open_clip_lookup
@@ -51,6 +52,8 @@ __all__ = [
     "MaMMUT",
     "MaMMUTConfig",
     "LossOutput",
+    "MaMMUTDetector",
+    "DetectorConfig",
     "CoCa",
     "CoCaConfig",
     "FlamingoPaLM",

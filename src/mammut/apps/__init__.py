@@ -38,6 +38,12 @@ def _serve(args: argparse.Namespace, emit: Emit) -> int:
     return run_serve(args, emit)
 
 
+def _detect(args: argparse.Namespace, emit: Emit) -> int:
+    from .detect import run_detect
+
+    return run_detect(args, emit)
+
+
 def _model_args(p: argparse.ArgumentParser, default_help: str) -> None:
     p.add_argument("--model", default=None, help=f"run folder or checkpoint (anything mammut.load loads); {default_help}")
     p.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
@@ -51,9 +57,10 @@ def _model_args(p: argparse.ArgumentParser, default_help: str) -> None:
 def register_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add the application commands to ``mammut``'s subparsers."""
     ix = subparsers.add_parser(
-        "index", help="embed a folder / CSV / shards of images into a searchable index folder",
+        "index", help="embed a folder / CSV / shards of images (or videos) into a searchable index folder",
         description="Embed the images of SOURCE (a folder, searched recursively; a CSV/TSV with an image path "
-                    "column and optional caption column; or local WebDataset shards) into the index folder --out: "
+                    "column and optional caption column; or local WebDataset shards; with a video model, the video "
+                    "files of SOURCE instead) into the index folder --out: "
                     "float16 embeddings, SQLite metadata and a FAISS index. Run it again after a kill to resume "
                     "(finished chunks are kept); --add adds the new images of SOURCE to an index. Under torchrun, "
                     "the processes split the chunks.")
@@ -118,3 +125,7 @@ def register_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
                     help="seconds a request body may stall before a 408 closes its connection (default 10)")
     _model_args(sv, "default: the index's model")
     sv.set_defaults(handler=_serve)
+
+    from .detect import add_detect_command  # argparse only at import time
+
+    add_detect_command(subparsers, _detect)

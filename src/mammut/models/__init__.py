@@ -69,7 +69,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 def _load_all() -> None:
     # importing a model module registers it; listed by name (not discovered) so that every
     # import is visible to tools: tests/test_layering.py checks the list is complete
-    from . import coca, flamingo, mammut  # noqa: F401
+    from . import coca, detector, flamingo, mammut  # noqa: F401
 
 
 # ---------------------------------------------------------------------------- open_clip converters

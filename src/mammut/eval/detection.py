@@ -1,0 +1,234 @@
+"""Open-vocabulary detection: predictions, COCO AP with pycocotools, and the boxes figure.
+
+- :func:`predict`: a detector's top-scoring ``(box, class)`` pairs per image (scores
+  ``sigmoid(logit)`` over every token x query, the ``max_detections`` best kept: OWL-ViT's
+  text-query path, no NMS), boxes as normalised x0, y0, x1, y1.
+- :func:`coco_ap`: pycocotools' ``COCOeval`` (bbox) on ground truth and predictions in COCO
+  form: AP (IoU .50:.95), AP50 and AP75 over all classes, over the base and over the novel
+  classes (COCOeval restricted to those category ids, with the predictions of every class: the
+  generalized OV-COCO setting, where the novel AP50 is the field's headline).
+- :func:`emoji_ground_truth` / :func:`to_coco_results`: the COCO dicts of normalised boxes.
+- :func:`plot_detections`: a grid of images with the true (green, dashed) and predicted (red,
+  with class and score) boxes.
+
+pycocotools and scipy are the ``detection`` extra (``pip install "mammut-vl[detection]"``).
+
+Legend: ``b`` images, ``m`` tokens, ``q`` queries, ``k`` boxes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["predict", "top_box_recall", "coco_ap", "emoji_ground_truth", "to_coco_results", "plot_detections", "detection_table",
+           "require_pycocotools", "Detections"]
+
+Detections = dict[str, torch.Tensor]  # {"boxes": (k, 4) normalised xyxy, "scores": (k,), "labels": (k,) query index}
+
+
+def require_pycocotools() -> Any:
+    """pycocotools' ``COCO`` and ``COCOeval``, or an ImportError naming the extra."""
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as exc:
+        raise ImportError(f"detection evaluation needs pycocotools ({exc}): pip install \"mammut-vl[detection]\"") from None
+    return COCO, COCOeval
+
+
+def _xyxy(cxcywh: torch.Tensor) -> torch.Tensor:
+    from torchvision.ops import box_convert
+
+    return box_convert(cxcywh, "cxcywh", "xyxy")
+
+
+@torch.no_grad()
+def predict(model: Any, images: torch.Tensor, queries: torch.Tensor | None, *, batch_size: int = 32,
+            max_detections: int = 100, device: torch.device | str | None = None,
+            autocast: Any = None, allowed: Sequence[int] | None = None) -> list[Detections]:
+    """Top ``max_detections`` detections per image of ``images`` ``(b, 3, S, S)`` for ``queries``
+    (token ids ``(q, n)``, embeddings ``(q, l)``, or None: the model's learned classes);
+    ``allowed``: only these query indices may be predicted (None: all). Eval mode, no grad."""
+    was_training = model.training
+    model.eval()
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    ctx = autocast if autocast is not None else contextlib.nullcontext
+    out: list[Detections] = []
+    try:
+        with ctx():
+            q = model.query_embeds(queries.to(dev) if queries is not None else None)
+        for s in range(0, len(images), batch_size):
+            with ctx():
+                res = model.detect(images[s:s + batch_size].to(dev), q)
+            logits = res["logits"].float()
+            if allowed is not None:
+                mask = torch.full((logits.shape[-1],), float("-inf"), device=logits.device)
+                mask[torch.as_tensor(list(allowed), dtype=torch.long, device=logits.device)] = 0.0
+                logits = logits + mask
+            boxes = _xyxy(res["boxes"].float()).clamp(0.0, 1.0)
+            b, m, nq = logits.shape
+            k = min(max_detections, m * nq)
+            top = logits.flatten(1).topk(k, dim=1)
+            token, label = top.indices // nq, top.indices % nq
+            for i in range(b):
+                keep = torch.isfinite(top.values[i])
+                out.append({"boxes": boxes[i, token[i][keep]].cpu(), "scores": torch.sigmoid(top.values[i][keep]).cpu(),
+                            "labels": label[i][keep].cpu()})
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def top_box_recall(model: Any, images: torch.Tensor, queries: torch.Tensor, truth: Sequence[dict[str, Any]],
+                   classes: Sequence[int], *, batch_size: int = 32, iou: float = 0.5) -> dict[str, Any]:
+    """Single-query localisation: for each true box of a class in ``classes``, whether the box of
+    the token scoring highest for that class's query (``queries`` indexed by class id) overlaps
+    it by at least ``iou``. ``{"recall", "n"}`` (recall None without such boxes)."""
+    from torchvision.ops import box_iou
+
+    wanted = set(int(c) for c in classes)
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    hits = n = 0
+    try:
+        q = model.query_embeds(queries.to(dev))
+        for s in range(0, len(images), batch_size):
+            res = model.detect(images[s:s + batch_size].to(dev), q)
+            boxes = _xyxy(res["boxes"].float())
+            for i, item in enumerate(truth[s:s + batch_size]):
+                for box, label in zip(item["boxes"], item["labels"].tolist()):
+                    if label not in wanted:
+                        continue
+                    best = int(res["logits"][i, :, label].argmax())
+                    hits += int(box_iou(boxes[i, best:best + 1].cpu(), box.view(1, 4).float())[0, 0] >= iou)
+                    n += 1
+    finally:
+        model.train(was_training)
+    return {"recall": hits / n if n else None, "n": n, "iou": iou}
+
+
+def emoji_ground_truth(items: Sequence[dict[str, Any]], class_names: Sequence[str], image_size: int) -> dict[str, Any]:
+    """A COCO ground-truth dict of detection items (normalised boxes, class ids = category ids)."""
+    images, anns = [], []
+    for it in items:
+        images.append({"id": int(it["image_id"]), "width": image_size, "height": image_size})
+        for box, label in zip(it["boxes"].tolist(), it["labels"].tolist()):
+            x0, y0, x1, y1 = (v * image_size for v in box)
+            anns.append({"id": len(anns) + 1, "image_id": int(it["image_id"]), "category_id": int(label),
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": i, "name": n} for i, n in enumerate(class_names)]}
+
+
+def to_coco_results(image_ids: Sequence[int], detections: Sequence[Detections], category_ids: Sequence[int],
+                    scales: Sequence[float]) -> list[dict[str, Any]]:
+    """COCO result dicts: each image's boxes times its ``scale`` (pixels per normalised unit),
+    query index ``j`` as category ``category_ids[j]``."""
+    out = []
+    for image_id, det, scale in zip(image_ids, detections, scales):
+        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            x0, y0, x1, y1 = (v * scale for v in box)
+            out.append({"image_id": int(image_id), "category_id": int(category_ids[label]),
+                        "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+    return out
+
+
+def _stats(coco_gt: Any, coco_dt: Any, cat_ids: Sequence[int], image_ids: Sequence[int]) -> dict[str, float | None]:
+    _, COCOeval = require_pycocotools()
+    present = {a["category_id"] for a in coco_gt.dataset["annotations"] if a["image_id"] in set(image_ids)}
+    cats = [c for c in cat_ids if c in present]
+    if not cats or coco_dt is None:
+        return {"AP": None if not cats else 0.0, "AP50": None if not cats else 0.0, "AP75": None if not cats else 0.0,
+                "n_classes": len(cats)}
+    ev = COCOeval(coco_gt, coco_dt, "bbox")
+    ev.params.catIds = list(cats)
+    ev.params.imgIds = list(image_ids)
+    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints; the library logs
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"AP": float(max(ev.stats[0], 0.0)), "AP50": float(max(ev.stats[1], 0.0)), "AP75": float(max(ev.stats[2], 0.0)),
+            "n_classes": len(cats)}
+
+
+def coco_ap(ground_truth: dict[str, Any], results: list[dict[str, Any]], base_ids: Sequence[int],
+            novel_ids: Sequence[int]) -> dict[str, Any]:
+    """``{"all" | "base" | "novel": {"AP", "AP50", "AP75", "n_classes"}}`` from COCOeval (bbox,
+    maxDets 100) over the classes with ground truth in the evaluated images (None where a
+    group has none); ``ground_truth`` a COCO dict, ``results`` COCO result dicts."""
+    COCO, _ = require_pycocotools()
+    gt = COCO()
+    gt.dataset = ground_truth
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        dt = gt.loadRes(results) if results else None
+    image_ids = [im["id"] for im in ground_truth["images"]]
+    all_ids = sorted(set(base_ids) | set(novel_ids))
+    out = {name: _stats(gt, dt, ids, image_ids) for name, ids in (("all", all_ids), ("base", base_ids), ("novel", novel_ids))}
+    out["n_images"] = len(image_ids)
+    out["n_boxes"] = len(ground_truth["annotations"])
+    out["n_detections"] = len(results)
+    return out
+
+
+def detection_table(ap: dict[str, Any], label: str = "model") -> str:
+    """A markdown table of ``coco_ap``'s result."""
+    from .report import markdown_table
+
+    rows = [[group, ap[group]["n_classes"], ap[group]["AP"], ap[group]["AP50"], ap[group]["AP75"]]
+            for group in ("all", "base", "novel")]
+    return markdown_table(["classes", "n", "AP", "AP50", "AP75"], rows)
+
+
+def plot_detections(images: torch.Tensor, truth: Sequence[dict[str, Any]], detections: Sequence[Detections],
+                    names: Sequence[str], path: Path, *, n: int = 12, min_score: float = 0.3,
+                    novel: Sequence[int] = ()) -> Path | None:
+    """A grid of the first ``n`` images with the true boxes (green dashed; novel classes blue)
+    and the predicted boxes scoring at least ``min_score`` (red, class name and score; the
+    best one is drawn even below ``min_score``)."""
+    from .report import _plt
+
+    n = min(n, len(images))
+    if n == 0:
+        return None
+    plt = _plt()
+    from matplotlib.patches import Rectangle
+
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    novel_set = set(novel)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        img = images[i].permute(1, 2, 0).clamp(0, 1).float().numpy()
+        s = img.shape[0]
+        ax.imshow(img, interpolation="nearest")
+        for box, label in zip(truth[i]["boxes"].tolist(), truth[i]["labels"].tolist()):
+            x0, y0, x1, y1 = (v * s for v in box)
+            colour = "tab:blue" if label in novel_set else "tab:green"
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.5, ls="--"))
+        det = detections[i]
+        for j, (box, score, label) in enumerate(zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())):
+            if score < min_score and j > 0:
+                break
+            x0, y0, x1, y1 = (v * s for v in box)
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="tab:red", lw=1.2))
+            ax.text(x0, max(y0 - 1, 0), f"{names[label][:18]} {score:.2f}", color="white", fontsize=6,
+                    bbox={"facecolor": "tab:red", "alpha": 0.7, "pad": 0.5, "lw": 0})
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
