@@ -164,7 +164,8 @@ def entry_points(monkeypatch, tmp_path):
 def test_the_built_in_tasks_are_entry_points():
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="mammut.tasks")}
     assert eps == {"pretrain": "mammut.tasks.pretrain:Pretrain", "vqa": "mammut.tasks.vqa:Vqa",
-                   "interleaved": "mammut.tasks.interleaved:Interleaved"}
+                   "interleaved": "mammut.tasks.interleaved:Interleaved", "detection": "mammut.tasks.detection:Detection",
+                   "video": "mammut.tasks.video:VideoPretrain", "videoqa": "mammut.tasks.videoqa:VideoQa"}
     found = {name: task_registry.get_task(name) for name in task_registry.list_tasks()}
     assert {name: f"{cls.__module__}:{cls.__qualname__}" for name, cls in found.items()} == eps
     from mammut.tasks.base import get_task as old  # the old import paths still work
@@ -176,9 +177,9 @@ def test_a_task_declared_as_an_entry_point_is_found(entry_points):
     entry_points("plugged", "plugin_tasks_for_test:Plugged")
     cls = task_registry.get_task("plugged")
     assert cls.__module__ == "plugin_tasks_for_test" and issubclass(cls, Task)
-    assert task_registry.list_tasks() == ["interleaved", "plugged", "pretrain", "vqa"]
-    with pytest.raises(ValueError, match=r"^train\.task: expected one of \['interleaved', 'plugged', 'pretrain', "
-                                         r"'vqa'\], got 'nope'$"):
+    assert task_registry.list_tasks() == ["detection", "interleaved", "plugged", "pretrain", "video", "videoqa", "vqa"]
+    with pytest.raises(ValueError, match=r"^train\.task: expected one of \['detection', 'interleaved', 'plugged', "
+                                         r"'pretrain', 'video', 'videoqa', 'vqa'\], got 'nope'$"):
         task_registry.get_task("nope")
 
 

@@ -58,6 +58,9 @@ EXTRA_FOR = {
     "mammut.apps": "search",  # mammut index / search / serve: faiss, FastAPI, uvicorn
     "mammut.convert": "interop",  # converters of others' weights: open_clip CoCa, its tokenizer
     "mammut.encoders.external": "interop",  # timm / transformers / vit-pytorch adapters
+    "mammut.data.video_files": "video",  # PyAV: decoding video files and shards
+    "mammut.eval.detection": "detection",  # pycocotools' COCOeval
+    "mammut.tasks.detection": "detection",  # scipy's linear_sum_assignment (Hungarian matching)
 }
 
 # import name -> distribution, where the two differ or the package may not be installed here;
@@ -80,6 +83,9 @@ KNOWN_DISTS = {
     "timm": "timm",
     "transformers": "transformers",
     "vit_pytorch": "vit-pytorch",
+    "av": "av",
+    "scipy": "scipy",
+    "pycocotools": "pycocotools",
 }
 
 # imports that need a distribution besides the one providing the module

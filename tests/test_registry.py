@@ -101,6 +101,7 @@ _CONTRASTIVE_CAPTIONER = {"ImageEmbedder", "TextEmbedder", "ContrastiveEmbedder"
 FAMILY_PROTOCOLS = {
     "mammut": (_CONTRASTIVE_CAPTIONER, ("image",)),
     "coca": (_CONTRASTIVE_CAPTIONER, ("image",)),
+    "mammut_detector": (_CONTRASTIVE_CAPTIONER, ("image",)),  # a MaMMUT with detection heads
     "flamingo_palm": ({"Decoder", "Captioner", "MediaDecoder", "ImageSized"}, ("media_sequence",)),
 }
 
@@ -236,6 +237,14 @@ def _config(tmp: Path, name: str, task: str) -> Path:
                   "tensorboard": False, "threads": 1, "save_every": 0, "precision": "fp32"},  # compared closely
         "eval": {"n": 16, "max_new_tokens": 8},
     }
+    from mammut.train.config import PRESET_DIR
+    from mammut.train.task import get_task
+
+    if "emoji" not in get_task(task).data_kinds:  # e.g. video tasks (clips, a video encoder): the task's tiny preset
+        preset = yaml.safe_load((PRESET_DIR / f"{task}-tiny.yaml").read_text())
+        assert preset["model"]["name"] == name, f"{task}-tiny.yaml: a preset for {name!r} expected"
+        cfg = {**preset, "train": {**preset.get("train", {}), **cfg["train"]}, "eval": {**preset.get("eval", {}), **cfg["eval"]},
+               "optim": {**preset.get("optim", {}), **cfg["optim"]}}
     path = tmp / f"{name}-{task}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
