@@ -33,6 +33,7 @@ from torch import nn
 
 from ..models.contract import Batch
 from .base import Task, register_task
+from .vqa import VqaSource
 
 __all__ = ["VideoQa", "VideoQaOptions", "VideoQaSource"]
 
@@ -61,7 +62,7 @@ class VideoQaOptions:
             raise ConfigError(f"task_options.types: expected a non-empty subset of {list(QUESTION_TYPES)}, got {list(self.types)}")
 
 
-class VideoQaSource:
+class VideoQaSource(VqaSource):
     """Global sample index -> ``{"image": clip (t, 3, H, W), "prompt", "answer_ids", "question",
     "answer", "qtype"}`` (the keys :class:`~mammut.tasks.vqa.VqaCollate` reads)."""
 
@@ -74,6 +75,8 @@ class VideoQaSource:
         self.questions = VideoQuestions(moving_emoji_dataset(data_cfg, frames, split), seed, types)
         self.encoder, self.max_len, self.twins = encoder, data_cfg.max_len, twins
         self.replaced = 0
+
+    task_name = "videoqa"
 
     def _question(self, i: int, attempt: int) -> Any:
         """Question ``i``; with ``twins``, questions come in pairs: ``2k`` is question ``k`` and
@@ -92,23 +95,8 @@ class VideoQaSource:
             return VideoQuestion(back, q.question, answer, q.qtype, i)
         return self.questions.sample(i // 2, attempt + _REPLACE_TRIES)
 
-    def __call__(self, i: int) -> dict[str, Any]:
-        first = ""
-        for attempt in range(_REPLACE_TRIES):
-            q = self._question(i, attempt)
-            prompt, answer = self.encoder.prompt(q.question), self.encoder.answer(q.answer)
-            if len(prompt) + len(answer) <= self.max_len:
-                if attempt:
-                    self.replaced += 1
-                    log.log(logging.WARNING if self.replaced <= 20 else logging.DEBUG,
-                            "videoqa %s question %d: longer than data.max_len=%d tokens, replaced (attempt %d); "
-                            "%d replaced so far", self.questions.split, i, self.max_len, attempt, self.replaced)
-                return {"image": q.frames, "prompt": prompt, "answer_ids": answer, "question": q.question,
-                        "answer": q.answer, "qtype": q.qtype}
-            if attempt == 0:
-                first = f"{q.question} {q.answer} ({len(prompt) + len(answer)} tokens)"
-        raise ValueError(f"data.max_len: expected room for a question and its answer, got {self.max_len} tokens; "
-                         f"{_REPLACE_TRIES} questions in a row are longer (e.g. {first!r}); raise data.max_len")
+    def _media(self, q: Any) -> torch.Tensor:
+        return q.frames
 
 
 @register_task

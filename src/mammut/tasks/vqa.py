@@ -63,17 +63,29 @@ class VqaSource:
         self.encoder, self.max_len = encoder, data_cfg.max_len
         self.replaced = 0  # questions replaced because they were too long (in this process)
 
+    task_name = "vqa"  # in the log line of a replaced question
+
+    def _question(self, i: int, attempt: int) -> Any:
+        """Draw ``attempt`` of question ``i`` (``.question``, ``.answer``, ``.qtype``, and its media)."""
+        return self.questions.sample(i, attempt)
+
+    def _media(self, q: Any) -> torch.Tensor:
+        """What the model sees of question ``q``: its image ``(3, H, W)``."""
+        return q.image
+
     def __call__(self, i: int) -> dict[str, Any]:
+        first = ""
         for attempt in range(_REPLACE_TRIES):
-            q = self.questions.sample(i, attempt)
+            q = self._question(i, attempt)
             prompt, answer = self.encoder.prompt(q.question), self.encoder.answer(q.answer)
             if len(prompt) + len(answer) <= self.max_len:
                 if attempt:
                     self.replaced += 1
                     log.log(logging.WARNING if self.replaced <= 20 else logging.DEBUG,
-                            "vqa %s question %d: longer than data.max_len=%d tokens, replaced (attempt %d); "
-                            "%d replaced so far", self.questions.split, i, self.max_len, attempt, self.replaced)
-                return {"image": q.image, "prompt": prompt, "answer_ids": answer, "question": q.question,
+                            "%s %s question %d: longer than data.max_len=%d tokens, replaced (attempt %d); "
+                            "%d replaced so far", self.task_name, self.questions.split, i, self.max_len, attempt,
+                            self.replaced)
+                return {"image": self._media(q), "prompt": prompt, "answer_ids": answer, "question": q.question,
                         "answer": q.answer, "qtype": q.qtype}
             if attempt == 0:
                 first = f"{q.question} {q.answer} ({len(prompt) + len(answer)} tokens)"
