@@ -6,7 +6,7 @@ and EOS) with clips ``(b, t, 3, H, W)`` through a video encoder (``model.encoder
 video_tube, ...}``), and its scoring (VQAv2 answer normalisation, accuracy per question type,
 :mod:`mammut.eval.vqa`).
 
-Questions (:class:`mammut.data.moving_emoji.VideoQuestions`): ``direction`` ("which way does
+Questions (:class:`mammut.data.video_questions.VideoQuestions`): ``direction`` ("which way does
 the cat move?" -> left / right / up / down: the motion questions), ``order`` ("does the cat move
 first?" -> yes / no), ``event`` ("does the dog appear or disappear?") and ``exists`` ("is there a
 cat?", the one type a single frame answers). ``task_options.types`` picks the types trained on.
@@ -33,7 +33,7 @@ from torch import nn
 
 from ..models.contract import Batch
 from .base import Task, register_task
-from .vqa import VqaSource
+from .vqa import VqaSource, greedy_answers
 
 __all__ = ["VideoQa", "VideoQaOptions", "VideoQaSource"]
 
@@ -53,7 +53,7 @@ class VideoQaOptions:
     twins: bool = True
 
     def __post_init__(self) -> None:
-        from ..data.moving_emoji import QUESTION_TYPES
+        from ..data.video_questions import QUESTION_TYPES
         from ..train.config import ConfigError
 
         self.types = tuple(self.types)
@@ -68,7 +68,7 @@ class VideoQaSource(VqaSource):
 
     def __init__(self, data_cfg: Any, frames: int, split: str, seed: int, encoder: Any,
                  types: tuple[str, ...], twins: bool = False) -> None:
-        from ..data.moving_emoji import VideoQuestions
+        from ..data.video_questions import VideoQuestions
         from .video import moving_emoji_dataset
 
         # the clips are the data's own (seed 0, as the video task's); ``seed`` orders the questions
@@ -82,7 +82,7 @@ class VideoQaSource(VqaSource):
         """Question ``i``; with ``twins``, questions come in pairs: ``2k`` is question ``k`` and
         ``2k + 1`` the same question about its clip played backwards when that changes the
         answer (else question ``k`` of another stream: same type and answer slot, another clip)."""
-        from ..data.moving_emoji import VideoQuestion, answer_to
+        from ..data.video_questions import VideoQuestion, answer_to
 
         if not self.twins:
             return self.questions.sample(i, attempt)
@@ -131,7 +131,7 @@ class VideoQa(Task):
         return video_init_state(state, model)
 
     def tokenizer_corpus(self) -> list[str]:
-        from ..data.moving_emoji import video_question_texts
+        from ..data.video_questions import video_question_texts
         from .video import _moving_emoji_corpus
         from ..data.scenes import EmojiScenes
 
@@ -166,7 +166,8 @@ class VideoQa(Task):
     # ---------------------------------------------------------------- evaluation
     def heldout(self, tokenizer: Any, n: int) -> list[dict[str, Any]]:
         """The first ``n`` held-out questions (all types, a fixed seed), cached per size."""
-        from ..data.moving_emoji import HELDOUT_SEED, QUESTION_TYPES
+        from ..data.moving_emoji import HELDOUT_SEED
+        from ..data.video_questions import QUESTION_TYPES
 
         if n not in self._heldout:
             source = VideoQaSource(self.cfg.data, self.frames, "heldout", HELDOUT_SEED, self._encoder(tokenizer),
@@ -174,20 +175,9 @@ class VideoQa(Task):
             self._heldout[n] = [source(i) for i in range(n)]
         return self._heldout[n]
 
-    @torch.no_grad()
     def answer(self, model: nn.Module, tokenizer: Any, clips: torch.Tensor, prompts: list[list[int]]) -> list[str]:
         """Greedy answers to ``prompts`` about ``clips`` ``(b, t, 3, H, W)``."""
-        ev = self.cfg.eval
-        was = model.training
-        model.eval()
-        dev = next(model.parameters()).device
-        out: list[str] = []
-        for s in range(0, len(prompts), ev.batch_size):
-            ids = model.generate(clips[s:s + ev.batch_size].to(dev), prompt=prompts[s:s + ev.batch_size],
-                                 max_new_tokens=ev.max_new_tokens, strategy="greedy")
-            out += tokenizer.decode(ids.cpu())
-        model.train(was)
-        return out
+        return greedy_answers(model, tokenizer, clips, prompts, self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
 
     def evaluate(self, model: nn.Module, tokenizer: Any, *, data: str | None = None,
                  n: int | None = None) -> tuple[dict[str, Any], Any]:

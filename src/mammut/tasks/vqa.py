@@ -42,7 +42,7 @@ from ..data.vqa import VqaEncoder
 from ..models.contract import Batch
 from .base import Task, register_task
 
-__all__ = ["Vqa", "VqaEncoder", "VqaSource", "VqaCollate", "HELDOUT_SEED"]  # VqaEncoder: mammut.data.vqa's
+__all__ = ["Vqa", "VqaEncoder", "VqaSource", "VqaCollate", "HELDOUT_SEED", "greedy_answers"]  # VqaEncoder: mammut.data.vqa's
 
 log = logging.getLogger(__name__)
 
@@ -199,21 +199,10 @@ class Vqa(Task):
             self._heldout[n] = [source(i) for i in range(n)]
         return self._heldout[n]
 
-    @torch.no_grad()
     def answer(self, model: nn.Module, tokenizer: Any, images: torch.Tensor, prompts: list[list[int]]) -> list[str]:
         """Greedy answers (decoded strings) to ``prompts`` about ``images`` ``(b, 3, H, W)``."""
-        ev = self.cfg.eval
-        was_training = model.training
-        model.eval()
-        dev = next(model.parameters()).device
-        out: list[str] = []
-        for s in range(0, len(prompts), ev.batch_size):
-            chunk = images[s:s + ev.batch_size].to(dev)
-            ids = model.generate(chunk.unsqueeze(1) if self.media else chunk, prompt=prompts[s:s + ev.batch_size],
-                                 max_new_tokens=ev.max_new_tokens, strategy="greedy")
-            out += tokenizer.decode(ids.cpu())
-        model.train(was_training)
-        return out
+        return greedy_answers(model, tokenizer, images.unsqueeze(1) if self.media else images, prompts,
+                              self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens)
 
     def evaluate(self, model: nn.Module, tokenizer: Any, *, data: str | None = None,
                  n: int | None = None) -> tuple[dict[str, Any], Any]:
@@ -256,3 +245,23 @@ class Vqa(Task):
         items = self.heldout(tokenizer, min(_QUICK_N, self.cfg.eval.n))
         answers = self.answer(model, tokenizer, torch.stack([it["image"] for it in items]), [it["prompt"] for it in items])
         return {"vqa_acc": sum(vqa_accuracy(a, it["answer"]) for a, it in zip(answers, items)) / len(items)}
+
+
+@torch.no_grad()
+def greedy_answers(model: nn.Module, tokenizer: Any, media: torch.Tensor, prompts: list[list[int]],
+                   batch_size: int, max_new_tokens: int) -> list[str]:
+    """The model's greedy continuations of ``prompts`` about ``media`` (images ``(b, 3, H, W)``,
+    clips or media sequences ``(b, t, 3, H, W)``), decoded, in chunks of ``batch_size``; the
+    model's train/eval mode is left as it was."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out: list[str] = []
+    try:
+        for s in range(0, len(prompts), batch_size):
+            ids = model.generate(media[s:s + batch_size].to(dev), prompt=prompts[s:s + batch_size],
+                                 max_new_tokens=max_new_tokens, strategy="greedy")
+            out += tokenizer.decode(ids.cpu())
+    finally:
+        model.train(was_training)
+    return out
