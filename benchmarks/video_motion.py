@@ -67,7 +67,7 @@ def train(args: argparse.Namespace, preset: str, init_from: Path, out: Path, ste
 @torch.no_grad()
 def motion_qa(run_dir: Path, n: int, single_frame: bool) -> float:
     """Accuracy on the first ``n`` held-out direction questions (greedy answers)."""
-    from mammut.data.moving_emoji import heldout_questions
+    from mammut.data.video_questions import heldout_questions
     from mammut.data.vqa import VqaEncoder
     from mammut.eval.vqa import vqa_accuracy
     from mammut.inference import load_run

@@ -8,9 +8,10 @@ from collections import Counter
 import pytest
 import torch
 
-from mammut.data.moving_emoji import (DIRECTIONS, HELDOUT_COMBINATIONS, KINDS, QUESTION_TYPES, MovingEmoji,
-                                      VideoQuestions, _reverse_combination, answer_to, heldout_clips,
-                                      heldout_questions, motion_variants, single_frame_share)
+from mammut.data.moving_emoji import (DIRECTIONS, HELDOUT_COMBINATIONS, KINDS, MovingEmoji, _reverse_combination,
+                                      heldout_clips, motion_variants)
+from mammut.data.video_questions import (QUESTION_TYPES, VideoQuestions, answer_to, heldout_questions,
+                                         single_frame_share)
 
 
 @pytest.fixture(scope="module")

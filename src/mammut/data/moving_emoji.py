@@ -22,7 +22,8 @@ path is laid out around it, so the middle frame is independent of every directio
 clip; appear / disappear times are drawn symmetrically around the middle. More generally a
 clip played backwards (:meth:`MovingEmoji.reverse`, exactly ``frames.flip(0)``) has the same
 frames, so any caption or answer that changes under time reversal cannot be read from any
-single frame (nor from the set of frames): :func:`single_frame_share` measures that share.
+single frame (nor from the set of frames):
+:func:`mammut.data.video_questions.single_frame_share` measures that share.
 
 **Held out for evaluation** (split ``"heldout"``): the emoji pairs ``EmojiScenes`` holds out
 (``is_heldout_pair``) in two-emoji clips, and a fixed quarter of the two-event motion
@@ -30,11 +31,7 @@ combinations (e.g. "moves left, then moves up"; ``heldout_combination``); the ``
 never shows either. One-emoji, one-event clips use the same vocabulary in both splits (from
 different random streams), as the emoji scenes do.
 
-Questions for VideoQA (:class:`VideoQuestions`, ``QUESTION_TYPES``): ``direction`` ("which way
-does the cat move?" -> left / right / up / down), ``order`` ("does the cat move first?" -> yes
-/ no), ``event`` ("does the dog appear or disappear?" -> appears / disappears) and ``exists``
-("is there a cat?" -> yes / no, the one type a single frame answers). Answers are balanced by
-cycling.
+Questions about the clips, for VideoQA, are :mod:`mammut.data.video_questions`'s.
 
 Clip ``i`` is a pure function of ``(seed, split, i)`` and the settings.
 """
@@ -51,9 +48,8 @@ import torch
 
 from .scenes import EmojiScenes
 
-__all__ = ["DIRECTIONS", "KINDS", "QUESTION_TYPES", "MOTION_TYPES", "Event", "Clip", "MovingEmoji", "VideoQuestion",
-           "VideoQuestions", "heldout_combination", "HELDOUT_COMBINATIONS", "heldout_clips", "heldout_questions", "single_frame_share",
-           "motion_variants", "answer_to", "video_question_texts", "caption_texts", "HELDOUT_SEED"]
+__all__ = ["DIRECTIONS", "KINDS", "Event", "Clip", "MovingEmoji", "heldout_combination", "HELDOUT_COMBINATIONS",
+           "heldout_clips", "motion_variants", "caption_texts", "HELDOUT_SEED"]
 
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -62,12 +58,9 @@ KINDS: tuple[str, ...] = ("move", "appear", "disappear", "swap", "pass", "move_m
                           "move_disappear")
 _KIND_WEIGHTS = (3, 1, 1, 1, 2, 2, 1, 1, 1)  # move-heavy: directions are what a video model must learn
 _TWO_EMOJI = ("swap", "pass", "move_appear")
-QUESTION_TYPES: tuple[str, ...] = ("direction", "order", "event", "exists")
-MOTION_TYPES: tuple[str, ...] = ("direction",)  # the motion questions of the proof (benchmarks/video_motion.py)
 HELDOUT_SEED = 0  # held-out clips and questions: the same for every run
 _SPLIT_CODE = {"train": 0, "heldout": 1}
 _CLIP_SALT = 0x0C11_9E
-_QUESTION_SALT = 0x7A5C_0E
 _COMBO_SALT = 0x00C0_4B0
 _MAX_TRIES = 256
 _TWIN_SPARE = 1 << 48  # twin_clip: clips that replace a reversal with the same caption
@@ -449,127 +442,6 @@ def motion_variants(clip: Clip) -> list[str] | None:
             for d in DIRECTIONS]
 
 
-# ----------------------------------------------------------------------------- questions
-
-
-@dataclass(frozen=True)
-class VideoQuestion:
-    """One question about a clip: its text (ending in "?"), exact answer and type."""
-
-    clip: Clip
-    question: str
-    answer: str
-    qtype: str
-    index: int
-
-    @property
-    def frames(self) -> torch.Tensor:
-        return self.clip.frames
-
-
-def _ask(clip: Clip, qtype: str, cycle: int, names: Sequence[str], rng: np.random.Generator) -> tuple[str, str] | None:
-    """(question, answer) of type ``qtype`` about ``clip`` for balance slot ``cycle``, or None."""
-    ev = clip.events
-    if qtype == "direction":  # an emoji that moves in exactly one direction
-        movers: dict[str, str] = {}
-        for e in ev:
-            if e.direction is None:
-                continue
-            movers.setdefault(e.actor, e.direction)
-            if movers[e.actor] != e.direction:
-                movers[e.actor] = ""
-            if e.verb == "swap" and e.other is not None:
-                movers[e.other] = OPPOSITE[e.direction]
-        want = DIRECTIONS[cycle % 4]
-        who = [a for a, d in movers.items() if d == want]
-        if not who:
-            return None
-        return f"which way does the {who[int(rng.integers(len(who)))]} move?", want
-    if qtype == "order":  # two events: "does the X <verb> first?"
-        if len(ev) != 2:
-            return None
-        yes = cycle % 2 == 0
-        e = ev[0] if yes else ev[1]
-        verb = {"moves": "move", "appears": "appear", "disappears": "disappear"}[e.verb]
-        if ev[0].actor == ev[1].actor and ev[0].verb == ev[1].verb:
-            return None  # "does the cat move first?" is ambiguous for move_move
-        return f"does the {e.actor} {verb} first?", "yes" if yes else "no"
-    if qtype == "event":  # appears or disappears
-        want = ("appears", "disappears")[cycle % 2]
-        who = [e.actor for e in ev if e.verb == want]
-        if not who:
-            return None
-        return f"does the {who[0]} appear or disappear?", want
-    if qtype == "exists":
-        if cycle % 2 == 0:
-            return f"is there a {clip.names[int(rng.integers(len(clip.names)))]}?", "yes"
-        absent = [n for n in names if n not in clip.names]
-        return f"is there a {absent[int(rng.integers(len(absent)))]}?", "no"
-    raise ValueError(f"qtype: expected one of {QUESTION_TYPES}, got {qtype!r}")
-
-
-class VideoQuestions:
-    """Balanced questions over a :class:`MovingEmoji` split; ``qs[i]`` -> :class:`VideoQuestion`.
-
-    Question ``i`` has type ``types[i % T]`` and a balanced answer that cycles with ``i // T``;
-    its clip is the first of a seeded stream of clip indices that fits (``attempt`` starts
-    another stream, for a caller that must replace a question)."""
-
-    def __init__(self, clips: MovingEmoji, seed: int = 0, types: Sequence[str] = QUESTION_TYPES) -> None:
-        types = tuple(types)
-        unknown = [t for t in types if t not in QUESTION_TYPES]
-        if not types or unknown:
-            raise ValueError(f"types: expected a non-empty subset of {QUESTION_TYPES}, got {types!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-        self.clips, self.seed, self.types = clips, int(seed), types
-
-    @property
-    def split(self) -> str:
-        return self.clips.split
-
-    def sample(self, i: int, attempt: int = 0) -> VideoQuestion:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
-            raise ValueError(f"index: expected an int >= 0, got {i!r}")
-        i = int(i)
-        qtype, cycle = self.types[i % len(self.types)], i // len(self.types)
-        rng = np.random.default_rng([self.seed, _QUESTION_SALT, _SPLIT_CODE[self.split], i, attempt])
-        for _ in range(_MAX_TRIES):
-            clip = self.clips.clip(int(rng.integers(0, 2**62)))
-            qa = _ask(clip, qtype, cycle, self.clips.names, rng)
-            if qa is not None:
-                return VideoQuestion(clip, qa[0], qa[1], qtype, i)
-        raise RuntimeError(f"question {i} ({qtype}): no fitting clip in {_MAX_TRIES} tries (clip kinds too narrow?)")
-
-    __getitem__ = sample
-
-    def reversed_answer(self, q: VideoQuestion) -> str | None:
-        """The answer to the same question about the clip played backwards (None: not askable)."""
-        back = self.clips.reverse(q.clip)
-        return answer_to(back, q)
-
-
-def answer_to(clip: Clip, q: VideoQuestion) -> str | None:
-    """The answer ``clip`` gives to ``q``'s question text (the same question, another clip)."""
-    if q.qtype == "direction":
-        name = q.question[len("which way does the "):-len(" move?")]
-        dirs = {e.direction for e in clip.events if e.actor == name and e.direction}
-        dirs |= {OPPOSITE[e.direction] for e in clip.events if e.verb == "swap" and e.other == name and e.direction}
-        return dirs.pop() if len(dirs) == 1 else None
-    if q.qtype == "order":
-        name, verb = q.question[len("does the "):-len(" first?")].rsplit(" ", 1)
-        first = clip.events[0]
-        return "yes" if first.actor == name and first.verb == verb + "s" else "no"
-    if q.qtype == "event":
-        name = q.question[len("does the "):-len(" appear or disappear?")]
-        verbs = [e.verb for e in clip.events if e.actor == name and e.verb in ("appears", "disappears")]
-        return verbs[0] if verbs else None
-    if q.qtype == "exists":
-        name = q.question[len("is there a "):-1]
-        return "yes" if name in clip.names else "no"
-    raise ValueError(f"qtype: expected one of {QUESTION_TYPES}, got {q.qtype!r}")
-
-
 # ----------------------------------------------------------------------------- shared helpers
 
 
@@ -580,27 +452,6 @@ def heldout_clips(n: int = 256, *, frames: int = 8, image_size: int = 64, num_em
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
     ds = MovingEmoji(image_size, frames, num_emoji, "heldout", HELDOUT_SEED, vocab_seed=vocab_seed)
     return [ds.clip(i) for i in range(n)]
-
-
-def heldout_questions(n: int = 256, *, frames: int = 8, image_size: int = 64, num_emoji: int | None = 300,
-                      vocab_seed: int = 0, types: Sequence[str] = QUESTION_TYPES) -> list[VideoQuestion]:
-    """The first ``n`` held-out questions (a fixed seed), cycling through ``types``."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected an int >= 1, got {n!r}")
-    ds = MovingEmoji(image_size, frames, num_emoji, "heldout", HELDOUT_SEED, vocab_seed=vocab_seed)
-    qs = VideoQuestions(ds, HELDOUT_SEED, types)
-    return [qs.sample(i) for i in range(n)]
-
-
-def single_frame_share(ds: MovingEmoji, n: int = 512, *, questions: bool = False) -> float:
-    """Share of the first ``n`` captions (or questions) whose caption (answer) changes when the
-    clip is played backwards. A clip and its reverse hold exactly the same frames, so none of
-    these can be read from any single frame (nor from the unordered set of frames)."""
-    if questions:
-        qs = VideoQuestions(ds, HELDOUT_SEED)
-        items = [qs.sample(i) for i in range(n)]
-        return sum(qs.reversed_answer(q) != q.answer for q in items) / n
-    return sum(ds.reverse(c).caption != c.caption for c in (ds.clip(i) for i in range(n))) / n
 
 
 def caption_texts(names: Sequence[str], n: int = 4000, seed: int = 0) -> list[str]:
@@ -618,13 +469,4 @@ def caption_texts(names: Sequence[str], n: int = 4000, seed: int = 0) -> list[st
         texts.append(caption_of([Event("passes", names[a], str(d), names[b])]))
         texts.append(caption_of([Event("swap", names[a], str(d), names[b])]))
         texts.append(caption_of([Event("moves", names[a], str(d)), Event("moves", names[a], str(d2))]))
-    return texts
-
-
-def video_question_texts(names: Sequence[str]) -> list[str]:
-    """Question prompts and answers to train a BPE on, without rendering."""
-    texts = ["answer:", "yes", "no", "appears", "disappears", *DIRECTIONS]
-    for name in names:
-        texts += [f"which way does the {name} move?", f"does the {name} appear or disappear?",
-                  f"is there a {name}?", *(f"does the {name} {v} first?" for v in ("move", "appear", "disappear"))]
     return texts

@@ -243,7 +243,7 @@ def moving_emoji_videos(n: int, *, frames: int, image_size: int) -> CaptionedVid
 
 def moving_emoji_questions(n: int, *, frames: int, image_size: int) -> VideoQuestions:
     """The first ``n`` held-out moving-emoji questions, their clips in memory."""
-    from ..data.moving_emoji import heldout_questions
+    from ..data.video_questions import heldout_questions
 
     qs = heldout_questions(n, frames=frames, image_size=image_size)
     questions = [VideoQuestion(q.index, q.clip.video_id, q.question, q.answer, q.qtype) for q in qs]
