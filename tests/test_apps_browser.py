@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from mammut.apps.build import BuildOptions, build
 from mammut.apps.searcher import SearchIndex
 from mammut.apps.server import create_app
-from test_apps_support import ColourEncoder, colour_folder, draw
+from test_apps_support import ColourEncoder, colour_folder, draw, serving
 
 CHROMIUM = Path("/usr/bin/chromium")
 # the flags that work on a closed network as root (no sandbox, no background connections)
@@ -48,18 +45,8 @@ def server(tmp_path_factory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("browser")
     pics = colour_folder(root / "pics")
     build(BuildOptions(out=root / "idx", source=str(pics), progress=False), ColourEncoder())
-    app = create_app(SearchIndex(root / "idx"), ColourEncoder(), max_upload_bytes=50_000)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "the server did not start"
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(SearchIndex(root / "idx"), ColourEncoder(), max_upload_bytes=50_000)) as url:
+        yield url
 
 
 @pytest.fixture()
@@ -81,8 +68,11 @@ def test_search_upload_and_caption_in_a_real_browser(server, artifacts, tmp_path
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 800})
             page.set_default_timeout(20_000)
+            requested: list[str] = []
+            page.on("request", lambda r: requested.append(r.url))
             page.goto(server)
             expect(page.locator("#about")).to_contain_text("8 images")
+            expect(page.locator("#locate-controls")).to_be_hidden()  # the model finds no text in images
 
             page.fill("#query", "something purple")
             page.press("#query", "Enter")
@@ -111,6 +101,9 @@ def test_search_upload_and_caption_in_a_real_browser(server, artifacts, tmp_path
             page.click("#search")
             expect(cards.first).to_contain_text("#1 green-0.png")
             page.screenshot(path=str(artifacts / "3-after-bad-upload.png"), full_page=True)
+            # nothing of the boxes for a model that cannot locate: no frame, no request for them
+            assert page.locator(".frame, .box, .where").count() == 0
+            assert not [u for u in requested if "/locate" in u], requested
         finally:
             browser.close()
     assert sorted(p.name for p in artifacts.glob("*.png")) == ["1-text-search.png", "2-upload-and-caption.png",

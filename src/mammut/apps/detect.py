@@ -10,6 +10,10 @@ OWL-ViT's text path has none, 1 turns it off), at most ``--max-detections`` per 
 ``OUT/<stem>.detections.png`` (the image with its boxes) and ``OUT/<stem>.detections.json``
 (``{"image", "width", "height", "queries", "detections": [{"query", "score", "box": [x0, y0,
 x1, y1] in the image's pixels}]}``) and prints one line per image.
+
+:func:`detect_image` is the whole detection of one image; ``mammut serve`` calls it (through
+:meth:`mammut.apps.encoder.ModelEncoder.locate`) to show where a text query is in each result
+when the served model :func:`finds_text`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_detect_command", "run_detect", "detect_image", "parse_queries"]
+__all__ = ["add_detect_command", "run_detect", "detect_image", "finds_text", "parse_queries"]
 
 
 def add_detect_command(subparsers: Any, handler: Callable[..., int]) -> None:
@@ -50,6 +54,14 @@ def parse_queries(text: str) -> list[str]:
     if not queries:
         raise ValueError(f"--queries: expected comma-separated text queries such as \"a cat, a red car\", got {text!r}")
     return queries
+
+
+def finds_text(model: Any) -> bool:
+    """Whether ``model`` finds free-text queries in images: an open-vocabulary detector (a
+    ``detect(images, queries)`` method and no learned closed-vocabulary class list)."""
+    if not callable(getattr(model, "detect", None)):
+        return False
+    return int(getattr(getattr(model, "config", None), "num_classes", 0) or 0) == 0
 
 
 def detect_image(model: Any, tokenizer: Any, image: Any, queries: list[str], *, threshold: float = 0.1,

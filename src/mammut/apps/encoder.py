@@ -10,6 +10,11 @@ frames and size) embeds and captions clips ``(n, t, 3, H, W)`` read from video f
 to caption) is a still clip, the image repeated ``t`` times. Calls into one model are
 serialised by a lock, so a server may call from several threads.
 
+A model that finds text in images (an open-vocabulary ``mammut_detector``, a run trained with
+``train.task: detection``) has ``can_locate`` true, and :meth:`ModelEncoder.locate` gives the
+boxes of a query in an image (:func:`mammut.apps.detect.detect_image`); ``mammut serve`` shows
+them on the search page. Any other encoder may leave both out (``can_locate`` is then false).
+
 The model runs in a :class:`mammut.precision.Precision` (``fp32``, or ``bf16`` autocast):
 ``precision="auto"`` picks bf16 where the device computes it natively (see
 :mod:`mammut.precision`); the choice and its reason are logged when the model is loaded.
@@ -29,7 +34,7 @@ from PIL import Image
 
 from ..embedder import Embedder
 from ..models.contract import Captioner, ImageEmbedder, TextEmbedder
-from ..precision import Precision, resolve_precision
+from ..precision import Precision, autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +96,9 @@ class ModelEncoder:
         from ..data.video_files import model_clip_shape
 
         self.clip_shape: tuple[int, int] | None = model_clip_shape(model)  # (frames, image size) of a video model
+        from .detect import finds_text
+
+        self.can_locate: bool = self.clip_shape is None and finds_text(model)  # an open-vocabulary detector
 
     @property
     def bf16(self) -> bool:
@@ -169,6 +177,21 @@ class ModelEncoder:
         pixels = self._clips(pixels)
         with self._lock:
             return self._embedder().caption(pixels, batch_size=max(1, len(pixels)), max_new_tokens=n)
+
+    def locate(self, image: Image.Image, queries: Sequence[str], *, threshold: float = 0.1, nms: float = 0.3,
+               max_detections: int = 20) -> list[dict[str, Any]]:
+        """Where ``queries`` are in an RGB PIL ``image``: ``[{"query", "score", "box": [x0, y0, x1,
+        y1] in the image's pixels}]``, best first (:func:`mammut.apps.detect.detect_image`, under
+        this encoder's precision); a ValueError when the model is no open-vocabulary detector."""
+        if not self.can_locate:
+            raise ValueError(f"--model: {self.name} cannot locate text in images: it is not an open-vocabulary "
+                             f"detector (a run trained with train.task: detection)")
+        self._need(self.tokenizer, "read texts")
+        from .detect import detect_image
+
+        with self._lock, autocast(self.precision, self.device):
+            return detect_image(self.model, self.tokenize, image, list(queries), threshold=threshold, nms=nms,
+                                max_detections=max_detections)
 
 
 def _precision(precision: Precision | str | None, bf16: bool, device: torch.device,

@@ -1,7 +1,15 @@
 """The search page of ``mammut serve``: one HTML document with its CSS and JS inline (no build
 step, nothing fetched from elsewhere). It talks to the JSON API of :mod:`mammut.apps.server`.
 A video result (a name with a video suffix) shows the strip of frames the server draws for it,
-on a card two columns wide."""
+on a card two columns wide.
+
+When the served model finds text in images (``/api/info``'s ``locate``: an open-vocabulary
+detector), each result of a text search shows where the query is: the boxes of
+``/api/images/{id}/locate`` drawn over the picture with their scores (a box is placed in
+percent of the picture's own rectangle inside its square, ``object-fit: contain``, frame, so it
+follows the picture when the page is resized). "show where" turns them off and on; "min score"
+is the lowest score drawn. A result is asked about when it scrolls near the screen, so a long list
+costs only what is looked at. With any other model nothing of this appears and nothing is asked."""
 
 from __future__ import annotations
 
@@ -45,6 +53,18 @@ PAGE = r"""<!doctype html>
   .caption { font-size: 13px; margin: 4px 0; min-height: 18px; }
   .generated { font-size: 13px; color: var(--accent); margin: 4px 0; min-height: 18px; }
   .card button { padding: 4px 8px; font-size: 12px; }
+  #locate-controls { display: none; gap: 8px; align-items: center; font-size: 13px; color: var(--muted); }
+  #locate-controls.shown { display: flex; }
+  #min-score { width: 64px; }
+  .frame { position: relative; }
+  .frame img { display: block; }
+  .boxes { position: absolute; pointer-events: none; }
+  #grid.no-boxes .boxes, #grid.no-boxes .where { display: none; }
+  .box { position: absolute; border: 2px solid #e6261e; box-shadow: 0 0 0 1px rgba(255,255,255,.7); }
+  .box-score { position: absolute; left: -2px; top: -2px; transform: translateY(-100%); padding: 0 3px;
+               font-size: 11px; line-height: 14px; color: #fff; background: #e6261e; white-space: nowrap;
+               font-variant-numeric: tabular-nums; }
+  .where { font-size: 12px; color: var(--muted); margin: 2px 0; }
 </style>
 </head>
 <body>
@@ -57,6 +77,10 @@ PAGE = r"""<!doctype html>
     <input id="query" type="text" name="q" placeholder="describe a picture, e.g. a cat left of a dog" autocomplete="off">
     <label>k <input id="k" type="number" min="1" value="12"></label>
     <button id="search" type="submit">Search</button>
+    <span id="locate-controls" title="the served model is a detector: it can show where the query is in each result">
+      <label><input id="show-boxes" type="checkbox" checked> show where</label>
+      <label>min score <input id="min-score" type="number" min="0" max="1" step="0.05" value="0.1"></label>
+    </span>
   </form>
   <form id="image-form">
     <input id="file" type="file" accept="image/*">
@@ -96,8 +120,62 @@ const VIDEO = /\.(mp4|webm|mkv|mov|avi|m4v|ogv)$/i;  // mammut.data.video_files.
 
 function kValue() { return $("k").value || "12"; }
 
-function render(data, what) {
+let canLocate = false;  // /api/info: the model finds text in images (an open-vocabulary detector)
+
+// Draw a result's boxes over its picture: the picture fills its square frame as object-fit: contain does,
+// so its own rectangle is centred, max(width, height) wide; boxes are percent of that rectangle.
+function drawBoxes(card, out, threshold) {
+  const frame = card.querySelector(".frame");
+  frame.querySelectorAll(".boxes").forEach((b) => b.remove());
+  const w = out.width, h = out.height, m = Math.max(w, h);
+  const layer = document.createElement("div");
+  layer.className = "boxes";
+  const pct = (v) => (100 * v) + "%";
+  Object.assign(layer.style, { left: pct((m - w) / (2 * m)), top: pct((m - h) / (2 * m)),
+                               width: pct(w / m), height: pct(h / m) });
+  out.boxes.forEach((b) => {
+    const [x0, y0, x1, y1] = b.box;
+    const box = document.createElement("div");
+    box.className = "box";
+    Object.assign(box.style, { left: pct(x0 / w), top: pct(y0 / h),
+                               width: pct((x1 - x0) / w), height: pct((y1 - y0) / h) });
+    const label = document.createElement("span");
+    label.className = "box-score";
+    label.textContent = b.score.toFixed(2);
+    box.append(label);
+    layer.append(box);
+  });
+  frame.append(layer);
+  const best = out.boxes.length ? out.boxes[0].score.toFixed(2) : null;
+  card.querySelector(".where").textContent = best ? out.boxes.length + " box" + (out.boxes.length > 1 ? "es" : "") +
+    ", best " + best : "not found above " + Number(threshold).toFixed(2);
+}
+
+// Ask where the query is in a result of a text search once it is (nearly) on screen, unless already asked
+// at this min score: a long list costs the server only what is looked at.
+function locateCard(card) {
+  if (!canLocate || !$("show-boxes").checked || !card.dataset.seen) return;
+  const threshold = String(Math.min(1, Math.max(0, Number($("min-score").value) || 0)));
+  if (card.dataset.located === threshold) return;
+  card.dataset.located = threshold;
+  const params = new URLSearchParams({ q: card.dataset.query, threshold: threshold, max_boxes: "5" });
+  call("/api/images/" + card.dataset.id + "/locate?" + params).then((out) => {
+    if (card.dataset.located === threshold) drawBoxes(card, out, threshold);  // not a later min score's
+  }).catch((e) => {
+    delete card.dataset.located;
+    say(e.message, true);
+  });
+}
+
+function locateCards() { document.querySelectorAll("#grid .card[data-query]").forEach(locateCard); }
+
+const onScreen = "IntersectionObserver" in window ? new IntersectionObserver((entries) => entries.forEach((e) => {
+  if (e.isIntersecting) { e.target.dataset.seen = "1"; locateCard(e.target); }
+}), { rootMargin: "300px" }) : null;
+
+function render(data, what, query) {
   const grid = $("grid");
+  if (onScreen) onScreen.disconnect();
   grid.replaceChildren();
   data.results.forEach((r, i) => {
     const card = document.createElement("div");
@@ -141,10 +219,22 @@ function render(data, what) {
         button.disabled = false;
       }
     });
-    card.append(img, head, caption, generated, button);
+    if (canLocate && query !== undefined && !video) {  // a text search, a model that finds text: room for boxes
+      card.dataset.query = query;
+      const frame = document.createElement("div");
+      frame.className = "frame";
+      frame.append(img);
+      const where = document.createElement("div");
+      where.className = "where";
+      card.append(frame, head, where, caption, generated, button);
+      if (onScreen) onScreen.observe(card); else card.dataset.seen = "1";
+    } else {
+      card.append(img, head, caption, generated, button);
+    }
     grid.append(card);
   });
   say(data.results.length + " results for " + what);
+  if (!onScreen) locateCards();
 }
 
 $("text-form").addEventListener("submit", async (event) => {
@@ -153,7 +243,7 @@ $("text-form").addEventListener("submit", async (event) => {
   if (!q) { say("type something to search for", true); return; }
   say("searching...");
   try {
-    render(await call("/api/search?" + new URLSearchParams({ q: q, k: kValue() })), "\u201c" + q + "\u201d");
+    render(await call("/api/search?" + new URLSearchParams({ q: q, k: kValue() })), "\u201c" + q + "\u201d", q);
   } catch (e) { say(e.message, true); }
 });
 
@@ -195,9 +285,18 @@ $("caption-upload").addEventListener("click", async () => {
   }
 });
 
+$("show-boxes").addEventListener("change", () => {
+  $("grid").classList.toggle("no-boxes", !$("show-boxes").checked);
+  locateCards();
+});
+$("min-score").addEventListener("change", locateCards);
+
 call("/api/info").then((info) => {
-  $("about").textContent = info.size + " images \u00b7 " + info.index + " index \u00b7 model " + info.model;
+  $("about").textContent = info.size + " images \u00b7 " + info.index + " index \u00b7 model " + info.model +
+    (info.locate ? " \u00b7 finds text in images" : "");
   $("k").max = info.max_k;
+  canLocate = Boolean(info.locate);
+  $("locate-controls").classList.toggle("shown", canLocate);
 }).catch((e) => say(e.message, true));
 </script>
 </body>

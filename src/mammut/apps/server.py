@@ -7,6 +7,9 @@
     GET  /api/images/{id}          an indexed image's bytes, by id only
     POST /api/images/{id}/caption  a generated caption of an indexed image
     POST /api/caption              a generated caption of an uploaded image
+    GET  /api/images/{id}/locate?q=TEXT
+                                   where the text is in an indexed image: boxes and scores
+                                   (a model that finds text in images: an open-vocabulary detector)
     GET  /openapi.json, /docs      the API's schema and its documentation page
 
 Bad input is a 4xx with ``{"detail": "..."}`` naming the parameter: an empty query, ``k``
@@ -14,8 +17,9 @@ outside ``[1, max_k]`` (422), an upload that is not an image (400) or is larger 
 ``max_upload_bytes`` (413), an unknown id (404), an indexed file that changed since it was
 indexed (410: a symbolic link now, replaced, modified, no longer an image; it is never sent),
 a request body that stalls for more than ``body_timeout`` seconds (408, and the connection is
-closed). Model calls run in FastAPI's thread pool, one at a time per model; the event loop
-keeps answering meanwhile.
+closed), ``locate`` asked of a model that finds no text in images (400; ``/api/info``'s
+``locate`` says whether it does, and the page asks only then). Model calls run in FastAPI's
+thread pool, one at a time per model; the event loop keeps answering meanwhile.
 
 The ``Host`` header must name an allowed host (:func:`default_allowed_hosts`); an IPv6 literal
 is written in brackets there (``[::1]:8000``) and matched without them.
@@ -36,7 +40,7 @@ from typing import Any
 from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import BaseModel
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -221,6 +225,23 @@ class InfoResponse(BaseModel):
     index: str
     max_k: int
     max_upload_bytes: int
+    locate: bool  # whether /api/images/{id}/locate finds text queries (an open-vocabulary detector)
+
+
+class LocatedBox(BaseModel):
+    score: float
+    box: list[float]  # x0, y0, x1, y1 in the image's pixels (as it is shown: EXIF orientation applied)
+
+
+class LocateResponse(BaseModel):
+    id: int
+    query: str
+    width: int
+    height: int
+    boxes: list[LocatedBox]
+
+
+MAX_BOXES = 100  # the most boxes a locate request may ask for
 
 
 def _results(hits: list[Any]) -> list[ResultModel]:
@@ -249,7 +270,9 @@ def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = 
                        timeout=float(body_timeout))
     app.add_middleware(_TrustedHost, allowed_hosts=hosts)  # type: ignore[arg-type]  # outermost: checked first
     captions: collections.OrderedDict[int, str] = collections.OrderedDict()
+    located: collections.OrderedDict[tuple[int, str, float, int], LocateResponse] = collections.OrderedDict()
     cache_lock = threading.Lock()
+    can_locate = bool(getattr(encoder, "can_locate", False))
 
     def gone(image_id: int, exc: Exception) -> HTTPException:
         """410 for an indexed image that cannot be served (the reason, with paths, stays in the log)."""
@@ -290,6 +313,14 @@ def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = 
         except ImageDecodeError as exc:
             raise HTTPException(400, f"file: {exc}") from None
 
+    def query_text(q: str) -> str:
+        text = q.strip()
+        if not text:
+            raise HTTPException(422, "q: expected a non-empty query, got ''")
+        if len(text) > 1000:
+            raise HTTPException(422, f"q: expected at most 1000 characters, got {len(text)}")
+        return text
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return PAGE
@@ -299,18 +330,14 @@ def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = 
         """The index: how many images, which model, which FAISS index, the request limits."""
         model = Path(index.model).name or index.model  # its name: the server's paths stay on the server
         return InfoResponse(size=index.size, dim=index.dim, model=model, index=index.kind, max_k=max_k,
-                            max_upload_bytes=max_upload_bytes)
+                            max_upload_bytes=max_upload_bytes, locate=can_locate)
 
     @app.get("/api/search", response_model=SearchResponse)
     def search_text(q: str = Query(..., description="the text to search for"),
                     k: int = Query(10, description=f"how many results, 1..{max_k}")) -> SearchResponse:
         """The ``k`` images nearest to a text."""
         k = k_of(k)
-        text = q.strip()
-        if not text:
-            raise HTTPException(422, "q: expected a non-empty query, got ''")
-        if len(text) > 1000:
-            raise HTTPException(422, f"q: expected at most 1000 characters, got {len(text)}")
+        text = query_text(q)
         vec = encoder.embed_texts([text])
         return SearchResponse(query=text, k=k, results=_results(index.search(vec, k, max_k)[0]))
 
@@ -363,6 +390,49 @@ def create_app(index: SearchIndex, encoder: Encoder, *, max_upload_bytes: int = 
             while len(captions) > caption_cache:
                 captions.popitem(last=False)
         return CaptionResponse(id=image_id, caption=text)
+
+    @app.get("/api/images/{image_id}/locate", response_model=LocateResponse)
+    def locate(image_id: int = PathParam(..., ge=0, le=MAX_ID),
+               q: str = Query(..., description="the text to find in the image"),
+               threshold: float = Query(0.1, description="lowest score kept, in [0, 1]"),
+               max_boxes: int = Query(5, description=f"most boxes, 1..{MAX_BOXES}")) -> LocateResponse:
+        """Where a text is in an indexed image: the model's boxes for it (``mammut detect``'s,
+        per-query NMS at IoU 0.3), best first, in the image's pixels. Only a model that finds text
+        in images (an open-vocabulary detector, ``/api/info``'s ``locate``) answers; others 400."""
+        if not can_locate:  # before anything else: no compute for a model that cannot
+            name = Path(index.model).name or index.model or "the served model"
+            raise HTTPException(400, f"locate: the model of this index ({name}) cannot locate text in images: it is "
+                                     f"not an open-vocabulary detector; index with a run trained with "
+                                     f"train.task: detection to see where a query is")
+        text = query_text(q)
+        if not 0.0 <= threshold <= 1.0:
+            raise HTTPException(422, f"threshold: expected a score in [0, 1], got {threshold}")
+        if not 1 <= max_boxes <= MAX_BOXES:
+            raise HTTPException(422, f"max_boxes: expected an int in [1, {MAX_BOXES}], got {max_boxes}")
+        key = (image_id, text, float(threshold), max_boxes)
+        with cache_lock:
+            if key in located:
+                located.move_to_end(key)
+                return located[key]
+        try:
+            rec = index.record(image_id)
+            if rec is not None and is_video(rec.member or rec.path):
+                raise HTTPException(400, f"id: item {image_id} is a video; boxes are found in images")
+            data, _ = index.image_bytes(image_id)
+            image = ImageOps.exif_transpose(decode_image(data, where=f"image {image_id}"))  # as browsers show it
+        except KeyError as exc:
+            raise HTTPException(404, str(exc.args[0])) from None
+        except (OSError, ImageDecodeError) as exc:
+            raise gone(image_id, exc) from None
+        locate_in = encoder.locate  # type: ignore[attr-defined]  # can_locate: the encoder has it
+        found = locate_in(image, [text], threshold=threshold, max_detections=max_boxes)
+        out = LocateResponse(id=image_id, query=text, width=image.width, height=image.height,
+                             boxes=[LocatedBox(score=d["score"], box=d["box"]) for d in found])
+        with cache_lock:
+            located[key] = out
+            while len(located) > caption_cache:
+                located.popitem(last=False)
+        return out
 
     @app.post("/api/caption", response_model=CaptionResponse)
     async def caption_upload(file: UploadFile = File(..., description="an image file")) -> CaptionResponse:
