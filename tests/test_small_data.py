@@ -118,6 +118,27 @@ def test_a_random_caption_per_image(tmp_path):
                                              for src_cfg in [_cfg(path, "--data.augment.caption", "random").data]]
 
 
+def test_word_dropout_keeps_a_subset_in_order_and_never_an_empty_caption(tmp_path):
+    _halves(tmp_path / "a.png")
+    caption = "device icon: drive harddisk usb"
+    path = _write_csv(tmp_path, [("a.png", caption)] * 200)
+    src = _IndexedSource(_cfg(path, "--data.augment.word_dropout", "0.5").data, seed=0, scenes=False)
+    words = caption.split()
+    seen = [src(i)[1] for i in range(200)]
+    for text in seen:
+        kept = text.split()
+        assert 1 <= len(kept) <= len(words)
+        assert [w for w in words if w in kept] == kept  # a subsequence: order kept, nothing invented
+    assert len(set(seen)) > 20 and caption in seen and any(len(t.split()) == 1 for t in seen)
+    mean_kept = sum(len(t.split()) for t in seen) / len(seen)
+    assert 2.0 < mean_kept < 3.5  # about half of the 6 words
+    again = _IndexedSource(_cfg(path, "--data.augment.word_dropout", "0.5").data, seed=0, scenes=False)
+    assert seen == [again(i)[1] for i in range(200)]  # a function of seed and sample
+    assert _IndexedSource(_cfg(path).data, seed=0, scenes=False)(0)[1] == caption  # off by default
+    with pytest.raises(ValueError, match="data.augment.word_dropout"):
+        _cfg(path, "--data.augment.word_dropout", "1.0")
+
+
 def test_augmentation_is_refused_for_a_kind_that_does_not_apply_it(tmp_path):
     from mammut.train.data import check_data
 

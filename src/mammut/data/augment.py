@@ -18,6 +18,11 @@ Each option is named for what it does, and none changes what a caption says abou
   draws a random uniform colour per sample, so the model does not learn the background of
   icons and clip art. (``Image.convert("RGB")`` alone would expose whatever colour the fully
   transparent pixels happen to store, often black: never done here.)
+- ``word_dropout``: the probability that each word of a caption is left out (at least one word
+  always stays). For captions that are lists of keywords (file names, tags: "device icon: drive
+  harddisk usb"), where any subset is still true of the image and short texts such as a
+  zero-shot prompt ("device icon") become ones the model has seen. It changes the meaning of
+  sentences ("a cat left of a dog" -> "cat of dog"): leave it off (0, the default) for them.
 - ``caption``: ``rows`` (default) trains on every csv row as a sample; ``random`` makes each
   distinct image one sample with a caption drawn at random among its rows each time it is
   seen (COCO-style files list an image once per caption).
@@ -38,7 +43,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-__all__ = ["AugmentConfig", "Augment", "swap_left_right", "composite"]
+__all__ = ["AugmentConfig", "Augment", "swap_left_right", "composite", "drop_words"]
 
 _SWAP = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost",
          "lefthand": "righthand", "righthand": "lefthand"}
@@ -55,6 +60,7 @@ class AugmentConfig:
     color_jitter: float = 0.0
     background: str = "white"  # white | random
     caption: str = "rows"  # rows | random
+    word_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale
@@ -70,6 +76,8 @@ class AugmentConfig:
             raise ValueError(f"data.augment.background: expected one of ['white', 'random'], got {self.background!r}")
         if self.caption not in ("rows", "random"):
             raise ValueError(f"data.augment.caption: expected one of ['rows', 'random'], got {self.caption!r}")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ValueError(f"data.augment.word_dropout: expected a probability in [0, 1), got {self.word_dropout}")
 
     @property
     def crops(self) -> bool:
@@ -78,7 +86,8 @@ class AugmentConfig:
     @property
     def active(self) -> bool:
         """Whether any pixel or word of a sample can change (``caption`` aside)."""
-        return self.crops or self.hflip > 0 or self.color_jitter > 0 or self.background != "white"
+        return (self.crops or self.hflip > 0 or self.color_jitter > 0 or self.background != "white"
+                or self.word_dropout > 0)
 
 
 def swap_left_right(caption: str) -> str:
@@ -93,6 +102,18 @@ def swap_left_right(caption: str) -> str:
         return new.capitalize() if word[0].isupper() else new
 
     return _WORDS.sub(swap, caption)
+
+
+def drop_words(caption: str, p: float, g: torch.Generator) -> str:
+    """``caption`` with each whitespace-separated word left out with probability ``p``; at least
+    one word (drawn at random) always stays, in its place."""
+    words = caption.split()
+    if p <= 0 or len(words) <= 1:
+        return caption
+    keep = (torch.rand(len(words), generator=g) >= p).tolist()
+    if not any(keep):
+        keep[int(torch.randint(0, len(words), (), generator=g))] = True
+    return " ".join(w for w, k in zip(words, keep) if k)
 
 
 def has_alpha(image: Image.Image) -> bool:
@@ -145,6 +166,8 @@ class Augment:
                 x, caption = x.flip(-1), swapped
         if cfg.color_jitter > 0:
             x = self._jitter(x, g)
+        if cfg.word_dropout > 0:
+            caption = drop_words(caption, cfg.word_dropout, g)
         if self.normalize is not None:
             x = self.normalize(x)
         return x, caption

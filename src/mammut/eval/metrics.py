@@ -185,13 +185,24 @@ def zero_shot_predictions(
     ranks = torch.empty(len(y), dtype=torch.long)
     preds = torch.empty(len(y), dtype=torch.long)
     for s in range(0, len(y), chunk_size):
-        logits = img[s:s + chunk_size] @ cls.T
-        yy = y[s:s + chunk_size, None]
-        true = logits.gather(1, yy)
-        ranks[s:s + len(yy)] = (logits >= true).sum(dim=1) - 1
-        other = logits.scatter(1, yy, float("-inf")).argmax(dim=1) if cls.shape[0] > 1 else yy[:, 0]
-        preds[s:s + len(yy)] = torch.where(ranks[s:s + len(yy)] == 0, yy[:, 0], other)
+        ranks[s:s + chunk_size], preds[s:s + chunk_size] = score_predictions(img[s:s + chunk_size] @ cls.T,
+                                                                            y[s:s + chunk_size])
     return ranks, preds
+
+
+def score_predictions(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ranks, predictions)`` from class scores ``(n, c)`` (higher is better) and ``labels``
+    ``(n,)``, with :func:`zero_shot_predictions`' rules: the pessimistic rank of the true class
+    (ties against it) and the prediction (the true class only at rank 0)."""
+    if scores.dim() != 2 or scores.shape[0] != labels.numel():
+        raise ValueError(f"scores: expected (n, classes) with n = {labels.numel()} labels, got {tuple(scores.shape)}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores: NaN class scores (the model's outputs are not finite)")
+    yy = labels.view(-1, 1).long()
+    true = scores.gather(1, yy)
+    ranks = (scores >= true).sum(dim=1) - 1
+    other = scores.scatter(1, yy, float("-inf")).argmax(dim=1) if scores.shape[1] > 1 else yy[:, 0]
+    return ranks, torch.where(ranks == 0, yy[:, 0], other)
 
 
 def classification_metrics(ranks: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor | Sequence[int],

@@ -13,6 +13,14 @@ template per line with ``{}`` for the name, ``imagenet`` for CLIP's 80 ImageNet 
 default, or one template given inline). Images are classified by cosine similarity; a tie
 with the true class counts against it.
 
+``--scoring generative`` classifies with the captioner instead (MaMMUT and CoCa, which have
+one): class ``c`` scores the log-probability the model gives its prompt as the start of the
+image's caption, summed over the prompt's tokens (after the start token, no end token: the
+caption may go on), averaged over the templates; the highest wins. It costs a decoder pass
+per image, class and template (cheap for tens of classes, not for ImageNet's 1,000 x 80), and
+it reads what the captioning loss taught, which on small data sets can be much more than the
+contrastive embeddings hold.
+
 Metrics: top-1 and top-5 accuracy, mean per-class recall (the mean over classes of the share
 of their images classified right: "balanced accuracy"), per-class recall, the most confused
 pairs; files: ``confusion.csv`` (counts; row: true class, column: predicted, in class order)
@@ -34,14 +42,16 @@ import torch
 
 from ..data.formats import numbered_lines, read_image_folder, read_lines
 from .images import coverage, embed_image_files, seeded_subset
-from .metrics import classification_metrics, zero_shot_classifier, zero_shot_predictions
+from .metrics import classification_metrics, score_predictions, zero_shot_classifier, zero_shot_predictions
 from .model_source import EvalModel
 from .plots import plot_confusion, plot_image_grid, plot_per_class
 from .report import markdown_table
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_zeroshot", "load_classnames", "load_templates", "shipped_list"]
+__all__ = ["evaluate_zeroshot", "load_classnames", "load_templates", "shipped_list", "caption_scores", "SCORINGS"]
+
+SCORINGS = ("contrastive", "generative")
 
 _SHIPPED = {"classnames": "imagenet_classnames.txt", "templates": "clip_imagenet_templates.txt"}
 
@@ -144,13 +154,18 @@ def _confused_pairs(confusion: torch.Tensor, names: Sequence[str], top: int = 10
 
 def evaluate_zeroshot(em: EvalModel, data: str | Path, out_dir: Path, *, classnames: str | None = None,
                       templates: str | None = None, batch_size: int = 64, workers: int = 0,
-                      limit: int | None = None, progress: bool = True,
-                      grid: int = 16) -> tuple[dict[str, Any], list[str], list[tuple[str, Path | None]]]:
+                      limit: int | None = None, progress: bool = True, grid: int = 16,
+                      scoring: str = "contrastive") -> tuple[dict[str, Any], list[str], list[tuple[str, Path | None]]]:
     """Zero-shot classification of the ImageFolder ``data``; returns ``(metrics, report
     sections, figures)`` with the figures written to ``out_dir``."""
     from tqdm.auto import tqdm
 
-    em.require("embed", "zeroshot")
+    if scoring not in SCORINGS:
+        raise ValueError(f"--scoring: expected one of {list(SCORINGS)}, got {scoring!r}")
+    if scoring == "generative":
+        _require_scoring_captioner(em)
+    else:
+        em.require("embed", "zeroshot")
     folder = read_image_folder(data)
     names = load_classnames(classnames, folder.classes)
     temps = load_templates(templates)
@@ -159,21 +174,29 @@ def evaluate_zeroshot(em: EvalModel, data: str | Path, out_dir: Path, *, classna
     labels = [folder.labels[i] for i in keep]
 
     t0 = time.perf_counter()
-    with tqdm(total=len(names) * len(temps), desc="class prompts", unit="text", disable=not progress,
-              leave=False) as bar:
-        def encode(texts: list[str]) -> torch.Tensor:
-            out = em.embed_texts(texts, batch_size=len(texts))
-            bar.update(len(texts))
-            return out
+    if scoring == "generative":
+        prompts = [em.prompt_ids([t.format(n) for t in temps]) for n in names]
+        score = lambda images: caption_scores(em, images, prompts)  # noqa: E731
+    else:
+        with tqdm(total=len(names) * len(temps), desc="class prompts", unit="text", disable=not progress,
+                  leave=False) as bar:
+            def encode(texts: list[str]) -> torch.Tensor:
+                out = em.embed_texts(texts, batch_size=len(texts))
+                bar.update(len(texts))
+                return out
 
-        classifier = zero_shot_classifier(names, encode, templates=temps, batch_size=max(batch_size, 256))
+            classifier = zero_shot_classifier(names, encode, templates=temps, batch_size=max(batch_size, 256))
+        score = em.embed_images
     text_s = time.perf_counter() - t0
 
     embeds, ok, skipped, image_s = embed_image_files(
-        em.embed_images, paths, em.preprocess, what=str(folder.root), batch_size=batch_size, workers=workers,
+        score, paths, em.preprocess, what=str(folder.root), batch_size=batch_size, workers=workers,
         progress=progress, desc="zero-shot")
     y = torch.tensor([labels[i] for i in ok])
-    ranks, preds = zero_shot_predictions(embeds, classifier, y)
+    if scoring == "generative":
+        ranks, preds = score_predictions(embeds, y)
+    else:
+        ranks, preds = zero_shot_predictions(embeds, classifier, y)
     k5 = min(5, len(names))
     cls = classification_metrics(ranks, preds, y, len(names), ks=(1, k5))
     confusion = cls.pop("confusion")
@@ -183,7 +206,7 @@ def evaluate_zeroshot(em: EvalModel, data: str | Path, out_dir: Path, *, classna
         "top1": cls["top1"], "top5": cls[f"top{k5}"], "mean_per_class_recall": cls["mean_per_class_recall"],
         "n_images": len(ok), "n_classes": len(names), "chance_top1": 1 / len(names),
         "skipped": skipped.as_dict(), **coverage(limit, len(folder.paths), len(keep), skipped.total),
-        "n_templates": len(temps),
+        "scoring": scoring, "n_templates": len(temps),
         "templates": temps if len(temps) <= 10 else f"{len(temps)} templates ({templates or 'imagenet'})",
         "classnames": classnames or "folder names",
         "per_class": {n: {"recall": r, "images": s} for n, r, s in zip(_unique(names), cls["per_class_recall"],
@@ -195,7 +218,7 @@ def evaluate_zeroshot(em: EvalModel, data: str | Path, out_dir: Path, *, classna
     table = markdown_table(["metric", "value"], [
         ("top-1 accuracy", metrics["top1"]), (f"top-{k5} accuracy", metrics["top5"]),
         ("mean per-class recall", metrics["mean_per_class_recall"]), ("chance (top-1)", metrics["chance_top1"]),
-        ("images", len(ok)), ("classes", len(names)), ("prompt templates", len(temps))])
+        ("images", len(ok)), ("classes", len(names)), ("prompt templates", len(temps)), ("scoring", scoring)])
     sections = [f"## Zero-shot classification of {folder.root}\n\n{table}"]
     pairs = _confused_pairs(confusion, names)
     if pairs:
@@ -212,6 +235,50 @@ def evaluate_zeroshot(em: EvalModel, data: str | Path, out_dir: Path, *, classna
     log.info("zero-shot: top-1 %.4f, top-5 %.4f, mean per-class recall %.4f on %d images (%d skipped)",
              metrics["top1"], metrics["top5"], metrics["mean_per_class_recall"], len(ok), skipped.total)
     return metrics, sections, figures
+
+
+def _require_scoring_captioner(em: EvalModel) -> None:
+    from ..models._captioner import ContrastiveCaptioner
+
+    if not isinstance(em.model, ContrastiveCaptioner):
+        raise ValueError(f"--scoring generative: expected a model with a captioner that reads image tokens "
+                         f"(MaMMUT, CoCa), got {em.name} from {em.source}")
+
+
+@torch.no_grad()
+def caption_scores(em: EvalModel, images: torch.Tensor, prompts: Sequence[Sequence[Sequence[int]]],
+                   max_rows: int = 2048) -> torch.Tensor:
+    """Generative class scores ``(b, c)`` of ``images`` ``(b, 3, H, W)``: for class ``k``, the
+    mean over its prompts ``prompts[k]`` (token ids starting with the start token, no end token)
+    of the summed log-probability of each prompt's tokens after the first, given the image.
+    The image is encoded once; the decoder reads it for every prompt (``max_rows`` rows a call)."""
+    model = em.model
+    pad = int(getattr(em.tokenizer, "pad_id", 0))
+    flat = [list(p) for ps in prompts for p in ps]
+    owner = torch.tensor([k for k, ps in enumerate(prompts) for _ in ps])
+    if not flat or min(len(p) for p in flat) < 2:
+        raise ValueError("prompts: expected every class prompt to hold a token after the start token")
+    text = torch.full((len(flat), max(len(p) for p in flat)), pad, dtype=torch.long)
+    for i, p in enumerate(flat):
+        text[i, :len(p)] = torch.tensor(p)
+    real = text[:, 1:] != pad
+    b, n_prompts = len(images), len(flat)
+    dev = em.device
+    with em.autocast():
+        tokens = model.image_tokens(images.to(dev, non_blocking=True))
+    per = torch.empty(b, n_prompts)
+    rows = max(1, max_rows // max(b, 1))
+    for s in range(0, n_prompts, rows):
+        t = text[s:s + rows].to(dev)
+        k = len(t)
+        ids = t.repeat(b, 1)  # (b k, n): image i's rows are i k .. i k + k - 1
+        ctx = tokens.repeat_interleave(k, dim=0)
+        with em.autocast():
+            logits = model(ids, image_tokens=ctx)
+        lp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        per[:, s:s + k] = (lp * real[s:s + rows].to(dev).repeat(b, 1)).sum(1).view(b, k).cpu()
+    counts = torch.bincount(owner, minlength=len(prompts)).float()
+    return torch.zeros(b, len(prompts)).index_add_(1, owner, per) / counts
 
 
 def _unique(names: Sequence[str]) -> list[str]:

@@ -26,6 +26,10 @@ class ZeroShot(Benchmark):
         p.add_argument("--templates", default=None,
                        help="file of prompt templates with {} for the class name, 'imagenet' (CLIP's 80, the "
                             "default), or one template such as 'a photo of a {}.'")
+        p.add_argument("--scoring", default="contrastive", choices=("contrastive", "generative"),
+                       help="contrastive (default): cosine of image and class-prompt embeddings; generative: the "
+                            "log-probability the captioner gives each class prompt as the image's caption "
+                            "(MaMMUT, CoCa)")
 
     def check(self, args: argparse.Namespace) -> None:
         """A bad folder, names or templates file: the error comes before the model loads."""
@@ -39,4 +43,4 @@ class ZeroShot(Benchmark):
         from ..zeroshot import evaluate_zeroshot
 
         return evaluate_zeroshot(em, args.data, out, classnames=args.classnames, templates=args.templates,
-                                 **common_options(args))
+                                 scoring=args.scoring, **common_options(args))
