@@ -359,3 +359,102 @@ def test_frozen_query_embeddings_are_computed_once_and_give_the_same_loss(runs):
     torch.testing.assert_close(again, first)
     with torch.no_grad():
         torch.testing.assert_close(cached, model.query_embeds(batch["queries"]))
+
+
+# ------------------------------------------------------------------------------ evaluation: per-class NMS
+
+
+class _FixedDetector(torch.nn.Module):
+    """A stand-in detector: 3 tokens, 2 queries; tokens 0 and 1 box the same object (IoU 0.8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def query_embeds(self, queries):
+        return queries
+
+    def detect(self, images, queries):
+        boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.31, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]])  # cxcywh
+        logits = torch.tensor([[3.0, 0.0], [2.0, 1.0], [-1.0, 2.5]])
+        return {"boxes": boxes.expand(len(images), 3, 4), "logits": logits.expand(len(images), 3, 2)}
+
+
+def test_per_class_nms_drops_a_second_box_of_the_same_object_and_class_only():
+    from mammut.eval.detection import check_nms, predict
+    from mammut.tasks.detection import DetectionOptions
+
+    images, queries = torch.rand(2, 3, 8, 8), torch.rand(2, 4)
+    plain = predict(_FixedDetector(), images, queries, nms=None)[0]  # OWL-ViT's text path: all 6 pairs
+    assert len(plain["labels"]) == 6
+    kept = predict(_FixedDetector(), images, queries)[0]  # default: per-class NMS at IoU 0.5
+    pairs = sorted(zip(kept["labels"].tolist(), (kept["boxes"][:, 0] * 100).round().int().tolist()))
+    # class 0: token 1 (IoU 0.8 with token 0, lower score) suppressed; class 1: token 0 suppressed by token 1;
+    # token 2 (another object) kept for both classes, and token 0 (class 0) beside token 1 (class 1)
+    assert pairs == [(0, 20), (0, 60), (1, 21), (1, 60)]
+    assert kept["scores"].tolist() == sorted(kept["scores"].tolist(), reverse=True)
+    assert len(predict(_FixedDetector(), images, queries, max_detections=2)[1]["labels"]) == 2
+    assert check_nms(1.0) is None and check_nms(0.3) == 0.3
+    with pytest.raises(ValueError, match=r"--nms: expected an IoU in \(0, 1\]"):
+        check_nms(0.0, "--nms")
+    with pytest.raises(ValueError, match="task_options.nms: expected an IoU"):
+        DetectionOptions(nms=1.5)
+
+
+def test_the_softmax_loss_is_the_matched_tokens_cross_entropy_over_the_queries():
+    import torch.nn.functional as F
+
+    from mammut.tasks.detection import DetectionOptions, detection_losses
+
+    torch.manual_seed(0)
+    model = tiny_detector().eval()
+    queries = model.query_embeds(torch.randint(3, 300, (5, 6)))
+    with torch.no_grad():
+        out = model.detect(torch.rand(1, 3, 32, 32), queries)
+    pred = out["boxes"][0, 5]  # a target exactly on token 5's box: matched to it
+    target = torch.cat([pred[:2] - pred[2:] / 2, pred[:2] + pred[2:] / 2]).view(1, 4)
+    with torch.no_grad():
+        losses = detection_losses(out, [target], [torch.tensor([3])], DetectionOptions(loss_softmax=0.5),
+                                  queries=queries, softmax_scale=20.0)
+        plain = detection_losses(out, [target], [torch.tensor([3])], DetectionOptions())
+    expected = F.cross_entropy(20.0 * out["class_embeds"][0, 5:6] @ queries.t(), torch.tensor([3]))
+    torch.testing.assert_close(losses["softmax"], expected)
+    torch.testing.assert_close(losses["loss"], plain["loss"] + 0.5 * expected)
+    assert "softmax" not in plain
+    with pytest.raises(ValueError, match="task_options.loss_softmax: expected the queries"):
+        detection_losses(out, [target], [torch.tensor([3])], DetectionOptions(loss_softmax=0.5))
+    with pytest.raises(ValueError, match="task_options.loss_softmax: expected >= 0"):
+        DetectionOptions(loss_softmax=-1.0)
+
+
+def test_softmax_scoring_multiplies_each_sigmoid_by_the_tokens_softmax_over_the_queries(runs):
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from mammut.eval.detection import predict
+    from mammut.tasks.detection import class_softmax
+
+    torch.manual_seed(0)
+    model = tiny_detector().eval()
+    images, queries = torch.rand(1, 3, 32, 32), model.query_embeds(torch.randint(3, 300, (4, 6)))
+    det = predict(model, images, queries, nms=None, max_detections=5, class_softmax=20.0)[0]
+    with torch.no_grad():
+        out = model.detect(images, queries)
+    expected = torch.sigmoid(out["logits"][0]) * F.softmax(20.0 * out["class_embeds"][0] @ queries.t(), dim=-1)
+    torch.testing.assert_close(det["scores"], expected.flatten().topk(5).values)
+    # the task: the loss gains the softmax term, and evaluation scores with the model's contrastive temperature
+    _, _, trainer = runs
+    task, model = trainer.task, trainer.model.eval()
+    plain = task.opt
+    try:
+        task.opt = dataclasses.replace(plain, loss_softmax=0.5)
+        batch = next(task.train_batches(trainer.tokenizer, rank=0, world_size=1, start_step=0))[0]
+        assert "softmax" in task.loss(model, batch)
+        scale = float(model.contrastive.logit_scale().detach())
+        assert class_softmax(model, task.opt) == pytest.approx(scale)
+        metrics, _ = task.evaluate(model, trainer.tokenizer, n=4)
+        assert metrics["detection"]["class_softmax"] == pytest.approx(scale)
+    finally:
+        task.opt = plain
+    assert class_softmax(model, plain) is None

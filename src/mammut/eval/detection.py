@@ -1,8 +1,10 @@
 """Open-vocabulary detection: predictions, COCO AP with pycocotools, and the boxes figure.
 
 - :func:`predict`: a detector's top-scoring ``(box, class)`` pairs per image (scores
-  ``sigmoid(logit)`` over every token x query, the ``max_detections`` best kept: OWL-ViT's
-  text-query path, no NMS), boxes as normalised x0, y0, x1, y1.
+  ``sigmoid(logit)`` over every token x query), duplicates of a class suppressed (per-class
+  NMS at IoU ``nms``, default 0.5: two tokens boxing the same object under the same class are
+  one true and one false positive for COCO AP; OWL-ViT's text path has none, ``nms=None``),
+  the ``max_detections`` best kept, boxes as normalised x0, y0, x1, y1.
 - :func:`coco_ap`: pycocotools' ``COCOeval`` (bbox) on ground truth and predictions in COCO
   form: AP (IoU .50:.95), AP50 and AP75 over all classes, over the base and over the novel
   classes (COCOeval restricted to those category ids, with the predictions of every class: the
@@ -29,7 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["predict", "top_box_recall", "coco_ap", "emoji_ground_truth", "to_coco_results", "plot_detections", "detection_table",
+__all__ = ["predict", "check_nms", "NMS_IOU", "top_box_recall",
+           "coco_ap", "emoji_ground_truth", "to_coco_results", "plot_detections", "detection_table",
            "require_pycocotools", "Detections"]
 
 Detections = dict[str, torch.Tensor]  # {"boxes": (k, 4) normalised xyxy, "scores": (k,), "labels": (k,) query index}
@@ -51,13 +54,36 @@ def _xyxy(cxcywh: torch.Tensor) -> torch.Tensor:
     return box_convert(cxcywh, "cxcywh", "xyxy")
 
 
+NMS_IOU = 0.5  # per-class NMS of predict() and the detection evaluations (None / 1: off)
+_NMS_POOL = 1000  # candidates per image that NMS sees: at least 10x the detections kept
+
+
+def check_nms(nms: float | None, key: str = "nms") -> float | None:
+    """``nms`` as an IoU in (0, 1) or None (1 and None: no suppression), else a ValueError naming ``key``."""
+    if nms is None or float(nms) == 1.0:
+        return None
+    if not 0.0 < float(nms) < 1.0:
+        raise ValueError(f"{key}: expected an IoU in (0, 1] (1: no NMS), got {nms}")
+    return float(nms)
+
+
 @torch.no_grad()
 def predict(model: Any, images: torch.Tensor, queries: torch.Tensor | None, *, batch_size: int = 32,
             max_detections: int = 100, device: torch.device | str | None = None,
-            autocast: Any = None, allowed: Sequence[int] | None = None) -> list[Detections]:
+            autocast: Any = None, allowed: Sequence[int] | None = None,
+            nms: float | None = NMS_IOU, class_softmax: float | None = None) -> list[Detections]:
     """Top ``max_detections`` detections per image of ``images`` ``(b, 3, S, S)`` for ``queries``
     (token ids ``(q, n)``, embeddings ``(q, l)``, or None: the model's learned classes);
-    ``allowed``: only these query indices may be predicted (None: all). Eval mode, no grad."""
+    ``allowed``: only these query indices may be predicted (None: all); ``nms``: per-class NMS
+    IoU (``torchvision.ops.batched_nms`` over each image's best ``max(1000, 10 *
+    max_detections)`` pairs; None or 1: none); ``class_softmax``: a temperature ``t``, each
+    score ``sigmoid(logit)`` times the softmax over the (allowed) queries of ``t * cos(class
+    embedding, query)`` at that token (for a detector trained with ``task_options.loss_softmax``:
+    "an object of this class here" times "which class it is"). Eval mode, no grad."""
+    import torch.nn.functional as F
+    from torchvision.ops import batched_nms
+
+    nms = check_nms(nms)
     was_training = model.training
     model.eval()
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -70,19 +96,28 @@ def predict(model: Any, images: torch.Tensor, queries: torch.Tensor | None, *, b
             with ctx():
                 res = model.detect(images[s:s + batch_size].to(dev), q)
             logits = res["logits"].float()
+            mask = torch.zeros(logits.shape[-1], device=logits.device)
             if allowed is not None:
                 mask = torch.full((logits.shape[-1],), float("-inf"), device=logits.device)
                 mask[torch.as_tensor(list(allowed), dtype=torch.long, device=logits.device)] = 0.0
-                logits = logits + mask
+            logits = F.logsigmoid(logits) + mask  # log scores: the same order as the logits
+            if class_softmax is not None:
+                qf = q.float()
+                sim = torch.einsum("bml,ql->bmq" if qf.ndim == 2 else "bml,bql->bmq", res["class_embeds"].float(),
+                                   qf if qf.ndim == 2 else qf[s:s + batch_size])
+                logits = logits + F.log_softmax(class_softmax * sim + mask, dim=-1)
             boxes = _xyxy(res["boxes"].float()).clamp(0.0, 1.0)
             b, m, nq = logits.shape
-            k = min(max_detections, m * nq)
+            k = min(max_detections if nms is None else max(_NMS_POOL, 10 * max_detections), m * nq)
             top = logits.flatten(1).topk(k, dim=1)
             token, label = top.indices // nq, top.indices % nq
             for i in range(b):
                 keep = torch.isfinite(top.values[i])
-                out.append({"boxes": boxes[i, token[i][keep]].cpu(), "scores": torch.sigmoid(top.values[i][keep]).cpu(),
-                            "labels": label[i][keep].cpu()})
+                box, value, lab = boxes[i, token[i][keep]], top.values[i][keep], label[i][keep]
+                if nms is not None:  # sorted by score, best first
+                    kept = batched_nms(box, value, lab, nms)[:max_detections]
+                    box, value, lab = box[kept], value[kept], lab[kept]
+                out.append({"boxes": box.cpu(), "scores": value.exp().cpu(), "labels": lab.cpu()})
     finally:
         model.train(was_training)
     return out

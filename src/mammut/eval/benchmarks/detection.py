@@ -34,6 +34,8 @@ class DetectionBenchmark(Benchmark):
         p.add_argument("--n", type=int, default=None, help="emoji scenes: how many held-out scenes (default: the run's "
                                                            "eval.n)")
         p.add_argument("--max-detections", type=int, default=100, help="detections kept per image (default 100)")
+        p.add_argument("--nms", type=float, default=0.5, help="per-class NMS IoU before the best --max-detections are "
+                                                              "kept (default 0.5; 1 = none, OWL-ViT's text path)")
 
     def check(self, args: argparse.Namespace) -> None:
         from ..detection import require_pycocotools
@@ -43,6 +45,9 @@ class DetectionBenchmark(Benchmark):
             raise ValueError(f"--prompt: expected a template with {{}} for the class name, got {args.prompt!r}")
         if args.max_detections < 1:
             raise ValueError(f"--max-detections: expected >= 1, got {args.max_detections}")
+        from ..detection import check_nms
+
+        check_nms(args.nms, "--nms")
         if args.data is None:
             if args.images is not None or args.novel is not None:
                 raise ValueError("--images / --novel: expected with --data (a COCO instances JSON), got no --data")
@@ -66,7 +71,7 @@ class DetectionBenchmark(Benchmark):
         return str(args.data) if args.data else f"held-out emoji detection scenes of {args.source}"
 
     def run(self, em: Any, args: argparse.Namespace, out: Path) -> Any:
-        from ..detection import (coco_ap, detection_table, emoji_ground_truth, plot_detections, predict,
+        from ..detection import (check_nms, coco_ap, detection_table, emoji_ground_truth, plot_detections, predict,
                                  to_coco_results)
 
         model = em.model
@@ -90,7 +95,7 @@ class DetectionBenchmark(Benchmark):
         queries = None if closed else em.tokenize([args.prompt.format(n) for n in names])
         t0 = time.perf_counter()
         dets = predict(model, stacked, queries, batch_size=args.batch_size, max_detections=args.max_detections,
-                       device=em.device, autocast=em.autocast)
+                       device=em.device, autocast=em.autocast, nms=args.nms, class_softmax=_class_softmax(args, model))
         infer = time.perf_counter() - t0
         categories = base if closed else list(range(len(names)))
         if args.data is None:
@@ -107,16 +112,32 @@ class DetectionBenchmark(Benchmark):
                    "base_AP50": ap["base"]["AP50"], "novel_AP50": ap["novel"]["AP50"], "detection": ap,
                    "images_per_s": len(items) / infer if infer > 0 else None,
                    "wall_time_s": time.perf_counter() - start, "prompt": args.prompt, "closed_vocabulary": closed,
+                   "nms": check_nms(args.nms),
                    "skipped": {"total": skipped, "corrupt": skipped} if skipped else {},
                    "novel_classes": [names[i] for i in (novel if args.data is None else
                                                         [ds.category_ids.index(c) for c in novel])]}
         section = (f"## COCO AP on {len(items)} images\n\n{detection_table(ap)}\n"
                    f"{len(base)} base and {len(novel)} novel classes; queries {args.prompt!r} for every class; the "
-                   f"{args.max_detections} best (token, class) pairs per image, no NMS (OWL-ViT's text path). "
+                   f"{args.max_detections} best (token, class) pairs per image after "
+                   f"{'per-class NMS at IoU ' + str(args.nms) if check_nms(args.nms) else 'no NMS'}. "
                    "Base / novel: COCOeval restricted to those classes, with every class's predictions.")
         figure = plot_detections(stacked[:12], items[:12], dets[:12], names, out / "detections.png",
                                  novel=[] if args.data else novel)
         return metrics, [section], [("true boxes dashed, predictions red", figure)]
+
+
+def _class_softmax(args: argparse.Namespace, model: Any) -> float | None:
+    """For a SOURCE run trained with ``task_options.loss_softmax``: its scoring temperature (the
+    model's contrastive one; the detection task's ``class_softmax``), else None (sigmoid scores)."""
+    if not (Path(args.source) / "config.yaml").is_file():
+        return None
+    from ...runs import read_run_config
+
+    options = read_run_config(Path(args.source)).get("task_options") or {}
+    if float(options.get("loss_softmax") or 0.0) <= 0:
+        return None
+    scale = getattr(getattr(model, "contrastive", None), "logit_scale", None)
+    return float(scale().detach()) if callable(scale) else 1 / 0.07
 
 
 def _emoji_items(args: argparse.Namespace, em: Any) -> tuple[list[Any], list[str], list[int], list[int], bool]:
