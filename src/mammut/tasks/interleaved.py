@@ -30,13 +30,19 @@ split; the model captions the LAST image greedily, once with the earlier images 
 captions as the prompt (``[BOS] <image> c_1 ... <image> c_{t-1} <image>``) and once from the
 last image alone (``[BOS] <image>``), both scored by BLEU-4, CIDEr-D and the emoji-name
 accuracy (``mammut.eval.metrics``): does context help?
+
+Sequence kinds: ``data.kind`` picks what the sequences are, through :func:`register_sequence_kind`
+(a :class:`SequenceKind`: the training source and, optionally, its own evaluation). ``emoji``
+(above) is registered here; ``naming_game`` (:mod:`mammut.tasks.naming_game`: sequences whose
+last caption needs the earlier pairs, scored at 0..4 shots) is registered by its module, imported
+at the end of this one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -49,7 +55,7 @@ from .base import Task, register_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Interleaved", "media_token_id"]
+__all__ = ["Interleaved", "media_token_id", "SequenceKind", "register_sequence_kind", "get_sequence_kind"]
 
 QUICK_N = 64  # held-out sequences scored every train.eval_every steps
 
@@ -64,10 +70,51 @@ def media_token_id(tokenizer: Any) -> int:
     return idx
 
 
+@dataclasses.dataclass(frozen=True)
+class SequenceKind:
+    """What the ``interleaved`` task reads for one ``data.kind``: ``train_source(cfg, T)``, the
+    training sequences (global index -> ``InterleavedSample``); ``evaluate(task, model,
+    tokenizer, n)`` and ``quick_eval(task, model, tokenizer)``, its own held-out evaluation
+    (None: the last-image captions of held-out emoji sequences, :meth:`Interleaved.evaluate`)."""
+
+    name: str
+    train_source: Callable[[Any, int], Callable[[int], InterleavedSample]]
+    evaluate: Callable[..., tuple[dict[str, Any], Any]] | None = None
+    quick_eval: Callable[..., dict[str, float] | None] | None = None
+
+
+_SEQUENCE_KINDS: dict[str, SequenceKind] = {}
+
+
+def register_sequence_kind(kind: SequenceKind) -> SequenceKind:
+    """Register the sequences of ``data.kind: kind.name`` (list the name in
+    :attr:`Interleaved.data_kinds` and register the data kind, ``register_data_kind``)."""
+    held = _SEQUENCE_KINDS.get(kind.name)
+    if held is not None and held != kind:
+        raise ValueError(f"sequence kind {kind.name!r} is already registered")
+    _SEQUENCE_KINDS[kind.name] = kind
+    return kind
+
+
+def get_sequence_kind(name: str) -> SequenceKind:
+    if name not in _SEQUENCE_KINDS:
+        raise ValueError(f"data.kind: train.task='interleaved' expected one of {sorted(_SEQUENCE_KINDS)}, got {name!r}")
+    return _SEQUENCE_KINDS[name]
+
+
+def _emoji_sequences(cfg: Any, max_media: int) -> Callable[[int], InterleavedSample]:
+    from ..data.sources import emoji_dataset
+
+    return InterleavedSource(emoji_dataset(cfg.data, "train"), max_media, cfg.train.seed)
+
+
+register_sequence_kind(SequenceKind("emoji", _emoji_sequences))
+
+
 @register_task
 class Interleaved(Task):
     name = "interleaved"
-    data_kinds = ("emoji",)
+    data_kinds = ("emoji", "naming_game")
     special_tokens = (MEDIA_TOKEN,)  # build_tokenizer adds these to a BPE it trains
 
     def __init__(self, cfg: Any) -> None:
@@ -117,11 +164,10 @@ class Interleaved(Task):
     def train_batches(self, tokenizer: Any, *, rank: int, world_size: int, start_step: int) -> Iterator[list[Batch]]:
         """Steps ``start_step .. train.steps - 1``, each this rank's ``grad_accum`` micro-batches;
         the tokenizer and data are checked here, before the first step is asked for."""
-        from ..data.sources import emoji_dataset
         from ..train.data import MicroBatches
 
         t = self.cfg.train
-        source = InterleavedSource(emoji_dataset(self.cfg.data, "train"), self.max_media, t.seed)
+        source = get_sequence_kind(self.cfg.data.kind).train_source(self.cfg, self.max_media)
         ds = MicroBatches(source, self._collate(tokenizer), t.batch_size, t.grad_accum, rank, world_size)  # type: ignore[arg-type]
         return self._steps(ds, start_step)
 
@@ -204,6 +250,9 @@ class Interleaved(Task):
         if data is not None:
             raise ValueError(f"--data: train.task='interleaved' evaluates on its built-in held-out emoji sequences, "
                              f"expected no data file, got {data!r}")
+        kind = get_sequence_kind(self.cfg.data.kind)
+        if kind.evaluate is not None:
+            return kind.evaluate(self, model, tokenizer, n=n)
         from ..data.sources import emoji_dataset
         from ..eval.report import RunReport, image_text_report
 
@@ -248,6 +297,10 @@ class Interleaved(Task):
     def quick_eval(self, model: nn.Module, tokenizer: Any) -> dict[str, float] | None:
         """Last-image captions of the first ``QUICK_N`` held-out sequences, with context."""
         from ..data.sources import emoji_dataset
+
+        kind = get_sequence_kind(self.cfg.data.kind)
+        if kind.quick_eval is not None:
+            return kind.quick_eval(self, model, tokenizer)
 
         samples, _ = self.heldout_sequences(tokenizer, min(QUICK_N, self.cfg.eval.n))
         generated = self.last_captions(model, tokenizer, samples, context=True)
@@ -294,3 +347,6 @@ def last_image_section(last: dict[str, Any], examples: list[tuple[tuple[str, ...
     for earlier, with_ctx, without, truth in examples:
         lines.append(f"- {' | '.join(earlier)} -> **{with_ctx}** / {without} (true: {truth})")
     return "\n".join(lines)
+
+
+from . import naming_game as _naming_game  # noqa: E402,F401  (registers data.kind naming_game)

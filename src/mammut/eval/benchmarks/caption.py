@@ -1,5 +1,7 @@
-"""``mammut eval caption SOURCE --data captions.json [--images DIR] [--beams N --max-new-tokens N ...]``:
-captioning scored with coco-caption's metrics (the evaluation: :mod:`mammut.eval.captioning`)."""
+"""``mammut eval caption SOURCE --data captions.json [--images DIR] [--beams N --max-new-tokens N ...]
+[--shots K --support DATA --selection random|rices]``: captioning scored with coco-caption's metrics
+(the evaluation: :mod:`mammut.eval.captioning`; with ``--shots K > 0``, in-context examples for
+models that take media sequences: :mod:`mammut.eval.fewshot`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ._fewshot_options import add_fewshot_arguments, check_fewshot
 from . import (Benchmark, captions_data_arguments, check_generation, common_options, generation_arguments,
                generation_options, register_benchmark)
 
@@ -26,11 +29,17 @@ class Caption(Benchmark):
                        help="also SPICE (needs Java 8; downloads Stanford CoreNLP once)")
         p.add_argument("--tokenizer", choices=("auto", "ptb", "simple"), default="auto",
                        help="caption tokenisation: PTB (Java) when available, else the built-in stand-in")
+        add_fewshot_arguments(p)
 
     def check(self, args: argparse.Namespace) -> None:
         check_generation(args)
+        check_fewshot(args)
 
     def run(self, em: Any, args: argparse.Namespace, out: Path) -> Any:
+        if args.shots > 0:
+            from ..fewshot import evaluate_fewshot_captioning
+
+            return evaluate_fewshot_captioning(em, args, out, generation=generation_options(args))
         from ..captioning import evaluate_captioning
 
         return evaluate_captioning(em, args.data, out, images=args.images, split=args.split, img_key=args.img_key,

@@ -1,5 +1,7 @@
 """``mammut eval vqa SOURCE --questions Q.json --annotations A.json --images DIR [--prompt TEMPLATE]``:
-VQAv2 accuracy by prompted generation (the evaluation and the official scoring rule: :mod:`mammut.eval.vqa`)."""
+VQAv2 accuracy by prompted generation (the evaluation and the official scoring rule: :mod:`mammut.eval.vqa`);
+``--shots K --support Q.json --support-annotations A.json``: in-context examples for models that take media
+sequences (:mod:`mammut.eval.fewshot`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ._fewshot_options import add_fewshot_arguments, check_fewshot
 from . import Benchmark, check_generation, common_options, generation_arguments, generation_options, register_benchmark
 
 
@@ -28,14 +31,20 @@ class Vqa(Benchmark):
         p.add_argument("--prompt", default=None, help="prompt template with {question} (default '{question} answer:'; "
                                                       "a VQA-finetuned run uses its own)")
         generation_arguments(p, 10)
+        add_fewshot_arguments(p, vqa=True)
 
     def check(self, args: argparse.Namespace) -> None:
         check_generation(args)
+        check_fewshot(args)
 
     def data(self, args: argparse.Namespace) -> str:
         return f"{args.questions} + {args.annotations}"
 
     def run(self, em: Any, args: argparse.Namespace, out: Path) -> Any:
+        if args.shots > 0:
+            from ..fewshot import evaluate_fewshot_vqa
+
+            return evaluate_fewshot_vqa(em, args, out, generation={"max_new_tokens": 10, **generation_options(args)})
         from ..vqa import evaluate_vqa
 
         return evaluate_vqa(em, args.questions, args.annotations, args.images, out, prompt=args.prompt,
