@@ -1,7 +1,7 @@
 """Does FlamingoPaLM learn from its context? The naming game and few-shot captioning at k = 0, 1, 2, 4.
 
 Trains the ``flamingo-naming`` preset (``train.task: interleaved``, ``data.kind: naming_game``)
-from a pretraining run's ViT (``train.image_encoder_from``, default ``/tmp/coord/demo-run``: the
+from a pretraining run's ViT (``train.image_encoder_from``, default ``runs/demo``, what ``make demo`` writes: the
 demo preset's MaMMUT, 64 px emoji scenes, 300 emoji), in two recipes inside one CPU budget:
 
 1. **unfrozen** (stage 1): the whole model (LM included) trains, ``--steps`` steps;
@@ -16,8 +16,8 @@ right) against chance (guessing among the names the examples define; 0 at k = 0:
 unseen words) and few-shot captioning CIDEr-D of held-out emoji scenes after k random held-out
 scenes with their true captions. Prints a markdown table, the wall time and samples/s.
 
-Run (fixed step counts, one training at a time on a shared machine):
-``flock /tmp/coord/cpu.lock .venv/bin/python benchmarks/flamingo_fewshot.py --out /tmp/fewshot-proof``
+Run (fixed step counts; the figures in docs/fewshot.md):
+``python benchmarks/flamingo_fewshot.py --encoder runs/demo --out runs/fewshot --steps 1600 --frozen-steps 400 --threads 1``
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ def row(name: str, m: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--encoder", default="/tmp/coord/demo-run", help="run whose ViT is frozen in (train.image_encoder_from)")
+    p.add_argument("--encoder", default="runs/demo", help="run whose ViT is frozen in (train.image_encoder_from)")
     p.add_argument("--out", default="runs/flamingo-fewshot", help="folder of the two runs")
-    p.add_argument("--steps", type=int, default=1800, help="stage 1 (unfrozen) steps")
-    p.add_argument("--frozen-steps", type=int, default=600, help="stage 2 (frozen LM) steps, from stage 1")
+    p.add_argument("--steps", type=int, default=1600, help="stage 1 (unfrozen) steps")
+    p.add_argument("--frozen-steps", type=int, default=400, help="stage 2 (frozen LM) steps, from stage 1")
     p.add_argument("--n", type=int, default=200, help="held-out sequences per k")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

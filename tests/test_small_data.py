@@ -233,3 +233,17 @@ def test_stochastic_depth_acts_only_in_training():
     assert 2 <= len(patterns) <= 4
     with pytest.raises(ValueError, match=r"drop_path: expected a value in \[0, 1\), got 1.0"):
         ViT(image_size=16, patch_size=8, dim=32, depth=1, heads=2, dim_head=16, drop_path=1.0)
+
+
+def test_the_small_data_preset_trains_on_a_csv_with_word_dropout_and_epochs(tmp_path):
+    path = _pairs(tmp_path, 24)
+    with pytest.raises(ValueError, match="data.path"):
+        from mammut.train.data import check_data
+
+        check_data(load_config("small-data", QUIET).data)
+    cfg = load_config("small-data", ["--data.path", str(path), "--train.epochs", "2", "--train.batch_size", "8",
+                                     "--train.out_dir", str(tmp_path / "run"), *QUIET])
+    assert cfg.data.kind == "csv" and cfg.data.augment.word_dropout == 0.5 and cfg.train.time_budget_s == 420
+    trainer = Trainer(cfg)
+    assert trainer.cfg.train.steps == 6  # 2 passes over 24 pairs in batches of 8
+    assert len(trainer.fit().losses) == 6
