@@ -81,13 +81,7 @@ def render(scenes: EmojiScenes, emoji_ids: Sequence[int], rng: np.random.Generat
     """A scene ``(3, H, W)`` in [0, 1] of the given emoji (1..3, placed and backed as
     :class:`EmojiScenes` places them) and the relations of object ``j`` to ``j + 1``."""
     boxes, relations = scenes._place(rng, len(emoji_ids))
-    canvas = scenes._background(rng)
-    for eid, (x0, y0, x1, y1) in zip(emoji_ids, boxes):
-        rgb, alpha = scenes._sprite(x1 - x0)
-        region = canvas[y0:y1, x0:x1]
-        region *= 1.0 - alpha[eid]
-        region += rgb[eid]
-    return torch.from_numpy(canvas.clip(0.0, 1.0)).permute(2, 0, 1).contiguous(), relations
+    return scenes.draw(rng, emoji_ids, boxes), relations
 
 
 class NamingSource:

@@ -365,6 +365,17 @@ class EmojiScenes(IterableDataset):
             colour = (1.0 - rng.uniform(0.0, 0.2, size=3)).astype(np.float32)
         return np.broadcast_to(colour, (self.image_size, self.image_size, 3)).copy()
 
+    def draw(self, rng: np.random.Generator, emoji_ids: Sequence[int], boxes: Sequence[Box]) -> torch.Tensor:
+        """An image ``(3, H, W)`` in [0, 1]: a background drawn from ``rng``, then emoji
+        ``emoji_ids[j]`` in ``boxes[j]`` (square boxes, in order: later ones on top)."""
+        canvas = self._background(rng)
+        for eid, (x0, y0, x1, y1) in zip(emoji_ids, boxes):
+            rgb, alpha = self._sprite(x1 - x0)
+            region = canvas[y0:y1, x0:x1]
+            region *= 1.0 - alpha[eid]
+            region += rgb[eid]
+        return torch.from_numpy(canvas.clip(0.0, 1.0)).permute(2, 0, 1).contiguous()
+
     def scene(self, index: int) -> Scene:
         """Generate scene ``index`` (a pure function of seed, split, index and settings)."""
         if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
@@ -376,14 +387,8 @@ class EmojiScenes(IterableDataset):
         k = int(rng.integers(self.min_objects, self.max_objects + 1))
         ids = self._choose_emoji(rng, k)
         boxes, relations = self._place(rng, k)
-        canvas = self._background(rng)
-        for eid, (x0, y0, x1, y1) in zip(ids, boxes):
-            rgb, alpha = self._sprite(x1 - x0)
-            region = canvas[y0:y1, x0:x1]
-            region *= 1.0 - alpha[eid]
-            region += rgb[eid]
+        image = self.draw(rng, ids, boxes)
         names = tuple(self._names[i] for i in ids)
-        image = torch.from_numpy(canvas.clip(0.0, 1.0)).permute(2, 0, 1).contiguous()
         return Scene(
             image=image,
             caption=make_caption(names, relations),

@@ -176,18 +176,9 @@ def evaluate_fewshot_captioning(em: Any, args: argparse.Namespace, out_dir: Path
         arg="--support")
     keep = seeded_subset(len(ds.paths), args.limit)
     q_paths = [ds.paths[i] for i in keep]
-    q_keys = [p.resolve() for p in q_paths]
-    s_keys = [p.resolve() for p in sup.paths]
     refs = [ds.captions[i] for i in keep]
     t0 = time.perf_counter()
-    if args.selection == "random":
-        chosen = select_random(len(q_paths), s_keys, q_keys, k, args.seed)
-        embedder_name = None
-    else:
-        emb = _rices_embedder(em, args.rices_run, em.device)
-        chosen = select_rices(_embed_paths(emb, q_paths, "--data", args.batch_size),
-                              _embed_paths(emb, sup.paths, "--support", args.batch_size), s_keys, q_keys, k)
-        embedder_name = f"{emb.name} from {emb.source}"
+    chosen, embedder_name = choose_examples(em, args, q_paths, list(sup.paths), k, query_arg="--data")
     examples = [[sup.paths[j] for j in row] for row in chosen]
     captions = [[sup.captions[j][0] for j in row] for row in chosen]
     generated = generate_with_examples(em, q_paths, examples, captions, generation, args.batch_size)
@@ -304,20 +295,8 @@ def evaluate_fewshot_vqa(em: Any, args: argparse.Namespace, out_dir: Path, *,
     sq = [q for q in sup.questions if q.answers]
     q_paths = [Path(vqa.image_paths[q.image_id]) for q in qs]
     s_paths = [Path(sup.image_paths[q.image_id]) for q in sq]
-    q_keys, s_keys = [p.resolve() for p in q_paths], [p.resolve() for p in s_paths]
     t0 = time.perf_counter()
-    if args.selection == "random":
-        chosen = select_random(len(qs), s_keys, q_keys, k, args.seed)
-        embedder_name = None
-    else:
-        emb = _rices_embedder(em, args.rices_run, em.device)
-        unique_q, unique_s = list(dict.fromkeys(q_paths)), list(dict.fromkeys(s_paths))
-        q_emb = _embed_paths(emb, unique_q, "--images", args.batch_size)
-        s_emb = _embed_paths(emb, unique_s, "--support", args.batch_size)
-        q_row, s_row = {p: j for j, p in enumerate(unique_q)}, {p: j for j, p in enumerate(unique_s)}
-        chosen = select_rices(q_emb[[q_row[p] for p in q_paths]], s_emb[[s_row[p] for p in s_paths]], s_keys,
-                              q_keys, k)
-        embedder_name = f"{emb.name} from {emb.source}"
+    chosen, embedder_name = choose_examples(em, args, q_paths, s_paths, k, query_arg="--images")
     model = em.model
     media_id, bos = model.media_token_id, model.config.bos_id
     examples_of = [[(sq[j].question, Counter(sq[j].answers).most_common(1)[0][0]) for j in row] for row in chosen]
@@ -354,3 +333,20 @@ def evaluate_fewshot_vqa(em: Any, args: argparse.Namespace, out_dir: Path, *,
     fig = prompts_figure(shown, out_dir / "fewshot_prompts.png")
     return metrics, [section], [("Prompts: the example images with their question and answer, then the query with "
                                  "the generated (G) and the most common reference (T) answer", fig)]
+
+def choose_examples(em: Any, args: argparse.Namespace, q_paths: list[Path], s_paths: list[Path], k: int, *,
+                    query_arg: str) -> tuple[list[list[int]], str | None]:
+    """For each query image, the indices of its ``k`` support examples (``args.selection``:
+    random, seeded, or RICES through ``args.rices_run`` / the evaluated model; a query's own
+    file is never among them), and the name of the embedder RICES used (None for random).
+    Each distinct file is embedded once."""
+    q_keys, s_keys = [p.resolve() for p in q_paths], [p.resolve() for p in s_paths]
+    if args.selection == "random":
+        return select_random(len(q_paths), s_keys, q_keys, k, args.seed), None
+    emb = _rices_embedder(em, args.rices_run, em.device)
+    unique_q, unique_s = list(dict.fromkeys(q_paths)), list(dict.fromkeys(s_paths))
+    q_emb = _embed_paths(emb, unique_q, query_arg, args.batch_size)
+    s_emb = _embed_paths(emb, unique_s, "--support", args.batch_size)
+    q_row, s_row = {p: j for j, p in enumerate(unique_q)}, {p: j for j, p in enumerate(unique_s)}
+    chosen = select_rices(q_emb[[q_row[p] for p in q_paths]], s_emb[[s_row[p] for p in s_paths]], s_keys, q_keys, k)
+    return chosen, f"{emb.name} from {emb.source}"
