@@ -15,7 +15,8 @@ sizes that differ per theme, names in four naming styles.
 Splits are by icon NAME (a hash of it), never by file: an icon held out is held out in every
 theme, so no test image has a training twin drawn by another artist. ``test.csv`` is the
 held-out retrieval set, ``val.csv`` the set ``train.keep_best`` chooses the checkpoint on
-(never the test set), and ``zeroshot/<kind>/`` the test icons by kind, at most
+(never the test set), ``zeroshot-val/<kind>/`` every validation icon by kind (to choose options
+on), and ``zeroshot/<kind>/`` the test icons by kind, at most
 ``--per-class`` of each (the kinds are unbalanced: file-type icons are 40 % of the themes), for
 ``mammut eval zeroshot RUN --data OUT/zeroshot --templates OUT/templates.txt``.
 """
@@ -98,6 +99,10 @@ def main() -> None:
         rows[split].append((str(rel), f"{KINDS[r['kind']]} icon: {_words(r['name'])}"))
         if split == "test":
             by_kind[KINDS[r["kind"]]].append((f"{r['theme']}-{r['name']}.png", out / rel))
+        elif split == "val":  # every validation icon by kind: choose options on it, never on zeroshot/
+            dest = out / "zeroshot-val" / KINDS[r["kind"]] / f"{r['theme']}-{r['name']}.png"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / rel, dest)
     for split in ("train", "val", "test"):
         with (out / f"{split}.csv").open("w", newline="") as f:
             w = csv.writer(f)
