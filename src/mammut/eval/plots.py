@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["plot_recall_curves", "plot_per_class", "plot_confusion", "plot_bars", "plot_image_grid", "caption_grid"]
+__all__ = ["plot_recall_curves", "plot_per_class", "plot_confusion", "plot_bars", "plot_image_grid", "caption_grid", "caption_title"]
 
 
 def _plt() -> Any:
@@ -143,6 +143,16 @@ def plot_image_grid(paths: Sequence[Path], generated: Sequence[str], references:
     return caption_grid(picture, n, generated, references, path, title=title, labels=labels)
 
 
+def caption_title(generated: str, references: Sequence[str], labels: Sequence[str], width: int) -> tuple[str, str]:
+    """A panel's title: the generated text and up to two references, wrapped at ``width``, and
+    its colour (dark green when the generation equals a reference, case and spaces aside)."""
+    refs = list(references)
+    ok = generated.strip().lower() in {r.strip().lower() for r in refs}
+    text = [textwrap.fill(f"{labels[0]}: {generated}", width)]
+    text += [textwrap.fill(f"{labels[1]}: {r}", width) for r in refs[:2]]
+    return "\n".join(text), "darkgreen" if ok else "black"
+
+
 def caption_grid(picture: Any, n: int, generated: Sequence[str], references: Sequence[Sequence[str]], path: Path, *,
                  title: str = "", labels: tuple[str, str] = ("G", "R"), nearest: bool = False) -> Path | None:
     """A grid of ``n`` pictures (``picture(i)``: anything ``imshow`` takes) titled with the
@@ -160,11 +170,8 @@ def caption_grid(picture: Any, n: int, generated: Sequence[str], references: Seq
         if i >= n:
             continue
         ax.imshow(picture(i), interpolation="nearest" if nearest else "antialiased")
-        refs = list(references[i])
-        ok = generated[i].strip().lower() in {r.strip().lower() for r in refs}
-        text = [textwrap.fill(f"{labels[0]}: {generated[i]}", 36)]
-        text += [textwrap.fill(f"{labels[1]}: {r}", 36) for r in refs[:2]]
-        ax.set_title("\n".join(text), fontsize=7, color="darkgreen" if ok else "black", loc="left")
+        text, colour = caption_title(generated[i], references[i], labels, 36)
+        ax.set_title(text, fontsize=7, color=colour, loc="left")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -15,7 +15,6 @@ frame. :class:`VideoInput` records which, and reports say it.
 from __future__ import annotations
 
 import logging
-import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .images import SkipCount
+from .plots import caption_title
 from .model_source import EvalModel
 
 log = logging.getLogger(__name__)
@@ -173,11 +173,8 @@ def plot_clip_strips(clips: Sequence[torch.Tensor], generated: Sequence[str], re
         strip = torch.cat([part for j in pick for part in (clip[j], gap)][:-1], dim=-1)  # 3 H (k W + gaps)
         ax.imshow(strip.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
         ax.axis("off")
-        refs = list(references[i])
-        ok = generated[i].strip().lower() in {r.strip().lower() for r in refs}
-        text = [textwrap.fill(f"{labels[0]}: {generated[i]}", 110)]
-        text += [textwrap.fill(f"{labels[1]}: {r}", 110) for r in refs[:2]]
-        ax.set_title("\n".join(text), fontsize=8, color="darkgreen" if ok else "black", loc="left")
+        text, colour = caption_title(generated[i], references[i], labels, 110)
+        ax.set_title(text, fontsize=8, color=colour, loc="left")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
