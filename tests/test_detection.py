@@ -458,3 +458,17 @@ def test_softmax_scoring_multiplies_each_sigmoid_by_the_tokens_softmax_over_the_
     finally:
         task.opt = plain
     assert class_softmax(model, plain) is None
+
+
+def test_scenes_drawn_at_one_size_are_read_at_another_with_the_same_boxes():
+    import torch.nn.functional as F
+
+    small = DetectionScenes(48, 20, split="heldout", render_size=None)[3]
+    big = DetectionScenes(64, 20, split="heldout", render_size=48)[3]
+    assert big["image"].shape == (3, 64, 64)
+    torch.testing.assert_close(big["boxes"], small["boxes"])
+    assert torch.equal(big["labels"], small["labels"])
+    expect = F.interpolate(small["image"][None], size=(64, 64), mode="bilinear", antialias=True, align_corners=False)[0]
+    torch.testing.assert_close(big["image"], expect.clamp(0, 1))
+    with pytest.raises(ValueError, match="render_size: expected null or an int >= 16"):
+        DetectionScenes(64, 20, render_size=8)

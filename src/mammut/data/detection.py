@@ -81,11 +81,14 @@ class DetectionScenes:
     def __init__(self, image_size: int = 128, num_emoji: int | None = 300, *, split: str = "train", seed: int = 0,
                  vocab_seed: int = 0, min_objects: int = 1, max_objects: int = 4,
                  size_range: tuple[float, float] = (0.12, 0.4), max_overlap: float = 0.3, novel_every: int = 5,
-                 novel_in_train: str = "background", asset_path: str | None = None) -> None:
+                 novel_in_train: str = "background", asset_path: str | None = None,
+                 render_size: int | None = None) -> None:
         if split not in _SPLIT_CODE:
             raise ValueError(f"split: expected one of {sorted(_SPLIT_CODE)}, got {split!r}")
         if not isinstance(image_size, int) or image_size < 16:
             raise ValueError(f"image_size: expected an int >= 16, got {image_size!r}")
+        if render_size is not None and (not isinstance(render_size, int) or render_size < 16):
+            raise ValueError(f"render_size: expected null or an int >= 16, got {render_size!r}")
         if not (isinstance(min_objects, int) and isinstance(max_objects, int) and 1 <= min_objects <= max_objects <= 16):
             raise ValueError(f"min_objects / max_objects: expected 1 <= min <= max <= 16, got {min_objects}, {max_objects}")
         lo, hi = (float(v) for v in size_range)
@@ -106,11 +109,12 @@ class DetectionScenes:
                 raise ValueError(f"num_emoji: expected null or an int in [{novel_every}, {total}], got {num_emoji!r}")
             vocab = np.sort(np.random.default_rng(vocab_seed).permutation(total)[:num_emoji])  # as EmojiScenes
         self.image_size, self.split, self.seed = image_size, split, int(seed)
+        self.render_size = render_size or image_size  # drawn at this size, then resized to image_size
         self.min_objects, self.max_objects, self.max_overlap = min_objects, max_objects, float(max_overlap)
         self.novel_every, self.novel_in_train = novel_every, novel_in_train
         self._asset, self._rows = asset, vocab
         self._names = tuple(asset.names[i] for i in vocab)
-        self.sizes = sorted({max(6, round(image_size * f)) for f in np.linspace(lo, hi, 8)})
+        self.sizes = sorted({max(6, round(self.render_size * f)) for f in np.linspace(lo, hi, 8)})
         self._sprites: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         ids = np.arange(len(vocab))
         self.novel_ids: tuple[int, ...] = tuple(int(i) for i in ids[ids % novel_every == novel_every - 1])
@@ -139,7 +143,7 @@ class DetectionScenes:
         return self._sprites[size]
 
     def _place(self, rng: np.random.Generator, k: int) -> list[tuple[int, int, int]]:
-        s_img = self.image_size
+        s_img = self.render_size
         placed: list[tuple[int, int, int]] = []
         for _ in range(k):
             for _t in range(_TRIES):
@@ -158,7 +162,7 @@ class DetectionScenes:
         k = int(rng.integers(self.min_objects, self.max_objects + 1))
         placed = self._place(rng, k)
         ids = [int(self._drawn[rng.integers(len(self._drawn))]) for _ in placed]
-        n = self.image_size
+        n = self.render_size
         colour = np.ones(3, np.float32) if rng.random() < 0.3 else (1.0 - rng.uniform(0.0, 0.2, 3)).astype(np.float32)
         canvas = np.broadcast_to(colour, (n, n, 3)).copy()
         boxes, labels, background = [], [], []
@@ -174,6 +178,9 @@ class DetectionScenes:
             boxes.append(((x + x0) / n, (y + y0) / n, (x + x1) / n, (y + y1) / n))
             labels.append(eid)
         image = torch.from_numpy(canvas.clip(0.0, 1.0)).permute(2, 0, 1).contiguous()
+        if n != self.image_size:  # the same scene at the model's input size (boxes are shares of the side)
+            image = F.interpolate(image[None], size=(self.image_size, self.image_size), mode="bilinear",
+                                  antialias=True, align_corners=False)[0].clamp_(0.0, 1.0)
         return DetectionScene(image, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                               torch.tensor(labels, dtype=torch.long), tuple(background), index)
 

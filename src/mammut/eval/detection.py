@@ -5,6 +5,16 @@
   NMS at IoU ``nms``, default 0.5: two tokens boxing the same object under the same class are
   one true and one false positive for COCO AP; OWL-ViT's text path has none, ``nms=None``),
   the ``max_detections`` best kept, boxes as normalised x0, y0, x1, y1.
+- **Re-scoring** (:class:`Rescore`, on by default for a detector with a frozen pretrained image
+  tower, ``model.region_size > 0``): each image's best ``proposals`` boxes (tokens ranked by
+  their best sigmoid score, class-agnostic NMS at IoU 0.5) are cut out, scaled so that their
+  longer side is ``scales`` of the tower's image side, pasted on a canvas of the image's border
+  colour and embedded by the frozen tower as pretraining embedded whole images (ViLD's cropped
+  regions, at the object scale the model was pretrained on; averaged over the scales); each
+  (proposal, class) pair then scores ``detector^(1 - a) * region^a`` (F-VLM's geometric
+  ensemble), ``region`` the softmax over the queries of the crop's cosine to each at the
+  pretrained temperature, ``a`` = ``alpha_seen`` (0.35) for classes trained with boxes and
+  ``alpha_unseen`` (0.65) for the others (F-VLM's alpha / beta).
 - :func:`coco_ap`: pycocotools' ``COCOeval`` (bbox) on ground truth and predictions in COCO
   form: AP (IoU .50:.95), AP50 and AP75 over all classes, over the base and over the novel
   classes (COCOeval restricted to those category ids, with the predictions of every class: the
@@ -27,11 +37,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dataclasses import dataclass
+
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["predict", "check_nms", "NMS_IOU", "top_box_recall",
+__all__ = ["predict", "check_nms", "Rescore", "paste_crops", "NMS_IOU", "top_box_recall",
            "coco_ap", "emoji_ground_truth", "to_coco_results", "plot_detections", "detection_table",
            "require_pycocotools", "Detections"]
 
@@ -54,6 +66,85 @@ def _xyxy(cxcywh: torch.Tensor) -> torch.Tensor:
     return box_convert(cxcywh, "cxcywh", "xyxy")
 
 
+@dataclass(frozen=True)
+class Rescore:
+    """How :func:`predict` re-scores proposals with the detector's frozen pretrained image tower
+    (see the module docstring). Defaults: F-VLM's alpha / beta (arXiv 2209.15639), 10
+    proposals, crops at 24 / 28 / 32 px of a 64 px tower (the demo's emoji sizes)."""
+
+    proposals: int = 10
+    alpha_seen: float = 0.35
+    alpha_unseen: float = 0.65
+    scales: tuple[float, ...] = (0.375, 0.4375, 0.5)
+    proposal_nms: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.proposals < 1:
+            raise ValueError(f"proposals: expected >= 1, got {self.proposals}")
+        for key in ("alpha_seen", "alpha_unseen"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key}: expected a weight in [0, 1], got {getattr(self, key)}")
+        if not self.scales or not all(0.0 < float(v) <= 1.0 for v in self.scales):
+            raise ValueError(f"scales: expected shares of the image side in (0, 1], got {self.scales}")
+        if not 0.0 < self.proposal_nms <= 1.0:
+            raise ValueError(f"proposal_nms: expected an IoU in (0, 1], got {self.proposal_nms}")
+
+
+def paste_crops(image: torch.Tensor, boxes: torch.Tensor, size: int, scale: float) -> torch.Tensor:
+    """Crops ``(k, 3, size, size)`` of ``image`` ``(3, H, W)`` at ``boxes`` ``(k, 4)`` (normalised
+    x0, y0, x1, y1; at least one pixel): each resized (aspect kept, antialiased) so that its longer
+    side is ``scale * size`` and pasted in the middle of a canvas of the image's border colour
+    (the per-channel median of its outermost pixels)."""
+    import torch.nn.functional as F
+
+    _, h, w = image.shape
+    border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
+    colour = border.float().median(dim=1).values.to(image.dtype)
+    side = max(1, round(scale * size))
+    out = colour.view(1, 3, 1, 1).expand(len(boxes), 3, size, size).clone()
+    for i, (x0, y0, x1, y1) in enumerate(boxes.float().tolist()):
+        c0, r0 = min(max(int(x0 * w), 0), w - 1), min(max(int(y0 * h), 0), h - 1)
+        c1, r1 = min(max(round(x1 * w), c0 + 1), w), min(max(round(y1 * h), r0 + 1), h)
+        patch = image[:, r0:r1, c0:c1]
+        f = side / max(patch.shape[1], patch.shape[2])
+        ph, pw = max(1, round(patch.shape[1] * f)), max(1, round(patch.shape[2] * f))
+        patch = F.interpolate(patch[None].float(), size=(ph, pw), mode="bilinear", antialias=True,
+                              align_corners=False)[0].to(image.dtype)
+        top, left = (size - ph) // 2, (size - pw) // 2
+        out[i, :, top:top + ph, left:left + pw] = patch
+    return out
+
+
+def _rescored(model: Any, images: torch.Tensor, log_scores: torch.Tensor, box_sets: torch.Tensor,
+              objectness: torch.Tensor, queries: torch.Tensor, opt: Rescore, seen: Sequence[int] | None,
+              mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image, (proposal boxes ``(k, 4)``, ensembled log scores ``(k, q)``) (module docstring)."""
+    import torch.nn.functional as F
+    from torchvision.ops import nms as class_agnostic_nms
+
+    size = int(model.config.region_size)
+    scale = getattr(getattr(model, "contrastive", None), "logit_scale", None)
+    tau = float(scale().detach()) if callable(scale) else 1 / 0.07
+    nq = log_scores.shape[-1]
+    alpha = torch.full((nq,), float(opt.alpha_unseen), device=log_scores.device)
+    if seen is not None and len(seen):
+        alpha[torch.as_tensor(list(seen), dtype=torch.long, device=alpha.device)] = float(opt.alpha_seen)
+    qf = F.normalize(queries.float(), dim=-1)
+    keeps = [class_agnostic_nms(box_sets[i], objectness[i], opt.proposal_nms)[:opt.proposals] for i in range(len(images))]
+    crops = torch.cat([paste_crops(images[i], box_sets[i, keep].to(images.device), size, s)
+                       for i, keep in enumerate(keeps) for s in opt.scales])  # image-major, then scale
+    embeds = model.region_embeds(crops).float()
+    out, at = [], 0
+    for i, keep in enumerate(keeps):
+        k = len(keep)
+        emb = embeds[at:at + k * len(opt.scales)].view(len(opt.scales), k, -1).mean(0)
+        at += k * len(opt.scales)
+        q = qf if qf.ndim == 2 else qf[i]
+        region = F.log_softmax(tau * F.normalize(emb, dim=-1) @ q.t() + mask, dim=-1)
+        out.append((box_sets[i, keep], (1 - alpha) * log_scores[i, keep] + alpha * region))
+    return out
+
+
 NMS_IOU = 0.5  # per-class NMS of predict() and the detection evaluations (None / 1: off)
 _NMS_POOL = 1000  # candidates per image that NMS sees: at least 10x the detections kept
 
@@ -71,7 +162,8 @@ def check_nms(nms: float | None, key: str = "nms") -> float | None:
 def predict(model: Any, images: torch.Tensor, queries: torch.Tensor | None, *, batch_size: int = 32,
             max_detections: int = 100, device: torch.device | str | None = None,
             autocast: Any = None, allowed: Sequence[int] | None = None,
-            nms: float | None = NMS_IOU, class_softmax: float | None = None) -> list[Detections]:
+            nms: float | None = NMS_IOU, class_softmax: float | None = None,
+            rescore: Rescore | str | None = "auto", seen: Sequence[int] | None = None) -> list[Detections]:
     """Top ``max_detections`` detections per image of ``images`` ``(b, 3, S, S)`` for ``queries``
     (token ids ``(q, n)``, embeddings ``(q, l)``, or None: the model's learned classes);
     ``allowed``: only these query indices may be predicted (None: all); ``nms``: per-class NMS
@@ -79,11 +171,23 @@ def predict(model: Any, images: torch.Tensor, queries: torch.Tensor | None, *, b
     max_detections)`` pairs; None or 1: none); ``class_softmax``: a temperature ``t``, each
     score ``sigmoid(logit)`` times the softmax over the (allowed) queries of ``t * cos(class
     embedding, query)`` at that token (for a detector trained with ``task_options.loss_softmax``:
-    "an object of this class here" times "which class it is"). Eval mode, no grad."""
+    "an object of this class here" times "which class it is"); ``rescore``: a :class:`Rescore`,
+    ``"auto"`` (its defaults where the model keeps a frozen pretrained image tower, else none) or
+    None, with ``seen`` the query indices of the classes trained with boxes (the others get
+    ``alpha_unseen``). Eval mode, no grad."""
     import torch.nn.functional as F
     from torchvision.ops import batched_nms
 
     nms = check_nms(nms)
+    if rescore == "auto":  # text queries and a frozen pretrained image tower: re-score
+        rescore = Rescore() if getattr(model, "region", None) is not None and queries is not None else None
+    elif rescore is not None and not isinstance(rescore, Rescore):
+        raise ValueError(f"rescore: expected a Rescore, 'auto' or None, got {rescore!r}")
+    if rescore is not None and getattr(model, "region", None) is None:
+        raise ValueError("rescore: this detector keeps no pretrained image tower (model.region_size: 0)")
+    if rescore is not None and queries is None:
+        raise ValueError("rescore: expected text queries (the region tower scores crops against text embeddings), "
+                         "got None (the learned closed-vocabulary classes)")
     was_training = model.training
     model.eval()
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -107,6 +211,14 @@ def predict(model: Any, images: torch.Tensor, queries: torch.Tensor | None, *, b
                                    qf if qf.ndim == 2 else qf[s:s + batch_size])
                 logits = logits + F.log_softmax(class_softmax * sim + mask, dim=-1)
             boxes = _xyxy(res["boxes"].float()).clamp(0.0, 1.0)
+            if rescore is not None:
+                objectness = F.logsigmoid(res["logits"].float()).add(mask).amax(-1)
+                with ctx():
+                    pairs = _rescored(model, images[s:s + batch_size].to(dev), logits, boxes, objectness,
+                                      q if q.ndim == 2 else q[s:s + batch_size], rescore, seen, mask)
+                for box, value in pairs:
+                    out.append(_best(box, value, max_detections, nms))
+                continue
             b, m, nq = logits.shape
             k = min(max_detections if nms is None else max(_NMS_POOL, 10 * max_detections), m * nq)
             top = logits.flatten(1).topk(k, dim=1)
@@ -121,6 +233,22 @@ def predict(model: Any, images: torch.Tensor, queries: torch.Tensor | None, *, b
     finally:
         model.train(was_training)
     return out
+
+
+def _best(boxes: torch.Tensor, log_scores: torch.Tensor, max_detections: int, nms: float | None) -> Detections:
+    """The best (box, class) pairs of one image's re-scored proposals ``(k, 4)``, ``(k, q)``."""
+    from torchvision.ops import batched_nms
+
+    k, nq = log_scores.shape
+    flat = log_scores.flatten()
+    top = flat.topk(min(len(flat), max_detections if nms is None else max(_NMS_POOL, 10 * max_detections)))
+    keep = torch.isfinite(top.values)
+    index, value = top.indices[keep], top.values[keep]
+    box, lab = boxes[index // nq], index % nq
+    if nms is not None:
+        kept = batched_nms(box, value, lab, nms)[:max_detections]
+        box, value, lab = box[kept], value[kept], lab[kept]
+    return {"boxes": box.cpu(), "scores": value.exp().cpu(), "labels": lab.cpu()}
 
 
 @torch.no_grad()

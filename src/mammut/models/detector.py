@@ -30,6 +30,14 @@ pass), or any embeddings ``(q, l)`` in the same space (image exemplars:
 :meth:`MaMMUTDetector.exemplar_embeds`). ``num_classes > 0`` builds the closed-vocabulary
 baseline instead: learned query embeddings for a fixed class list, never text.
 
+With ``region_size > 0`` the detector also keeps a **frozen copy of the pretrained image tower**
+(``self.region``: the ViT at its pretraining size ``region_size`` and the projections of its image
+embedding, filled from the pretraining run by the detection task) that embeds an image crop as
+pretraining embedded whole images: :meth:`MaMMUTDetector.region_embeds`. Detection fine-tuning
+moves the detector's own tokens; the copy keeps what pretraining learned about naming things,
+which :func:`mammut.eval.detection.predict` uses to re-score each proposal (ViLD's cropped-region
+embedding, F-VLM's ensemble of detector and VLM scores).
+
 Training (bipartite matching, focal / L1 / gIoU losses) is the ``detection`` task's
 (:mod:`mammut.tasks.detection`); this file imports only torch.
 """
@@ -49,7 +57,7 @@ from .mammut import MaMMUT, MaMMUTConfig
 from ..layers import CrossAttentionBlock, ParallelBlock
 from ..layers.blocks import TransformerBlock
 
-__all__ = ["DetectorConfig", "MaMMUTDetector", "DetectionHead", "box_bias", "HEAD_FIELDS"]
+__all__ = ["DetectorConfig", "MaMMUTDetector", "DetectionHead", "RegionTower", "box_bias", "HEAD_FIELDS", "REGION_KEYS"]
 
 _EPS = 1e-4  # OWL-ViT's logit epsilon
 
@@ -67,6 +75,9 @@ class DetectorConfig(MaMMUTConfig):
     # predicted box (region pooling, as RO-ViT's detector pools its box features; the token itself always
     # counts) | "token": the token's own latent (OWL-ViT)
     class_pool: str = "box"
+    # > 0: keep a frozen copy of the pretrained image tower at this image size (its pretraining size) that
+    # embeds proposal crops for re-scoring (ViLD / F-VLM); 0: none
+    region_size: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,11 +89,17 @@ class DetectorConfig(MaMMUTConfig):
             raise ValueError(f"num_classes: expected >= 0 (0: open vocabulary), got {self.num_classes}")
         if self.class_pool not in ("box", "token"):
             raise ValueError(f"class_pool: expected 'box' or 'token', got {self.class_pool!r}")
+        if self.region_size < 0:
+            raise ValueError(f"region_size: expected 0 (none) or a positive image size, got {self.region_size}")
+        if self.region_size and self.image_pool not in ("mean", "norm_mean"):
+            raise ValueError(f"region_size: expected image_pool 'mean' or 'norm_mean' for the region tower, got "
+                             f"{self.image_pool!r}")
         if self.box_hidden is not None and self.box_hidden < 1:
             raise ValueError(f"box_hidden: expected a positive integer or null, got {self.box_hidden}")
 
 
-HEAD_FIELDS: tuple[str, ...] = ("box_anchor", "box_hidden", "shift_init", "scale_init", "num_classes", "class_pool")
+HEAD_FIELDS: tuple[str, ...] = ("box_anchor", "box_hidden", "shift_init", "scale_init", "num_classes", "class_pool",
+                                "region_size")
 """The fields :class:`DetectorConfig` adds to :class:`~mammut.models.mammut.MaMMUTConfig`."""
 
 
@@ -123,6 +140,41 @@ class DetectionHead(nn.Module):
         self.class_queries = nn.Parameter(torch.randn(num_classes, latent) * 0.02) if num_classes else None
 
 
+class RegionTower(nn.Module):
+    """A frozen copy of a MaMMUT's image tower (ViT at ``cfg.region_size`` and the projections
+    of its mean-pooled image embedding): crops ``(k, 3, S, S)`` -> embeddings ``(k, l)``,
+    L2-normalised, the pretrained ``embed_image`` of each crop as a whole image. Its weights
+    are the pretraining run's (the detection task copies them in); never trained."""
+
+    def __init__(self, cfg: DetectorConfig, image_dim: int) -> None:
+        from ..encoders import ViT, ViTConfig
+        from ..layers import make_norm
+
+        super().__init__()
+        if not isinstance(cfg.vit, dict):
+            raise ValueError(f"region_size: the region tower copies the built-in ViT (vit), got vit={cfg.vit!r}")
+        vit = {**cfg.vit, "image_size": cfg.region_size, "cropped_pos_emb": False, "patch_dropout": 0.0}
+        self.encoder = ViT(ViTConfig(**vit))
+        self.proj: nn.Module = nn.Linear(image_dim, cfg.dim, bias=False) if (
+            cfg.context_proj == "linear" or image_dim != cfg.dim) else nn.Identity()
+        self.norm = make_norm(cfg.norm, image_dim, bias=cfg.bias) if cfg.image_pool == "norm_mean" else None
+        self.to_latents = nn.Linear(image_dim if self.norm is not None else cfg.dim, cfg.dim_latents or cfg.dim, bias=False)
+        self.requires_grad_(False)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(crops)
+        pooled = self.norm(tokens.mean(dim=1)) if self.norm is not None else self.proj(tokens).mean(dim=1)
+        return F.normalize(self.to_latents(pooled), dim=-1)
+
+    def train(self, mode: bool = True) -> "RegionTower":
+        return super().train(False)  # always in eval mode: a frozen copy
+
+
+REGION_KEYS: dict[str, str] = {"img_encoder.": "region.encoder.", "img_proj.": "region.proj.", "img_norm.": "region.norm.",
+                               "img_to_latents.": "region.to_latents."}
+"""Where a pretrained MaMMUT's image-tower tensors go in a detector's :class:`RegionTower`."""
+
+
 @register_model(
     "mammut_detector",
     tiny=dict(dim=64, num_tokens=300, depth=2, heads=2, dim_head=32, bos_id=1, eos_id=2, pad_id=0,
@@ -149,6 +201,7 @@ class MaMMUTDetector(MaMMUT):
         self.head = DetectionHead(self.image_dim, cfg.dim_latents or cfg.dim, hidden=cfg.box_hidden,
                                   shift_init=cfg.shift_init, scale_init=cfg.scale_init,
                                   class_proj=cfg.image_pool == "attention", num_classes=cfg.num_classes)
+        self.region = RegionTower(cfg, self.image_dim) if cfg.region_size else None
 
     # ------------------------------------------------------------------ tokens
     def _grid(self, m: int) -> tuple[int, int]:
@@ -246,6 +299,17 @@ class MaMMUTDetector(MaMMUT):
         if q.ndim == 3 and q.shape[0] != tokens.shape[0]:
             raise ValueError(f"queries: expected per-image embeddings for {tokens.shape[0]} images, got {q.shape[0]}")
         return {"boxes": boxes, "logits": self.score(tokens, embeds, q), "class_embeds": embeds}
+
+    @torch.no_grad()
+    def region_embeds(self, crops: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``(k, l)`` of image crops ``(k, 3, region_size, region_size)`` by the frozen
+        pretrained image tower (see the module docstring); a ValueError without one."""
+        if self.region is None:
+            raise ValueError("region_embeds: this detector keeps no pretrained image tower (model.region_size: 0)")
+        size = self.config.region_size
+        if crops.ndim != 4 or tuple(crops.shape[1:]) != (3, size, size):
+            raise ValueError(f"crops: expected (k, 3, {size}, {size}), got {tuple(crops.shape)}")
+        return self.region(crops)
 
     @torch.no_grad()
     def exemplar_embeds(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,9 @@ class DetectionOptions:
     max_objects: int = 4
     size_range: tuple[float, float] = (0.12, 0.4)  # emoji side, share of the image side
     max_overlap: float = 0.3  # most IoU between two emoji of a scene
+    # emoji scenes are drawn at this size and resized to data.image_size (null: drawn at data.image_size): the
+    # detector may read a scene at a higher resolution than the scene's own
+    scene_size: int | None = None
     novel_every: int = 5  # emoji ids novel_every-1, 2*novel_every-1, ... are novel classes
     novel_in_train: str = "background"  # background: novel emoji appear unlabelled in training | absent
     novel: tuple[str, ...] | None = None  # coco_detection: novel category names (null: the OV-COCO 17 it has)
@@ -87,6 +90,11 @@ class DetectionOptions:
     # evaluation: per-class NMS IoU of the (token, class) pairs before the max_detections best are kept (null or
     # 1: none, OWL-ViT's text path); on the 2,629-step run, 512 held-out scenes: novel AP50 0.199 -> 0.237
     nms: float | None = 0.5
+    # evaluation of a detector with a frozen pretrained image tower (model.region_size > 0): re-score each image's
+    # best rescore_proposals boxes with it (0: off), detector^(1 - a) * region^a with a = rescore_alpha[0] for the
+    # base classes and rescore_alpha[1] for the novel ones (F-VLM's alpha / beta); mammut.eval.detection.Rescore
+    rescore_proposals: int = 10
+    rescore_alpha: tuple[float, float] = (0.35, 0.65)
 
     def __post_init__(self) -> None:
         from ..data.detection import NOVEL_IN_TRAIN
@@ -100,6 +108,11 @@ class DetectionOptions:
         from ..eval.detection import check_nms
 
         self.nms = check_nms(self.nms, "task_options.nms")
+        if self.rescore_proposals < 0:
+            raise ValueError(f"task_options.rescore_proposals: expected >= 0 (0: off), got {self.rescore_proposals}")
+        if len(self.rescore_alpha) != 2 or not all(0.0 <= float(a) <= 1.0 for a in self.rescore_alpha):
+            raise ValueError(f"task_options.rescore_alpha: expected [base, novel] weights in [0, 1], got {self.rescore_alpha}")
+        self.rescore_alpha = (float(self.rescore_alpha[0]), float(self.rescore_alpha[1]))
         if self.loss_softmax < 0:
             raise ValueError(f"task_options.loss_softmax: expected >= 0 (0: off), got {self.loss_softmax}")
 
@@ -195,6 +208,14 @@ def class_softmax(model: nn.Module, opt: DetectionOptions) -> float | None:
     core = getattr(model, "module", model)  # DDP / FSDP wrappers
     scale = getattr(getattr(core, "contrastive", None), "logit_scale", None)
     return float(scale().detach()) if callable(scale) else 1 / 0.07
+
+
+def _rescored_text(rescore: Any) -> str:
+    if rescore is None:
+        return ""
+    return (f"; each image's {rescore.proposals} best proposals re-scored by the frozen pretrained image tower on their "
+            f"crops, detector^{1 - rescore.alpha_seen:g} x region^{rescore.alpha_seen:g} for base classes and "
+            f"^{1 - rescore.alpha_unseen:g} x ^{rescore.alpha_unseen:g} for novel ones (F-VLM's ensemble)")
 
 
 # ---------------------------------------------------------------------------- data
@@ -328,11 +349,19 @@ class Detection(Task):
                          model: nn.Module) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
         from ..encoders.vit import resample_pos_grid
 
+        from ..models.detector import REGION_KEYS
+
         state = dict(state)
-        key = "img_encoder.pos_emb"
         target = model.state_dict()
-        if key in state and key in target and state[key].shape != target[key].shape:
-            state[key] = resample_pos_grid(state[key], tuple(target[key].shape[-2:]))
+        if any(k.startswith("region.") for k in target) and not any(k.startswith("region.") for k in state):
+            # the frozen region tower: a copy of the source's image tower as pretraining left it
+            for k, v in list(state.items()):
+                for src, dst in REGION_KEYS.items():
+                    if k.startswith(src) and dst + k[len(src):] in target:
+                        state[dst + k[len(src):]] = v.clone()
+        for key in ("img_encoder.pos_emb", "region.encoder.pos_emb"):
+            if key in state and key in target and state[key].shape != target[key].shape:
+                state[key] = resample_pos_grid(state[key], tuple(target[key].shape[-2:]))
         return state, ("head.",)
 
     # ---------------------------------------------------------------- data
@@ -350,7 +379,8 @@ class Detection(Task):
         o = self.opt
         return DetectionScenes(d.image_size, d.num_emoji, split=split, seed=seed, vocab_seed=d.vocab_seed,
                                min_objects=o.min_objects, max_objects=o.max_objects, size_range=o.size_range,
-                               max_overlap=o.max_overlap, novel_every=o.novel_every, novel_in_train=o.novel_in_train)
+                               max_overlap=o.max_overlap, novel_every=o.novel_every, novel_in_train=o.novel_in_train,
+                               render_size=o.scene_size)
 
     def tokenizer_corpus(self) -> list[str]:
         ds = self.dataset("train", 0)
@@ -368,6 +398,9 @@ class Detection(Task):
         from ..train.data import MicroBatches, indexed_batches
 
         t = self.cfg.train
+        if int(self.cfg.model.get("region_size") or 0) and not t.init_from:
+            raise ConfigError(f"model.region_size: {self.cfg.model['region_size']} keeps a frozen copy of a pretrained "
+                              "image tower, expected train.init_from (a pretraining run to copy it from), got none")
         if not t.init_from and start_step == 0:
             log.info("detection: training from scratch (pass --train.init_from RUN to start from a pretraining run)")
         ds = self.dataset("train", t.seed)
@@ -445,12 +478,25 @@ class Detection(Task):
             categories = base
         else:
             dets = predict(model, images, self.queries(tokenizer, names), batch_size=self.cfg.eval.batch_size,
-                           max_detections=self.opt.max_detections, nms=self.opt.nms, class_softmax=soft)
+                           max_detections=self.opt.max_detections, nms=self.opt.nms, class_softmax=soft,
+                           rescore=self.rescore(model), seen=base)
             categories = list(range(len(names)))
         size = self.cfg.data.image_size
         results = to_coco_results([it["image_id"] for it in items], dets, categories, [size] * len(items))
         ap = coco_ap(emoji_ground_truth(items, names, size), results, base, novel)
         return ap, dets
+
+    def rescore(self, model: nn.Module) -> Any:
+        """The evaluation's :class:`mammut.eval.detection.Rescore` (``task_options.rescore_*``), or
+        None: a detector without a frozen pretrained image tower (``model.region_size: 0``) or
+        ``rescore_proposals: 0``."""
+        from ..eval.detection import Rescore
+
+        core = getattr(model, "module", model)
+        if getattr(core, "region", None) is None or self.opt.rescore_proposals == 0:
+            return None
+        seen, unseen = self.opt.rescore_alpha
+        return Rescore(proposals=self.opt.rescore_proposals, alpha_seen=seen, alpha_unseen=unseen)
 
     def evaluate(self, model: nn.Module, tokenizer: Any, *, data: str | None = None,
                  n: int | None = None) -> tuple[dict[str, Any], Any]:
@@ -473,7 +519,11 @@ class Detection(Task):
             ap["novel_top_box_recall"] = top_box_recall(model, torch.stack([it["image"] for it in items]),
                                                         self.queries(tokenizer, names), items, novel,
                                                         batch_size=self.cfg.eval.batch_size)
+        rescore = None if self._closed() else self.rescore(model)
         ap.update({"closed_vocabulary": self._closed(), "init_from": self.cfg.train.init_from,
+                   "rescore": None if rescore is None else {"proposals": rescore.proposals, "alpha_base": rescore.alpha_seen,
+                                                            "alpha_novel": rescore.alpha_unseen,
+                                                            "scales": list(rescore.scales)},
                    "novel_in_train": self.opt.novel_in_train, "n_base": len(base), "n_novel": len(novel),
                    "nms": self.opt.nms, "class_softmax": soft_scale,
                    "scoring": "pycocotools COCOeval (bbox, maxDets 100); base / novel: COCOeval restricted to those "
@@ -485,7 +535,8 @@ class Detection(Task):
                    f"emoji were never targets in training ({self.opt.novel_in_train} in its images). Queries: "
                    f"{self.opt.prompt!r} for every class; the {self.opt.max_detections} best (token, class) pairs per "
                    f"image after {'per-class NMS at IoU ' + str(self.opt.nms) if self.opt.nms else 'no NMS'}"
-                   f"{'; scores: sigmoid times the softmax over the queries (loss_softmax)' if soft_scale else ''}.{closed}")
+                   f"{'; scores: sigmoid times the softmax over the queries (loss_softmax)' if soft_scale else ''}"
+                   f"{_rescored_text(rescore)}.{closed}")
         recall = ap.get("novel_top_box_recall")
         if recall and recall["recall"] is not None:
             section += (f" Single-query localisation: for {recall['recall']:.1%} of the {recall['n']} novel boxes, the "
