@@ -97,6 +97,11 @@ def test_rescored_scores_are_the_geometric_ensemble_of_detector_and_region_score
             emb = torch.stack([det.region_embeds(paste_crops(images[i], d["boxes"], 16, s)) for s in opt.scales]).mean(0)
         expect = F.softmax(tau * F.normalize(emb, dim=-1) @ q.t(), -1).gather(1, d["labels"][:, None])[:, 0]
         torch.testing.assert_close(d["scores"], expect, atol=1e-5, rtol=1e-4)
+    # classes left out (allowed) are never predicted, whatever the weights
+    for a in (0.0, 1.0):
+        kept = predict(det, images, queries, rescore=Rescore(proposals=3, alpha_seen=a, alpha_unseen=a), allowed=[0, 2])
+        assert all(set(d["labels"].tolist()) <= {0, 2} and len(d["labels"]) and torch.isfinite(d["scores"]).all()
+                   for d in kept)
     # seen classes take alpha_seen, the others alpha_unseen
     mixed = predict(det, images, queries, rescore=Rescore(proposals=3, alpha_seen=0.0, alpha_unseen=1.0, scales=(0.5, 0.75)),
                     seen=[0, 1], nms=None)

@@ -34,10 +34,9 @@ import contextlib
 import io
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from dataclasses import dataclass
 
 import torch
 
@@ -141,7 +140,8 @@ def _rescored(model: Any, images: torch.Tensor, log_scores: torch.Tensor, box_se
         at += k * len(opt.scales)
         q = qf if qf.ndim == 2 else qf[i]
         region = F.log_softmax(tau * F.normalize(emb, dim=-1) @ q.t() + mask, dim=-1)
-        out.append((box_sets[i, keep], (1 - alpha) * log_scores[i, keep] + alpha * region))
+        mixed = (1 - alpha) * log_scores[i, keep] + alpha * region  # 0 x -inf (a class left out): nan -> -inf
+        out.append((box_sets[i, keep], mixed.nan_to_num(nan=float("-inf"), neginf=float("-inf"))))
     return out
 
 
