@@ -88,6 +88,12 @@ class Rescore:
         if not 0.0 < self.proposal_nms <= 1.0:
             raise ValueError(f"proposal_nms: expected an IoU in (0, 1], got {self.proposal_nms}")
 
+    def describe(self) -> str:
+        """What the re-scoring does, as a clause for a report."""
+        return (f"each image's {self.proposals} best proposals re-scored by the frozen pretrained image tower on their "
+                f"crops, detector^{1 - self.alpha_seen:g} x region^{self.alpha_seen:g} for the classes trained with boxes "
+                f"and ^{1 - self.alpha_unseen:g} x ^{self.alpha_unseen:g} for the others (F-VLM's ensemble)")
+
 
 def paste_crops(image: torch.Tensor, boxes: torch.Tensor, size: int, scale: float) -> torch.Tensor:
     """Crops ``(k, 3, size, size)`` of ``image`` ``(3, H, W)`` at ``boxes`` ``(k, 4)`` (normalised

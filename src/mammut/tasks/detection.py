@@ -210,14 +210,6 @@ def class_softmax(model: nn.Module, opt: DetectionOptions) -> float | None:
     return float(scale().detach()) if callable(scale) else 1 / 0.07
 
 
-def _rescored_text(rescore: Any) -> str:
-    if rescore is None:
-        return ""
-    return (f"; each image's {rescore.proposals} best proposals re-scored by the frozen pretrained image tower on their "
-            f"crops, detector^{1 - rescore.alpha_seen:g} x region^{rescore.alpha_seen:g} for base classes and "
-            f"^{1 - rescore.alpha_unseen:g} x ^{rescore.alpha_unseen:g} for novel ones (F-VLM's ensemble)")
-
-
 # ---------------------------------------------------------------------------- data
 
 
@@ -536,7 +528,7 @@ class Detection(Task):
                    f"{self.opt.prompt!r} for every class; the {self.opt.max_detections} best (token, class) pairs per "
                    f"image after {'per-class NMS at IoU ' + str(self.opt.nms) if self.opt.nms else 'no NMS'}"
                    f"{'; scores: sigmoid times the softmax over the queries (loss_softmax)' if soft_scale else ''}"
-                   f"{_rescored_text(rescore)}.{closed}")
+                   f"{'; ' + rescore.describe() if rescore else ''}.{closed}")
         recall = ap.get("novel_top_box_recall")
         if recall and recall["recall"] is not None:
             section += (f" Single-query localisation: for {recall['recall']:.1%} of the {recall['n']} novel boxes, the "

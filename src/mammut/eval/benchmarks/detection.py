@@ -104,11 +104,12 @@ class DetectionBenchmark(Benchmark):
 
         stacked = torch.stack(images) if images else torch.zeros(0, 3, 1, 1)
         queries = None if closed else em.tokenize([args.prompt.format(n) for n in names])
-        rescored = getattr(model, "region", None) is not None and not closed and args.rescore_proposals > 0
+        rescore = Rescore(proposals=args.rescore_proposals) if (getattr(model, "region", None) is not None and not closed
+                                                                and args.rescore_proposals > 0) else None
         t0 = time.perf_counter()
         dets = predict(model, stacked, queries, batch_size=args.batch_size, max_detections=args.max_detections,
                        device=em.device, autocast=em.autocast, nms=args.nms, class_softmax=_class_softmax(args, model),
-                       seen=None if closed else base, rescore=Rescore(proposals=args.rescore_proposals) if rescored else None)
+                       seen=None if closed else base, rescore=rescore)
         infer = time.perf_counter() - t0
         categories = base if closed else list(range(len(names)))
         if args.data is None:
@@ -125,7 +126,7 @@ class DetectionBenchmark(Benchmark):
                    "base_AP50": ap["base"]["AP50"], "novel_AP50": ap["novel"]["AP50"], "detection": ap,
                    "images_per_s": len(items) / infer if infer > 0 else None,
                    "wall_time_s": time.perf_counter() - start, "prompt": args.prompt, "closed_vocabulary": closed,
-                   "nms": check_nms(args.nms), "rescored": rescored,
+                   "nms": check_nms(args.nms), "rescored": rescore is not None,
                    "skipped": {"total": skipped, "corrupt": skipped} if skipped else {},
                    "novel_classes": [names[i] for i in (novel if args.data is None else
                                                         [ds.category_ids.index(c) for c in novel])]}
@@ -133,15 +134,11 @@ class DetectionBenchmark(Benchmark):
                    f"{len(base)} base and {len(novel)} novel classes; queries {args.prompt!r} for every class; the "
                    f"{args.max_detections} best (token, class) pairs per image after "
                    f"{'per-class NMS at IoU ' + str(args.nms) if check_nms(args.nms) else 'no NMS'}"
-                   f"{_RESCORED.format(args.rescore_proposals) if rescored else ''}. "
+                   f"{'; ' + rescore.describe() if rescore else ''}. "
                    "Base / novel: COCOeval restricted to those classes, with every class's predictions.")
         figure = plot_detections(stacked[:12], items[:12], dets[:12], names, out / "detections.png",
                                  novel=[] if args.data else novel)
         return metrics, [section], [("true boxes dashed, predictions red", figure)]
-
-
-_RESCORED = ("; each image's {} best proposals re-scored by the run's frozen pretrained image tower on their crops "
-             "(detector^0.65 x region^0.35 for base classes, ^0.35 x ^0.65 for novel: F-VLM's ensemble)")
 
 
 def _class_softmax(args: argparse.Namespace, model: Any) -> float | None:
