@@ -6,7 +6,9 @@ detection scenes, the share whose class ranks first among every class (300 queri
 - the frozen pretrained image tower (``model.region_size``) on the true box's crops, pasted at
   the re-scoring's scales (``mammut.eval.detection.Rescore``), embeddings averaged;
 
-and the geometry of the text queries (effective dimension of the query embeddings, the median
+the recall of the re-scoring's proposals (the share of true boxes with a proposal at IoU >= 0.5
+among each image's best 10 and 20 tokens after class-agnostic NMS at IoU 0.5, as
+``mammut.eval.detection.predict`` picks them); and the geometry of the text queries (effective dimension of the query embeddings, the median
 cosine of each to its nearest other query), which bounds how finely the frozen text side can
 tell classes apart.
 
@@ -30,7 +32,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from torchvision.ops import box_convert, box_iou
+    from torchvision.ops import box_convert, box_iou, nms
 
     from mammut.eval.detection import Rescore, paste_crops
     from mammut.eval.model_source import load_eval_model
@@ -50,14 +52,18 @@ def main() -> None:
     labels = torch.tensor([lab for it in items for lab in it["labels"].tolist()])
     is_novel = torch.tensor([lab in novel for lab in labels.tolist()])
 
-    hits = []
+    hits, recall = [], {10: [], 20: []}
     with torch.no_grad():
         for s in range(0, len(items), 64):
             chunk = items[s:s + 64]
             out = model.detect(torch.stack([it["image"] for it in chunk]), q)
             boxes = box_convert(out["boxes"].float(), "cxcywh", "xyxy")
+            objectness = F.logsigmoid(out["logits"].float()).amax(-1)
             for i, it in enumerate(chunk):
+                proposals = boxes[i, nms(boxes[i].clamp(0, 1), objectness[i], 0.5)].clamp(0, 1)
                 for box, lab in zip(it["boxes"], it["labels"].tolist()):
+                    for k, found in recall.items():
+                        found.append(bool((box_iou(proposals[:k], box.view(1, 4).float()) >= 0.5).any()))
                     near = (box_iou(boxes[i], box.view(1, 4).float())[:, 0] >= 0.5).nonzero()[:, 0]
                     if len(near) == 0:
                         hits.append(False)
@@ -77,6 +83,8 @@ def main() -> None:
     for name, ok in rows:
         ok = ok.float()
         print(f"| {name} | {ok.mean():.3f} | {ok[~is_novel].mean():.3f} | {ok[is_novel].mean():.3f} |")
+    print("proposals holding a true box (IoU >= 0.5): " + ", ".join(
+        f"best {k}: {torch.tensor(v).float().mean():.3f}" for k, v in recall.items()))
     centred = q - q.mean(0)
     share = torch.linalg.svdvals(centred) ** 2
     share = share / share.sum()
