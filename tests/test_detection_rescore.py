@@ -161,6 +161,15 @@ def test_a_detection_run_copies_the_pretrained_tower_keeps_it_and_evaluates_with
     m = json.loads((other / "metrics.json").read_text())
     assert m["scene_set"] == 1 and m["n_images"] == 4
     assert main(["eval", "detection", str(det), "--scene-set", "-1"]) == 2
+    # mammut eval detection weighs as the run's own evaluation: its task_options.rescore_alpha
+    import yaml
+
+    cfg = yaml.safe_load((det / "config.yaml").read_text())
+    cfg["task_options"]["rescore_alpha"] = [0.2, 0.9]
+    (det / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["eval", "detection", str(det), "--n", "4", "--out", str(tmp_path / "alpha"), "--no-progress"]) == 0
+    m = json.loads((tmp_path / "alpha" / "metrics.json").read_text())["rescore"]
+    assert (m["alpha_seen"], m["alpha_unseen"], m["proposals"]) == (0.2, 0.9, 10)
     with pytest.raises(ConfigError, match="model.region_size"):
         Trainer(load_config("detection-tiny", ["--train.out_dir", str(tmp_path / "scratch"), "--model.region_size", "32",
                                                "--train.progress", "false"])).fit()

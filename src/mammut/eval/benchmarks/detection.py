@@ -9,6 +9,7 @@ SOURCE: a ``mammut_detector`` (anything ``mammut.load`` loads)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,8 @@ class DetectionBenchmark(Benchmark):
         return str(args.data) if args.data else f"held-out emoji detection scenes of {args.source}"
 
     def run(self, em: Any, args: argparse.Namespace, out: Path) -> Any:
-        from ..detection import (Rescore, check_nms, coco_ap, detection_table, emoji_ground_truth, plot_detections,
-                                 predict, to_coco_results)
+        from ..detection import (check_nms, coco_ap, detection_table, emoji_ground_truth, plot_detections, predict,
+                                 to_coco_results)
 
         model = em.model
         out.mkdir(parents=True, exist_ok=True)
@@ -104,8 +105,7 @@ class DetectionBenchmark(Benchmark):
 
         stacked = torch.stack(images) if images else torch.zeros(0, 3, 1, 1)
         queries = None if closed else em.tokenize([args.prompt.format(n) for n in names])
-        rescore = Rescore(proposals=args.rescore_proposals) if (getattr(model, "region", None) is not None and not closed
-                                                                and args.rescore_proposals > 0) else None
+        rescore = _rescore(args, model, closed)
         t0 = time.perf_counter()
         dets = predict(model, stacked, queries, batch_size=args.batch_size, max_detections=args.max_detections,
                        device=em.device, autocast=em.autocast, nms=args.nms, class_softmax=_class_softmax(args, model),
@@ -122,11 +122,13 @@ class DetectionBenchmark(Benchmark):
             base = [ds.category_ids[c] for c in base]
             novel = [ds.category_ids[c] for c in novel]
         ap = coco_ap(gt, results, base, novel)
-        metrics = {"n_images": len(items), "scene_set": args.scene_set, "AP": ap["all"]["AP"], "AP50": ap["all"]["AP50"], "AP75": ap["all"]["AP75"],
+        metrics = {"n_images": len(items), "scene_set": args.scene_set,
+                   "AP": ap["all"]["AP"], "AP50": ap["all"]["AP50"], "AP75": ap["all"]["AP75"],
                    "base_AP50": ap["base"]["AP50"], "novel_AP50": ap["novel"]["AP50"], "detection": ap,
                    "images_per_s": len(items) / infer if infer > 0 else None,
                    "wall_time_s": time.perf_counter() - start, "prompt": args.prompt, "closed_vocabulary": closed,
                    "nms": check_nms(args.nms), "rescored": rescore is not None,
+                   "rescore": None if rescore is None else dataclasses.asdict(rescore),
                    "skipped": {"total": skipped, "corrupt": skipped} if skipped else {},
                    "novel_classes": [names[i] for i in (novel if args.data is None else
                                                         [ds.category_ids.index(c) for c in novel])]}
@@ -139,6 +141,25 @@ class DetectionBenchmark(Benchmark):
         figure = plot_detections(stacked[:12], items[:12], dets[:12], names, out / "detections.png",
                                  novel=[] if args.data else novel)
         return metrics, [section], [("true boxes dashed, predictions red", figure)]
+
+
+def _rescore(args: argparse.Namespace, model: Any, closed: bool) -> Any:
+    """The :class:`~mammut.eval.detection.Rescore` of a detector with a frozen pretrained image
+    tower (None: no tower, the closed vocabulary or ``--rescore-proposals 0``): ``--rescore-proposals``
+    proposals, weighted as a SOURCE run's ``task_options.rescore_alpha`` (as its own evaluation)."""
+    from ..detection import Rescore
+
+    if getattr(model, "region", None) is None or closed or args.rescore_proposals == 0:
+        return None
+    options: dict[str, Any] = {}
+    if (Path(args.source) / "config.yaml").is_file():
+        from ...runs import read_run_config
+
+        options = read_run_config(Path(args.source)).get("task_options") or {}
+    if options.get("rescore_alpha") is None:
+        return Rescore(proposals=args.rescore_proposals)
+    seen, unseen = (float(a) for a in options["rescore_alpha"])
+    return Rescore(proposals=args.rescore_proposals, alpha_seen=seen, alpha_unseen=unseen)
 
 
 def _class_softmax(args: argparse.Namespace, model: Any) -> float | None:
@@ -170,8 +191,7 @@ def _emoji_items(args: argparse.Namespace, em: Any) -> tuple[list[Any], list[str
     n = args.n or cfg.eval.n
     if args.limit:
         n = min(n, args.limit)
-    items = task.heldout(n) if args.scene_set == 0 else [ds[i] for i in range(n)]
-    return items, ds.class_names(), list(ds.base_ids), list(ds.novel_ids), task._closed()
+    return [ds[i] for i in range(n)], ds.class_names(), list(ds.base_ids), list(ds.novel_ids), task._closed()
 
 
 def _coco_items(args: argparse.Namespace, em: Any) -> Any:
