@@ -309,6 +309,29 @@ def test_detect_command_writes_the_image_with_boxes_and_a_json(runs, tmp_path, c
     assert (tmp_path / "out" / "scene.detections.png").is_file() and "scene.png: " in capsys.readouterr().out
     assert main(["detect", str(img), "--run", str(det), "--queries", " , "]) == 2
     assert "mammut detect: error: --queries: expected comma-separated" in capsys.readouterr().err
+    assert main(["detect", str(img), "--run", str(det), "--queries", "a cat", "--box-vote", "1.5"]) == 2
+    assert "mammut detect: error: --box-vote: expected an IoU in (0, 1]" in capsys.readouterr().err
+    # box voting: each kept box is the score-weighted mean of the token boxes overlapping it (0: the token's own)
+    import torch
+    from torchvision.ops import box_convert
+
+    import mammut
+    from mammut.apps.detect import detect_image
+    from mammut.data.detection import letterbox
+    from mammut.eval.detection import vote_boxes
+
+    model, _, tokenizer = mammut.load(det)
+    image = Image.open(img).convert("RGB")
+    own = detect_image(model.eval(), tokenizer, image, ["a cat", "a red car"], threshold=0.0, box_vote=None)
+    voted = detect_image(model, tokenizer, image, ["a cat", "a red car"], threshold=0.0, box_vote=0.3)
+    pixels, side, _ = letterbox(image, model.image_size)
+    with torch.no_grad():
+        out = model.detect(pixels[None], tokenizer(["a cat", "a red car"]))
+    tokens = box_convert(out["boxes"][0].float(), "cxcywh", "xyxy").clamp(0, 1)
+    weights = torch.sigmoid(out["logits"][0].float()).amax(-1) ** 2
+    assert [d["score"] for d in own] == [d["score"] for d in voted]
+    expect = vote_boxes(torch.tensor([d["box"] for d in own]) / side, tokens, weights, 0.3) * side
+    torch.testing.assert_close(torch.tensor([d["box"] for d in voted]), expect.clamp(max=48), atol=0.11, rtol=0)
 
 
 def test_a_run_trains_on_a_coco_json_skipping_unreadable_images_and_novel_boxes(runs, tmp_path, caplog):
@@ -387,7 +410,7 @@ def test_per_class_nms_drops_a_second_box_of_the_same_object_and_class_only():
     images, queries = torch.rand(2, 3, 8, 8), torch.rand(2, 4)
     plain = predict(_FixedDetector(), images, queries, nms=None)[0]  # OWL-ViT's text path: all 6 pairs
     assert len(plain["labels"]) == 6
-    kept = predict(_FixedDetector(), images, queries)[0]  # default: per-class NMS at IoU 0.5
+    kept = predict(_FixedDetector(), images, queries, box_vote=None)[0]  # default: per-class NMS at IoU 0.5
     pairs = sorted(zip(kept["labels"].tolist(), (kept["boxes"][:, 0] * 100).round().int().tolist()))
     # class 0: token 1 (IoU 0.8 with token 0, lower score) suppressed; class 1: token 0 suppressed by token 1;
     # token 2 (another object) kept for both classes, and token 0 (class 0) beside token 1 (class 1)

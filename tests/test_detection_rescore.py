@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mammut.eval.detection import Rescore, paste_crops, predict
+from mammut.eval.detection import Rescore, occluders, paste_crops, predict, vote_boxes
 from mammut.models import get_model_spec
 from mammut.models.detector import MaMMUTDetector
 
@@ -40,10 +40,61 @@ def test_a_crop_is_pasted_at_its_scale_in_the_middle_of_the_images_border_colour
     assert paste_crops(image, torch.tensor([[0.5, 0.5, 0.5, 0.5]]), 32, 0.5).shape == (1, 3, 32, 32)
 
 
+def test_other_objects_are_painted_out_of_a_crop_but_not_a_looser_box_of_the_same_object():
+    boxes = torch.tensor([[0.10, 0.10, 0.50, 0.50],    # 0: the object named
+                          [0.40, 0.40, 0.80, 0.80],    # 1: another object overlapping its corner
+                          [0.05, 0.05, 0.55, 0.55],    # 2: a looser box of object 0 (covers its centre)
+                          [0.45, 0.05, 0.70, 0.30],    # 3: another object, scored too low
+                          [0.20, 0.20, 0.60, 0.60]])   # 4: overlapping 0 at IoU 0.6 (> max_iou)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.05, 0.9])
+    hide = occluders(boxes, scores, 0.15, 0.3)
+    assert hide[0] == [1] and 0 not in hide[0]
+    assert occluders(boxes, scores, 0.0, 0.3)[0] == [1, 3]
+    assert occluders(boxes, scores, 0.15, 1.0)[0] == [1]  # box 4 covers object 0's centre: never painted out
+    image = torch.ones(3, 40, 40)
+    image[:, 4:20, 4:20] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)   # red object 0
+    image[:, 16:32, 16:32] = torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1)  # green object 1 on top of its corner
+    two = torch.tensor([[4 / 40, 4 / 40, 20 / 40, 20 / 40], [16 / 40, 16 / 40, 32 / 40, 32 / 40]])
+    green = lambda crop: int(((crop[1] > 0.9) & (crop[0] < 0.1)).sum())  # noqa: E731
+    plain, hidden = paste_crops(image, two, 32, 0.5), paste_crops(image, two, 32, 0.5, hide=[[1], []])
+    assert green(plain[0]) > 0 and green(hidden[0]) == 0   # object 1's pixels painted the border colour (white)
+    assert int((hidden[0, 0] > 0.9).sum()) > 0 and torch.equal(hidden[1], plain[1])
+
+
+def test_box_voting_averages_the_overlapping_token_boxes_by_score():
+    boxes = torch.tensor([[0.10, 0.10, 0.50, 0.50], [0.70, 0.70, 0.90, 0.90]])
+    tokens = torch.tensor([[0.10, 0.10, 0.50, 0.50],    # IoU 1 with box 0
+                           [0.14, 0.14, 0.54, 0.54],    # IoU 0.67
+                           [0.30, 0.30, 0.70, 0.70],    # IoU 0.14: below 0.3, not counted
+                           [0.72, 0.72, 0.92, 0.92]])   # only near box 1, weight 0
+    weights = torch.tensor([1.0, 3.0, 5.0, 0.0])
+    voted = vote_boxes(boxes, tokens, weights, 0.3)
+    torch.testing.assert_close(voted[0], (1.0 * tokens[0] + 3.0 * tokens[1]) / 4.0)
+    torch.testing.assert_close(voted[1], boxes[1])  # its only overlapping token weighs 0: kept as it was
+    assert vote_boxes(boxes[:0], tokens, weights, 0.3).shape == (0, 4)
+    # predict votes each detection over the image's tokens, weighted by their best sigmoid score squared
+    from torchvision.ops import box_convert
+
+    det = detector_with_region(16)
+    images, queries = torch.rand(2, 3, 32, 32), torch.randint(3, 300, (5, 4))
+    plain = predict(det, images, queries, rescore=None, nms=None, box_vote=None)
+    voted = predict(det, images, queries, rescore=None, nms=None, box_vote=0.3)
+    with torch.no_grad():
+        out = det.detect(images, det.query_embeds(queries))
+    for i in range(2):
+        tok = box_convert(out["boxes"][i].float(), "cxcywh", "xyxy").clamp(0, 1)
+        w = torch.sigmoid(out["logits"][i].float()).amax(-1) ** 2
+        torch.testing.assert_close(voted[i]["boxes"], vote_boxes(plain[i]["boxes"], tok, w, 0.3), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(voted[i]["scores"], plain[i]["scores"])
+    with pytest.raises(ValueError, match="box_vote"):
+        predict(det, images, queries, box_vote=1.5)
+
+
 def test_rescore_settings_are_checked_naming_the_field():
     for kwargs, field in (({"proposals": 0}, "proposals"), ({"alpha_seen": 1.5}, "alpha_seen"),
                           ({"alpha_unseen": -0.1}, "alpha_unseen"), ({"scales": ()}, "scales"),
-                          ({"proposal_nms": 0.0}, "proposal_nms")):
+                          ({"proposal_nms": 0.0}, "proposal_nms"), ({"hide_others": 1.5}, "hide_others"),
+                          ({"hide_iou": -0.1}, "hide_iou")):
         with pytest.raises(ValueError, match=field):
             Rescore(**kwargs)
 
@@ -81,7 +132,7 @@ def test_rescored_scores_are_the_geometric_ensemble_of_detector_and_region_score
         q = det.query_embeds(queries)
     # alpha 0: the detector's own sigmoid scores, on the proposals only (at most proposals x queries pairs)
     only_det = predict(det, images, queries, rescore=Rescore(proposals=3, alpha_seen=0.0, alpha_unseen=0.0, scales=(0.5, 0.75)),
-                       nms=None)
+                       nms=None, box_vote=None)
     for i, d in enumerate(only_det):
         assert 0 < len(d["labels"]) <= 3 * 5
         token = torch.cdist(d["boxes"], torch.cat([out["boxes"][i, :, :2] - out["boxes"][i, :, 2:] / 2,
@@ -89,8 +140,8 @@ def test_rescored_scores_are_the_geometric_ensemble_of_detector_and_region_score
                             ).argmin(-1)
         torch.testing.assert_close(d["scores"], torch.sigmoid(out["logits"][i, token, d["labels"]]), atol=1e-5, rtol=1e-4)
     # alpha 1: the region tower's softmax over the queries of each proposal's crops (mean embedding over the scales)
-    opt = Rescore(proposals=3, alpha_seen=1.0, alpha_unseen=1.0, scales=(0.5, 0.75))
-    only_region = predict(det, images, queries, rescore=opt, nms=None)
+    opt = Rescore(proposals=3, alpha_seen=1.0, alpha_unseen=1.0, scales=(0.5, 0.75), hide_others=None)
+    only_region = predict(det, images, queries, rescore=opt, nms=None, box_vote=None)
     tau = float(det.contrastive.logit_scale().detach())
     for i, d in enumerate(only_region):
         with torch.no_grad():
@@ -104,12 +155,38 @@ def test_rescored_scores_are_the_geometric_ensemble_of_detector_and_region_score
                    for d in kept)
     # seen classes take alpha_seen, the others alpha_unseen
     mixed = predict(det, images, queries, rescore=Rescore(proposals=3, alpha_seen=0.0, alpha_unseen=1.0, scales=(0.5, 0.75)),
-                    seen=[0, 1], nms=None)
+                    seen=[0, 1], nms=None, box_vote=None)
     for a, b, m in zip(only_det, only_region, mixed):
         for box, label, score in zip(m["boxes"], m["labels"], m["scores"]):
             ref = a if int(label) in (0, 1) else b
             hit = ((ref["boxes"] - box).abs().sum(-1) < 1e-6) & (ref["labels"] == label)
             torch.testing.assert_close(score, ref["scores"][hit][0])
+
+
+def test_each_crop_hides_the_other_proposals_the_detector_scores_highly(monkeypatch):
+    import mammut.eval.detection as D
+    from torchvision.ops import box_convert, nms
+
+    det = detector_with_region(16)
+    images, queries = torch.rand(2, 3, 32, 32), torch.randint(3, 300, (5, 4))
+    seen: list = []
+    real = D.paste_crops
+    monkeypatch.setattr(D, "paste_crops", lambda image, boxes, size, scale, hide=None: (
+        seen.append((boxes.clone(), hide)), real(image, boxes, size, scale, hide))[1])
+    opt = Rescore(proposals=4, scales=(0.5,), hide_others=0.0, hide_iou=0.9)
+    predict(det, images, queries, rescore=opt)
+    with torch.no_grad():
+        out = det.detect(images, det.query_embeds(queries))
+    assert len(seen) == 2
+    for i, (boxes, hide) in enumerate(seen):
+        b = box_convert(out["boxes"][i].float(), "cxcywh", "xyxy").clamp(0, 1)
+        score = torch.sigmoid(out["logits"][i].float()).amax(-1)
+        keep = nms(b, score, opt.proposal_nms)[:opt.proposals]
+        torch.testing.assert_close(boxes, b[keep])
+        assert hide == occluders(b[keep], score[keep], 0.0, 0.9)
+    seen.clear()
+    predict(det, images, queries, rescore=dataclasses.replace(opt, hide_others=None))
+    assert [h for _, h in seen] == [None, None]
 
 
 def test_rescoring_needs_text_queries_and_a_region_tower():
@@ -149,7 +226,8 @@ def test_a_detection_run_copies_the_pretrained_tower_keeps_it_and_evaluates_with
     assert compared >= 10 and out["img_encoder.pos_emb"].shape != src["img_encoder.pos_emb"].shape  # 48 px detector
     metrics, _ = evaluate_run(det, out_dir=tmp_path / "report", n=8)
     assert metrics["detection"]["rescore"] == {"proposals": 10, "alpha_base": 0.35, "alpha_novel": 0.65,
-                                               "scales": [0.375, 0.4375, 0.5]}
+                                               "scales": [0.375, 0.4375, 0.5], "hide_others": 0.15}
+    assert metrics["detection"]["box_vote"] == 0.3
     assert "re-scored by the frozen pretrained image tower" in (tmp_path / "report" / "report.md").read_text()
     for flag, rescored in ((["--rescore-proposals", "3"], True), (["--rescore-proposals", "0"], False)):
         out = tmp_path / f"bench{flag[1]}"
@@ -166,10 +244,19 @@ def test_a_detection_run_copies_the_pretrained_tower_keeps_it_and_evaluates_with
 
     cfg = yaml.safe_load((det / "config.yaml").read_text())
     cfg["task_options"]["rescore_alpha"] = [0.2, 0.9]
+    cfg["task_options"]["rescore_hide_others"] = None
     (det / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["eval", "detection", str(det), "--n", "4", "--out", str(tmp_path / "alpha"), "--no-progress"]) == 0
     m = json.loads((tmp_path / "alpha" / "metrics.json").read_text())["rescore"]
-    assert (m["alpha_seen"], m["alpha_unseen"], m["proposals"]) == (0.2, 0.9, 10)
+    assert (m["alpha_seen"], m["alpha_unseen"], m["proposals"], m["hide_others"]) == (0.2, 0.9, 10, None)
+    with pytest.raises(ValueError, match="task_options.rescore_hide_others"):
+        load_config("detection-tiny", ["--task_options.rescore_hide_others", "2"])
+    with pytest.raises(ValueError, match="task_options.box_vote"):
+        load_config("detection-tiny", ["--task_options.box_vote", "2"])
+    assert main(["eval", "detection", str(det), "--box-vote", "2"]) == 2
+    assert main(["eval", "detection", str(det), "--n", "4", "--box-vote", "0", "--out", str(tmp_path / "novote"),
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "novote" / "metrics.json").read_text())["box_vote"] is None
     with pytest.raises(ConfigError, match="model.region_size"):
         Trainer(load_config("detection-tiny", ["--train.out_dir", str(tmp_path / "scratch"), "--model.region_size", "32",
                                                "--train.progress", "false"])).fit()

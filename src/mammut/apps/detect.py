@@ -6,7 +6,10 @@ Each image is padded bottom / right with grey to a square and resized to the mod
 size (no distortion, :func:`mammut.data.detection.letterbox`); every image token gives a box
 and a score per query (``sigmoid`` of its logit). Kept: scores of at least ``--threshold``,
 then per query non-maximum suppression at ``--nms`` IoU (``torchvision.ops.batched_nms``;
-OWL-ViT's text path has none, 1 turns it off), at most ``--max-detections`` per image. Writes
+OWL-ViT's text path has none, 1 turns it off), at most ``--max-detections`` per image, each
+box voted over the tokens overlapping it at IoU >= ``--box-vote`` (0.3; weights: each token's
+best score over the queries, squared; :func:`mammut.eval.detection.vote_boxes`, as the
+detection evaluations; 0 turns it off). Writes
 ``OUT/<stem>.detections.png`` (the image with its boxes) and ``OUT/<stem>.detections.json``
 (``{"image", "width", "height", "queries", "detections": [{"query", "score", "box": [x0, y0,
 x1, y1] in the image's pixels}]}``) and prints one line per image.
@@ -43,6 +46,9 @@ def add_detect_command(subparsers: Any, handler: Callable[..., int]) -> None:
     p.add_argument("--threshold", type=float, default=0.1, help="lowest score kept (default 0.1, as OWL-ViT)")
     p.add_argument("--nms", type=float, default=0.3, help="per-query NMS IoU (default 0.3; 1 = none)")
     p.add_argument("--max-detections", type=int, default=20, help="most boxes per image (default 20)")
+    p.add_argument("--box-vote", type=float, default=0.3,
+                   help="each box the score-weighted mean of the token boxes overlapping it at this IoU (default 0.3; "
+                        "0 = each token's own box)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint of the run (default: its newest valid one)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
     p.set_defaults(handler=handler)
@@ -65,13 +71,14 @@ def finds_text(model: Any) -> bool:
 
 
 def detect_image(model: Any, tokenizer: Any, image: Any, queries: list[str], *, threshold: float = 0.1,
-                 nms: float = 0.3, max_detections: int = 20) -> list[dict[str, Any]]:
+                 nms: float = 0.3, max_detections: int = 20, box_vote: float | None = 0.3) -> list[dict[str, Any]]:
     """Detections of ``queries`` in a PIL ``image``: ``[{"query", "score", "box": [x0, y0, x1, y1]
     pixels}]``, best first (see the module docstring)."""
     import torch
     from torchvision.ops import batched_nms, box_convert
 
     from ..data.detection import letterbox
+    from ..eval.detection import vote_boxes
 
     size = model.image_size
     pixels, side, (h, w) = letterbox(image, size)
@@ -87,9 +94,12 @@ def detect_image(model: Any, tokenizer: Any, image: Any, queries: list[str], *, 
     else:
         keep = s.argsort(descending=True)
     keep = keep[:max_detections]
+    kept = b[keep]
+    if box_vote:
+        kept = vote_boxes(kept, boxes, scores.amax(-1) ** 2, box_vote)
     found = []
-    for k in keep.tolist():
-        x0, y0, x1, y1 = (float(v) * side for v in b[k])
+    for k, box in zip(keep.tolist(), kept):
+        x0, y0, x1, y1 = (float(v) * side for v in box)
         found.append({"query": queries[int(label[k])], "score": round(float(s[k]), 4),
                       "box": [round(min(x0, w), 1), round(min(y0, h), 1), round(min(x1, w), 1), round(min(y1, h), 1)]})
     return found
@@ -121,6 +131,9 @@ def run_detect(args: argparse.Namespace, emit: Callable[[str], None]) -> int:
         raise ValueError(f"--nms: expected an IoU in (0, 1], got {args.nms}")
     if args.max_detections < 1:
         raise ValueError(f"--max-detections: expected >= 1, got {args.max_detections}")
+    from ..eval.detection import check_box_vote
+
+    check_box_vote(args.box_vote, "--box-vote")
     paths = [Path(p).expanduser() for p in args.images]
     for p in paths:
         if not p.is_file():
@@ -146,7 +159,7 @@ def run_detect(args: argparse.Namespace, emit: Callable[[str], None]) -> int:
         except (UnidentifiedImageError, OSError) as exc:
             raise OSError(f"IMG: {p} is not a readable image ({exc})") from None
         found = detect_image(model, tokenizer, image, queries, threshold=args.threshold, nms=args.nms,
-                             max_detections=args.max_detections)
+                             max_detections=args.max_detections, box_vote=args.box_vote)
         folder = out if out is not None else p.parent
         png, js = folder / f"{p.stem}.detections.png", folder / f"{p.stem}.detections.json"
         _draw(image, found, png)

@@ -14,7 +14,16 @@
   (proposal, class) pair then scores ``detector^(1 - a) * region^a`` (F-VLM's geometric
   ensemble), ``region`` the softmax over the queries of the crop's cosine to each at the
   pretrained temperature, ``a`` = ``alpha_seen`` (0.35) for classes trained with boxes and
-  ``alpha_unseen`` (0.65) for the others (F-VLM's alpha / beta).
+  ``alpha_unseen`` (0.65) for the others (F-VLM's alpha / beta). Before a proposal is cut out,
+  the other proposals the detector scores at least ``hide_others`` (0.15), overlapping it at IoU
+  at most ``hide_iou`` (0.3) and not covering its centre, are painted over with the border colour
+  (:func:`occluders`): their objects are not the one being named (OVSeg's masked crops, arXiv
+  2210.04150, with the detector's own boxes as masks).
+- **Box voting** (:func:`vote_boxes`, ``box_vote``, default IoU 0.3): each detection's box is
+  replaced by the mean of the boxes of every token of its image overlapping it at IoU >= 0.3,
+  weighted by the square of each token's best sigmoid score (box voting, Gidaris & Komodakis,
+  arXiv 1505.01749; weighted box fusion, arXiv 1910.13302): one token's box is a noisy estimate,
+  the tokens on an object agree on average.
 - :func:`coco_ap`: pycocotools' ``COCOeval`` (bbox) on ground truth and predictions in COCO
   form: AP (IoU .50:.95), AP50 and AP75 over all classes, over the base and over the novel
   classes (COCOeval restricted to those category ids, with the predictions of every class: the
@@ -42,7 +51,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["predict", "check_nms", "Rescore", "paste_crops", "NMS_IOU", "top_box_recall",
+__all__ = ["predict", "check_nms", "Rescore", "paste_crops", "occluders", "vote_boxes", "check_box_vote",
+           "NMS_IOU", "BOX_VOTE_IOU", "top_box_recall",
            "coco_ap", "emoji_ground_truth", "to_coco_results", "plot_detections", "detection_table",
            "require_pycocotools", "Detections"]
 
@@ -76,6 +86,8 @@ class Rescore:
     alpha_unseen: float = 0.65
     scales: tuple[float, ...] = (0.375, 0.4375, 0.5)
     proposal_nms: float = 0.5
+    hide_others: float | None = 0.15
+    hide_iou: float = 0.3
 
     def __post_init__(self) -> None:
         if self.proposals < 1:
@@ -87,19 +99,58 @@ class Rescore:
             raise ValueError(f"scales: expected shares of the image side in (0, 1], got {self.scales}")
         if not 0.0 < self.proposal_nms <= 1.0:
             raise ValueError(f"proposal_nms: expected an IoU in (0, 1], got {self.proposal_nms}")
+        if self.hide_others is not None and not 0.0 <= self.hide_others <= 1.0:
+            raise ValueError(f"hide_others: expected a score in [0, 1] or None (never), got {self.hide_others}")
+        if not 0.0 <= self.hide_iou <= 1.0:
+            raise ValueError(f"hide_iou: expected an IoU in [0, 1], got {self.hide_iou}")
+
+    @classmethod
+    def from_task_options(cls, options: dict[str, Any], proposals: int | None = None) -> Rescore:
+        """The re-scoring of a detection run's ``task_options`` (``rescore_proposals``,
+        ``rescore_alpha`` [base, novel], ``rescore_hide_others``; these defaults where absent);
+        ``proposals`` in place of the run's."""
+        seen, unseen = options.get("rescore_alpha") or (cls.alpha_seen, cls.alpha_unseen)
+        return cls(proposals=int(proposals if proposals is not None else options.get("rescore_proposals") or cls.proposals),
+                   alpha_seen=float(seen), alpha_unseen=float(unseen),
+                   hide_others=options.get("rescore_hide_others", cls.hide_others))
 
     def describe(self) -> str:
         """What the re-scoring does, as a clause for a report."""
         return (f"each image's {self.proposals} best proposals re-scored by the frozen pretrained image tower on their "
                 f"crops, detector^{1 - self.alpha_seen:g} x region^{self.alpha_seen:g} for the classes trained with boxes "
-                f"and ^{1 - self.alpha_unseen:g} x ^{self.alpha_unseen:g} for the others (F-VLM's ensemble)")
+                f"and ^{1 - self.alpha_unseen:g} x ^{self.alpha_unseen:g} for the others (F-VLM's ensemble)"
+                + ("" if self.hide_others is None else
+                   f", the other proposals scoring >= {self.hide_others:g} painted out of each crop"))
 
 
-def paste_crops(image: torch.Tensor, boxes: torch.Tensor, size: int, scale: float) -> torch.Tensor:
+def _pixels(box: Sequence[float], h: int, w: int) -> tuple[int, int, int, int]:
+    """Pixel rows / columns ``(r0, r1, c0, c1)`` of a normalised x0, y0, x1, y1 box (at least one pixel)."""
+    x0, y0, x1, y1 = box
+    c0, r0 = min(max(int(x0 * w), 0), w - 1), min(max(int(y0 * h), 0), h - 1)
+    return r0, min(max(round(y1 * h), r0 + 1), h), c0, min(max(round(x1 * w), c0 + 1), w)
+
+
+def occluders(boxes: torch.Tensor, scores: torch.Tensor, min_score: float, max_iou: float) -> list[list[int]]:
+    """For each of ``boxes`` ``(k, 4)`` (normalised x0, y0, x1, y1), the other boxes to paint out
+    of its crop: those with ``scores`` ``(k,)`` at least ``min_score``, overlapping it at IoU at
+    most ``max_iou`` and not covering its centre (another object, not a looser box of this one)."""
+    from torchvision.ops import box_iou
+
+    b = boxes.float()
+    centre = (b[:, :2] + b[:, 2:]) / 2
+    covers = ((b[None, :, :2] <= centre[:, None]) & (centre[:, None] <= b[None, :, 2:])).all(-1)  # [a, j]: j covers a's centre
+    ok = (scores[None, :] >= min_score) & (box_iou(b, b) <= max_iou) & ~covers
+    ok.fill_diagonal_(False)
+    return [row.nonzero()[:, 0].tolist() for row in ok]
+
+
+def paste_crops(image: torch.Tensor, boxes: torch.Tensor, size: int, scale: float,
+                hide: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Crops ``(k, 3, size, size)`` of ``image`` ``(3, H, W)`` at ``boxes`` ``(k, 4)`` (normalised
     x0, y0, x1, y1; at least one pixel): each resized (aspect kept, antialiased) so that its longer
     side is ``scale * size`` and pasted in the middle of a canvas of the image's border colour
-    (the per-channel median of its outermost pixels)."""
+    (the per-channel median of its outermost pixels). ``hide[i]``: indices of other ``boxes``
+    whose pixels are painted that colour in crop ``i`` (:func:`occluders`)."""
     import torch.nn.functional as F
 
     _, h, w = image.shape
@@ -107,10 +158,14 @@ def paste_crops(image: torch.Tensor, boxes: torch.Tensor, size: int, scale: floa
     colour = border.float().median(dim=1).values.to(image.dtype)
     side = max(1, round(scale * size))
     out = colour.view(1, 3, 1, 1).expand(len(boxes), 3, size, size).clone()
-    for i, (x0, y0, x1, y1) in enumerate(boxes.float().tolist()):
-        c0, r0 = min(max(int(x0 * w), 0), w - 1), min(max(int(y0 * h), 0), h - 1)
-        c1, r1 = min(max(round(x1 * w), c0 + 1), w), min(max(round(y1 * h), r0 + 1), h)
+    pixels = [_pixels(box, h, w) for box in boxes.float().tolist()]
+    for i, (r0, r1, c0, c1) in enumerate(pixels):
         patch = image[:, r0:r1, c0:c1]
+        if hide is not None and len(hide[i]):
+            patch = patch.clone()
+            for j in hide[i]:
+                a0, a1, b0, b1 = pixels[j]
+                patch[:, max(a0 - r0, 0):max(a1 - r0, 0), max(b0 - c0, 0):max(b1 - c0, 0)] = colour.view(3, 1, 1)
         f = side / max(patch.shape[1], patch.shape[2])
         ph, pw = max(1, round(patch.shape[1] * f)), max(1, round(patch.shape[2] * f))
         patch = F.interpolate(patch[None].float(), size=(ph, pw), mode="bilinear", antialias=True,
@@ -136,7 +191,9 @@ def _rescored(model: Any, images: torch.Tensor, log_scores: torch.Tensor, box_se
         alpha[torch.as_tensor(list(seen), dtype=torch.long, device=alpha.device)] = float(opt.alpha_seen)
     qf = F.normalize(queries.float(), dim=-1)
     keeps = [class_agnostic_nms(box_sets[i], objectness[i], opt.proposal_nms)[:opt.proposals] for i in range(len(images))]
-    crops = torch.cat([paste_crops(images[i], box_sets[i, keep].to(images.device), size, s)
+    hides = [None if opt.hide_others is None else
+             occluders(box_sets[i, keep], objectness[i, keep].exp(), opt.hide_others, opt.hide_iou) for i, keep in enumerate(keeps)]
+    crops = torch.cat([paste_crops(images[i], box_sets[i, keep].to(images.device), size, s, hides[i])
                        for i, keep in enumerate(keeps) for s in opt.scales])  # image-major, then scale
     embeds = model.region_embeds(crops).float()
     out, at = [], 0
@@ -153,6 +210,30 @@ def _rescored(model: Any, images: torch.Tensor, log_scores: torch.Tensor, box_se
 
 NMS_IOU = 0.5  # per-class NMS of predict() and the detection evaluations (None / 1: off)
 _NMS_POOL = 1000  # candidates per image that NMS sees: at least 10x the detections kept
+BOX_VOTE_IOU = 0.3  # box voting of predict() and the detection evaluations (None / 0: off)
+
+
+def check_box_vote(iou: float | None, key: str = "box_vote") -> float | None:
+    """``iou`` as an IoU in (0, 1] or None (0 and None: no box voting), else a ValueError naming ``key``."""
+    if iou is None or float(iou) == 0.0:
+        return None
+    if not 0.0 < float(iou) <= 1.0:
+        raise ValueError(f"{key}: expected an IoU in (0, 1] (0: no box voting), got {iou}")
+    return float(iou)
+
+
+def vote_boxes(boxes: torch.Tensor, candidates: torch.Tensor, weights: torch.Tensor, iou: float) -> torch.Tensor:
+    """Box voting: each of ``boxes`` ``(k, 4)`` (x0, y0, x1, y1) replaced by the mean of the
+    ``candidates`` ``(m, 4)`` overlapping it at IoU >= ``iou``, weighted by ``weights`` ``(m,)``
+    (a box that none overlaps, or whose overlapping candidates all weigh 0, is kept)."""
+    from torchvision.ops import box_iou
+
+    if len(boxes) == 0 or len(candidates) == 0:
+        return boxes
+    w = (box_iou(boxes.float(), candidates.float()) >= iou).float() * weights.float()[None]
+    total = w.sum(1, keepdim=True)
+    fused = (w @ candidates.float()) / total.clamp_min(1e-12)
+    return torch.where(total > 0, fused, boxes.float()).to(boxes.dtype)
 
 
 def check_nms(nms: float | None, key: str = "nms") -> float | None:
@@ -169,7 +250,8 @@ def predict(model: Any, images: torch.Tensor, queries: torch.Tensor | None, *, b
             max_detections: int = 100, device: torch.device | str | None = None,
             autocast: Any = None, allowed: Sequence[int] | None = None,
             nms: float | None = NMS_IOU, class_softmax: float | None = None,
-            rescore: Rescore | str | None = "auto", seen: Sequence[int] | None = None) -> list[Detections]:
+            rescore: Rescore | str | None = "auto", seen: Sequence[int] | None = None,
+            box_vote: float | None = BOX_VOTE_IOU) -> list[Detections]:
     """Top ``max_detections`` detections per image of ``images`` ``(b, 3, S, S)`` for ``queries``
     (token ids ``(q, n)``, embeddings ``(q, l)``, or None: the model's learned classes);
     ``allowed``: only these query indices may be predicted (None: all); ``nms``: per-class NMS
@@ -180,11 +262,14 @@ def predict(model: Any, images: torch.Tensor, queries: torch.Tensor | None, *, b
     "an object of this class here" times "which class it is"); ``rescore``: a :class:`Rescore`,
     ``"auto"`` (its defaults where the model keeps a frozen pretrained image tower, else none) or
     None, with ``seen`` the query indices of the classes trained with boxes (the others get
-    ``alpha_unseen``). Eval mode, no grad."""
+    ``alpha_unseen``); ``box_vote``: the IoU of :func:`vote_boxes` over the image's tokens,
+    weighted by the square of each token's best sigmoid score (None or 0: the tokens' own
+    boxes). Eval mode, no grad."""
     import torch.nn.functional as F
     from torchvision.ops import batched_nms
 
     nms = check_nms(nms)
+    box_vote = check_box_vote(box_vote)
     if rescore == "auto":  # text queries and a frozen pretrained image tower: re-score
         rescore = Rescore() if getattr(model, "region", None) is not None and queries is not None else None
     elif rescore is not None and not isinstance(rescore, Rescore):
@@ -217,12 +302,15 @@ def predict(model: Any, images: torch.Tensor, queries: torch.Tensor | None, *, b
                                    qf if qf.ndim == 2 else qf[s:s + batch_size])
                 logits = logits + F.log_softmax(class_softmax * sim + mask, dim=-1)
             boxes = _xyxy(res["boxes"].float()).clamp(0.0, 1.0)
+            objectness = F.logsigmoid(res["logits"].float()).add(mask).amax(-1)
+            vote_weight = objectness.mul(2).exp()  # the best sigmoid score, squared
             if rescore is not None:
-                objectness = F.logsigmoid(res["logits"].float()).add(mask).amax(-1)
                 with ctx():
                     pairs = _rescored(model, images[s:s + batch_size].to(dev), logits, boxes, objectness,
                                       q if q.ndim == 2 else q[s:s + batch_size], rescore, seen, mask)
-                for box, value in pairs:
+                for i, (box, value) in enumerate(pairs):
+                    if box_vote is not None:
+                        box = vote_boxes(box, boxes[i], vote_weight[i], box_vote)
                     out.append(_best(box, value, max_detections, nms))
                 continue
             b, m, nq = logits.shape
@@ -235,6 +323,8 @@ def predict(model: Any, images: torch.Tensor, queries: torch.Tensor | None, *, b
                 if nms is not None:  # sorted by score, best first
                     kept = batched_nms(box, value, lab, nms)[:max_detections]
                     box, value, lab = box[kept], value[kept], lab[kept]
+                if box_vote is not None:
+                    box = vote_boxes(box, boxes[i], vote_weight[i], box_vote)
                 out.append({"boxes": box.cpu(), "scores": value.exp().cpu(), "labels": lab.cpu()})
     finally:
         model.train(was_training)

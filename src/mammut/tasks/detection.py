@@ -38,7 +38,7 @@ with a figure of true and predicted boxes.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -90,11 +90,16 @@ class DetectionOptions:
     # evaluation: per-class NMS IoU of the (token, class) pairs before the max_detections best are kept (null or
     # 1: none, OWL-ViT's text path); on the 2,629-step run, 512 held-out scenes: novel AP50 0.199 -> 0.237
     nms: float | None = 0.5
+    # evaluation: box voting, each detection's box the mean of the image's token boxes overlapping it at this IoU,
+    # weighted by each token's best score squared (null or 0: the token's own box); mammut.eval.detection.vote_boxes
+    box_vote: float | None = 0.3
     # evaluation of a detector with a frozen pretrained image tower (model.region_size > 0): re-score each image's
     # best rescore_proposals boxes with it (0: off), detector^(1 - a) * region^a with a = rescore_alpha[0] for the
     # base classes and rescore_alpha[1] for the novel ones (F-VLM's alpha / beta); mammut.eval.detection.Rescore
     rescore_proposals: int = 10
     rescore_alpha: tuple[float, float] = (0.35, 0.65)
+    # the other proposals scoring at least this are painted out of each crop before the tower names it (null: never)
+    rescore_hide_others: float | None = 0.15
 
     def __post_init__(self) -> None:
         from ..data.detection import NOVEL_IN_TRAIN
@@ -105,14 +110,18 @@ class DetectionOptions:
             raise ValueError(f"task_options.prompt: expected a template with '{{}}' for the class name, got {self.prompt!r}")
         if self.max_detections < 1:
             raise ValueError(f"task_options.max_detections: expected >= 1, got {self.max_detections}")
-        from ..eval.detection import check_nms
+        from ..eval.detection import check_box_vote, check_nms
 
         self.nms = check_nms(self.nms, "task_options.nms")
+        self.box_vote = check_box_vote(self.box_vote, "task_options.box_vote")
         if self.rescore_proposals < 0:
             raise ValueError(f"task_options.rescore_proposals: expected >= 0 (0: off), got {self.rescore_proposals}")
         if len(self.rescore_alpha) != 2 or not all(0.0 <= float(a) <= 1.0 for a in self.rescore_alpha):
             raise ValueError(f"task_options.rescore_alpha: expected [base, novel] weights in [0, 1], got {self.rescore_alpha}")
         self.rescore_alpha = (float(self.rescore_alpha[0]), float(self.rescore_alpha[1]))
+        if self.rescore_hide_others is not None and not 0.0 <= self.rescore_hide_others <= 1.0:
+            raise ValueError(f"task_options.rescore_hide_others: expected a score in [0, 1] or null (never), "
+                             f"got {self.rescore_hide_others}")
         if self.loss_softmax < 0:
             raise ValueError(f"task_options.loss_softmax: expected >= 0 (0: off), got {self.loss_softmax}")
 
@@ -466,12 +475,13 @@ class Detection(Task):
         soft = class_softmax(model, self.opt)
         if self._closed():  # learned queries of the base classes only: novel classes cannot be scored
             dets = predict(model, images, None, batch_size=self.cfg.eval.batch_size,
-                           max_detections=self.opt.max_detections, nms=self.opt.nms, class_softmax=soft)
+                           max_detections=self.opt.max_detections, nms=self.opt.nms, class_softmax=soft,
+                           box_vote=self.opt.box_vote)
             categories = base
         else:
             dets = predict(model, images, self.queries(tokenizer, names), batch_size=self.cfg.eval.batch_size,
                            max_detections=self.opt.max_detections, nms=self.opt.nms, class_softmax=soft,
-                           rescore=self.rescore(model), seen=base)
+                           box_vote=self.opt.box_vote, rescore=self.rescore(model), seen=base)
             categories = list(range(len(names)))
         size = self.cfg.data.image_size
         results = to_coco_results([it["image_id"] for it in items], dets, categories, [size] * len(items))
@@ -487,8 +497,7 @@ class Detection(Task):
         core = getattr(model, "module", model)
         if getattr(core, "region", None) is None or self.opt.rescore_proposals == 0:
             return None
-        seen, unseen = self.opt.rescore_alpha
-        return Rescore(proposals=self.opt.rescore_proposals, alpha_seen=seen, alpha_unseen=unseen)
+        return Rescore.from_task_options(asdict(self.opt))
 
     def evaluate(self, model: nn.Module, tokenizer: Any, *, data: str | None = None,
                  n: int | None = None) -> tuple[dict[str, Any], Any]:
@@ -515,9 +524,10 @@ class Detection(Task):
         ap.update({"closed_vocabulary": self._closed(), "init_from": self.cfg.train.init_from,
                    "rescore": None if rescore is None else {"proposals": rescore.proposals, "alpha_base": rescore.alpha_seen,
                                                             "alpha_novel": rescore.alpha_unseen,
-                                                            "scales": list(rescore.scales)},
+                                                            "scales": list(rescore.scales),
+                                                            "hide_others": rescore.hide_others},
                    "novel_in_train": self.opt.novel_in_train, "n_base": len(base), "n_novel": len(novel),
-                   "nms": self.opt.nms, "class_softmax": soft_scale,
+                   "nms": self.opt.nms, "box_vote": self.opt.box_vote, "class_softmax": soft_scale,
                    "scoring": "pycocotools COCOeval (bbox, maxDets 100); base / novel: COCOeval restricted to those "
                               "classes with the predictions of every class (generalized setting)"})
         closed = (" Closed-vocabulary baseline: learned embeddings of the base classes, no text queries, so the "
@@ -528,7 +538,9 @@ class Detection(Task):
                    f"{self.opt.prompt!r} for every class; the {self.opt.max_detections} best (token, class) pairs per "
                    f"image after {'per-class NMS at IoU ' + str(self.opt.nms) if self.opt.nms else 'no NMS'}"
                    f"{'; scores: sigmoid times the softmax over the queries (loss_softmax)' if soft_scale else ''}"
-                   f"{'; ' + rescore.describe() if rescore else ''}.{closed}")
+                   f"{'; ' + rescore.describe() if rescore else ''}"
+                   f"{f'; boxes voted over the tokens overlapping them at IoU >= {self.opt.box_vote:g}' if self.opt.box_vote else ''}"
+                   f".{closed}")
         recall = ap.get("novel_top_box_recall")
         if recall and recall["recall"] is not None:
             section += (f" Single-query localisation: for {recall['recall']:.1%} of the {recall['n']} novel boxes, the "

@@ -37,6 +37,9 @@ class DetectionBenchmark(Benchmark):
         p.add_argument("--max-detections", type=int, default=100, help="detections kept per image (default 100)")
         p.add_argument("--nms", type=float, default=0.5, help="per-class NMS IoU before the best --max-detections are "
                                                               "kept (default 0.5; 1 = none, OWL-ViT's text path)")
+        p.add_argument("--box-vote", type=float, default=0.3,
+                       help="box voting: each box the mean of its image's token boxes overlapping it at this IoU, "
+                            "weighted by their best score squared (default 0.3; 0 = the tokens' own boxes)")
         p.add_argument("--scene-set", type=int, default=0,
                        help="emoji scenes: which set of held-out scenes (default 0: the run's own; 1, 2, ...: other "
                             "held-out random streams, for the spread of a figure)")
@@ -52,9 +55,10 @@ class DetectionBenchmark(Benchmark):
             raise ValueError(f"--prompt: expected a template with {{}} for the class name, got {args.prompt!r}")
         if args.max_detections < 1:
             raise ValueError(f"--max-detections: expected >= 1, got {args.max_detections}")
-        from ..detection import check_nms
+        from ..detection import check_box_vote, check_nms
 
         check_nms(args.nms, "--nms")
+        check_box_vote(args.box_vote, "--box-vote")
         if args.scene_set < 0 or (args.scene_set and args.data is not None):
             raise ValueError(f"--scene-set: expected an int >= 0 for the held-out emoji scenes (no --data), got "
                              f"{args.scene_set}{' with --data' if args.data is not None else ''}")
@@ -83,8 +87,8 @@ class DetectionBenchmark(Benchmark):
         return str(args.data) if args.data else f"held-out emoji detection scenes of {args.source}"
 
     def run(self, em: Any, args: argparse.Namespace, out: Path) -> Any:
-        from ..detection import (check_nms, coco_ap, detection_table, emoji_ground_truth, plot_detections, predict,
-                                 to_coco_results)
+        from ..detection import (check_box_vote, check_nms, coco_ap, detection_table, emoji_ground_truth,
+                                 plot_detections, predict, to_coco_results)
 
         model = em.model
         out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +113,7 @@ class DetectionBenchmark(Benchmark):
         t0 = time.perf_counter()
         dets = predict(model, stacked, queries, batch_size=args.batch_size, max_detections=args.max_detections,
                        device=em.device, autocast=em.autocast, nms=args.nms, class_softmax=_class_softmax(args, model),
-                       seen=None if closed else base, rescore=rescore)
+                       seen=None if closed else base, rescore=rescore, box_vote=args.box_vote)
         infer = time.perf_counter() - t0
         categories = base if closed else list(range(len(names)))
         if args.data is None:
@@ -127,7 +131,7 @@ class DetectionBenchmark(Benchmark):
                    "base_AP50": ap["base"]["AP50"], "novel_AP50": ap["novel"]["AP50"], "detection": ap,
                    "images_per_s": len(items) / infer if infer > 0 else None,
                    "wall_time_s": time.perf_counter() - start, "prompt": args.prompt, "closed_vocabulary": closed,
-                   "nms": check_nms(args.nms), "rescored": rescore is not None,
+                   "nms": check_nms(args.nms), "box_vote": check_box_vote(args.box_vote), "rescored": rescore is not None,
                    "rescore": None if rescore is None else dataclasses.asdict(rescore),
                    "skipped": {"total": skipped, "corrupt": skipped} if skipped else {},
                    "novel_classes": [names[i] for i in (novel if args.data is None else
@@ -136,7 +140,8 @@ class DetectionBenchmark(Benchmark):
                    f"{len(base)} base and {len(novel)} novel classes; queries {args.prompt!r} for every class; the "
                    f"{args.max_detections} best (token, class) pairs per image after "
                    f"{'per-class NMS at IoU ' + str(args.nms) if check_nms(args.nms) else 'no NMS'}"
-                   f"{'; ' + rescore.describe() if rescore else ''}. "
+                   f"{'; ' + rescore.describe() if rescore else ''}"
+                   f"{f'; boxes voted over the tokens overlapping them at IoU >= {args.box_vote:g}' if check_box_vote(args.box_vote) else ''}. "
                    "Base / novel: COCOeval restricted to those classes, with every class's predictions.")
         figure = plot_detections(stacked[:12], items[:12], dets[:12], names, out / "detections.png",
                                  novel=[] if args.data else novel)
@@ -146,7 +151,7 @@ class DetectionBenchmark(Benchmark):
 def _rescore(args: argparse.Namespace, model: Any, closed: bool) -> Any:
     """The :class:`~mammut.eval.detection.Rescore` of a detector with a frozen pretrained image
     tower (None: no tower, the closed vocabulary or ``--rescore-proposals 0``): ``--rescore-proposals``
-    proposals, weighted as a SOURCE run's ``task_options.rescore_alpha`` (as its own evaluation)."""
+    proposals, weighted and hiding as a SOURCE run's ``task_options.rescore_*`` (as its own evaluation)."""
     from ..detection import Rescore
 
     if getattr(model, "region", None) is None or closed or args.rescore_proposals == 0:
@@ -156,10 +161,7 @@ def _rescore(args: argparse.Namespace, model: Any, closed: bool) -> Any:
         from ...runs import read_run_config
 
         options = read_run_config(Path(args.source)).get("task_options") or {}
-    if options.get("rescore_alpha") is None:
-        return Rescore(proposals=args.rescore_proposals)
-    seen, unseen = (float(a) for a in options["rescore_alpha"])
-    return Rescore(proposals=args.rescore_proposals, alpha_seen=seen, alpha_unseen=unseen)
+    return Rescore.from_task_options(options, args.rescore_proposals)
 
 
 def _class_softmax(args: argparse.Namespace, model: Any) -> float | None:
