@@ -4,7 +4,10 @@ detection scenes, the share whose class ranks first among every class (300 queri
 - the detector's own token: of the tokens whose predicted box overlaps the true box at IoU >= 0.5,
   the one scoring the box's class highest (none: a miss);
 - the frozen pretrained image tower (``model.region_size``) on the true box's crops, pasted at
-  the re-scoring's scales (``mammut.eval.detection.Rescore``), embeddings averaged;
+  the re-scoring's scales (``mammut.eval.detection.Rescore``), embeddings averaged; and the same
+  with the scene's other true boxes painted out of each crop (those not covering its centre,
+  ``mammut.eval.detection.occluders``: the re-scoring's hiding, with true boxes for proposals),
+  also by how much of the box other true boxes cover;
 
 the recall of the re-scoring's proposals (the share of true boxes with a proposal at IoU >= 0.5
 among each image's best 10 and 20 tokens after class-agnostic NMS at IoU 0.5, as
@@ -34,7 +37,7 @@ def main() -> None:
 
     from torchvision.ops import box_convert, box_iou, nms
 
-    from mammut.eval.detection import Rescore, paste_crops
+    from mammut.eval.detection import Rescore, occluders, paste_crops
     from mammut.eval.model_source import load_eval_model
     from mammut.runs import read_run_config
     from mammut.train.config import config_from_dict
@@ -77,12 +80,32 @@ def main() -> None:
             emb = torch.stack([torch.cat([model.region_embeds(paste_crops(it["image"], it["boxes"], size, sc))
                                           for it in items]) for sc in scales]).mean(0)
         rows.append(("frozen pretrained tower, pasted crops", (F.normalize(emb, dim=-1) @ q.t()).argmax(-1) == labels))
+        with torch.no_grad():
+            hidden = torch.stack([torch.cat([
+                model.region_embeds(paste_crops(it["image"], it["boxes"], size, sc,
+                                                occluders(it["boxes"], torch.ones(len(it["boxes"])), 0.0, 1.0)))
+                for it in items]) for sc in scales]).mean(0)
+        rows.append(("the same, other true boxes painted out", (F.normalize(hidden, dim=-1) @ q.t()).argmax(-1) == labels))
+    covered = []
+    for it in items:  # the share of each true box that the scene's other true boxes cover
+        b = it["boxes"].float()
+        inter = (torch.min(b[:, None, 2:], b[None, :, 2:]) - torch.max(b[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
+        inter.fill_diagonal_(0.0)
+        covered.append((inter / (b[:, 2:] - b[:, :2]).prod(-1)[:, None]).amax(1))
+    covered = torch.cat(covered)
     print(f"{args.run}: {len(labels)} true boxes of {args.n} held-out scenes (set {args.scene_set}), {len(names)} classes")
     print("| named first by | all | base | novel |")
     print("|---|---|---|---|")
     for name, ok in rows:
         ok = ok.float()
         print(f"| {name} | {ok.mean():.3f} | {ok[~is_novel].mean():.3f} | {ok[is_novel].mean():.3f} |")
+    bins = [("none", covered == 0), ("up to 10 %", (covered > 0) & (covered <= 0.1)),
+            ("10-30 %", (covered > 0.1) & (covered <= 0.3)), ("over 30 %", covered > 0.3)]
+    print("\n| share of the true box covered by other true boxes | boxes | " + " | ".join(n for n, _ in rows) + " |")
+    print("|---|---|" + "---|" * len(rows))
+    for label, sel in bins:
+        print(f"| {label} | {int(sel.sum())} | " + " | ".join(f"{ok[sel].float().mean():.3f}" if sel.any() else "n/a"
+                                                             for _, ok in rows) + " |")
     print("proposals holding a true box (IoU >= 0.5): " + ", ".join(
         f"best {k}: {torch.tensor(v).float().mean():.3f}" for k, v in recall.items()))
     centred = q - q.mean(0)
