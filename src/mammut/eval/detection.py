@@ -110,7 +110,7 @@ class Rescore:
         ``rescore_alpha`` [base, novel], ``rescore_hide_others``; these defaults where absent);
         ``proposals`` in place of the run's."""
         seen, unseen = options.get("rescore_alpha") or (cls.alpha_seen, cls.alpha_unseen)
-        return cls(proposals=int(proposals if proposals is not None else options.get("rescore_proposals") or cls.proposals),
+        return cls(proposals=int(proposals if proposals is not None else options.get("rescore_proposals", cls.proposals)),
                    alpha_seen=float(seen), alpha_unseen=float(unseen),
                    hide_others=options.get("rescore_hide_others", cls.hide_others))
 
