@@ -311,27 +311,21 @@ def test_detect_command_writes_the_image_with_boxes_and_a_json(runs, tmp_path, c
     assert "mammut detect: error: --queries: expected comma-separated" in capsys.readouterr().err
     assert main(["detect", str(img), "--run", str(det), "--queries", "a cat", "--box-vote", "1.5"]) == 2
     assert "mammut detect: error: --box-vote: expected an IoU in (0, 1]" in capsys.readouterr().err
-    # box voting: each kept box is the score-weighted mean of the token boxes overlapping it (0: the token's own)
-    import torch
-    from torchvision.ops import box_convert
-
-    import mammut
+    # box voting: each kept box is the score-weighted mean of the token boxes overlapping it (None: the token's own)
     from mammut.apps.detect import detect_image
-    from mammut.data.detection import letterbox
-    from mammut.eval.detection import vote_boxes
 
-    model, _, tokenizer = mammut.load(det)
-    image = Image.open(img).convert("RGB")
-    own = detect_image(model.eval(), tokenizer, image, ["a cat", "a red car"], threshold=0.0, box_vote=None)
-    voted = detect_image(model, tokenizer, image, ["a cat", "a red car"], threshold=0.0, box_vote=0.3)
-    pixels, side, _ = letterbox(image, model.image_size)
-    with torch.no_grad():
-        out = model.detect(pixels[None], tokenizer(["a cat", "a red car"]))
-    tokens = box_convert(out["boxes"][0].float(), "cxcywh", "xyxy").clamp(0, 1)
-    weights = torch.sigmoid(out["logits"][0].float()).amax(-1) ** 2
-    assert [d["score"] for d in own] == [d["score"] for d in voted]
-    expect = vote_boxes(torch.tensor([d["box"] for d in own]) / side, tokens, weights, 0.3) * side
-    torch.testing.assert_close(torch.tensor([d["box"] for d in voted]), expect.clamp(max=48), atol=0.11, rtol=0)
+    class Fixed(_FixedDetector):  # tokens 0 and 1 box one object (IoU 0.82), token 2 another; a 100 px model
+        image_size = 100
+
+    square = Image.new("RGB", (100, 100), (200, 200, 200))
+    own = detect_image(Fixed(), lambda q: torch.zeros(len(q), 1), square, ["a", "b"], threshold=0.5, box_vote=None)
+    voted = detect_image(Fixed(), lambda q: torch.zeros(len(q), 1), square, ["a", "b"], threshold=0.5)  # default 0.3
+    assert [(d["query"], d["score"]) for d in own] == [(d["query"], d["score"]) for d in voted]
+    first = [d for d in own if d["query"] == "a"][0]["box"], [d for d in voted if d["query"] == "a"][0]["box"]
+    assert first[0] == [20.0, 20.0, 40.0, 40.0]  # token 0's own box, in pixels of the 100 px image
+    w0, w1 = torch.sigmoid(torch.tensor(3.0)) ** 2, torch.sigmoid(torch.tensor(2.0)) ** 2  # best scores, squared
+    x0 = float((w0 * 0.2 + w1 * 0.21) / (w0 + w1) * 100)  # token 1 (x0 0.21) pulls token 0's box right
+    assert first[1] == [round(x0, 1), 20.0, round(x0 + 20.0, 1), 40.0] and round(x0, 1) == 20.5
 
 
 def test_a_run_trains_on_a_coco_json_skipping_unreadable_images_and_novel_boxes(runs, tmp_path, caplog):
