@@ -293,7 +293,7 @@ def test_coco_instances_letterbox_boxes_and_name_bad_arguments(tmp_path):
     assert image.shape == (3, 8, 8) and side == 20 and (h, w) == (20, 10)
 
 
-def test_detect_command_writes_the_image_with_boxes_and_a_json(runs, tmp_path, capsys):
+def test_detect_command_writes_the_image_with_boxes_and_a_json(runs, tmp_path, capsys, two_on_one):
     from PIL import Image
 
     from mammut.cli import main
@@ -314,12 +314,9 @@ def test_detect_command_writes_the_image_with_boxes_and_a_json(runs, tmp_path, c
     # box voting: each kept box is the score-weighted mean of the token boxes overlapping it (None: the token's own)
     from mammut.apps.detect import detect_image
 
-    class Fixed(_FixedDetector):  # tokens 0 and 1 box one object (IoU 0.82), token 2 another; a 100 px model
-        image_size = 100
-
     square = Image.new("RGB", (100, 100), (200, 200, 200))
-    own = detect_image(Fixed(), lambda q: torch.zeros(len(q), 1), square, ["a", "b"], threshold=0.5, box_vote=None)
-    voted = detect_image(Fixed(), lambda q: torch.zeros(len(q), 1), square, ["a", "b"], threshold=0.5)  # default 0.3
+    own = detect_image(two_on_one(), lambda q: torch.zeros(len(q), 1), square, ["a", "b"], threshold=0.5, box_vote=None)
+    voted = detect_image(two_on_one(), lambda q: torch.zeros(len(q), 1), square, ["a", "b"], threshold=0.5)  # default 0.3
     assert [(d["query"], d["score"]) for d in own] == [(d["query"], d["score"]) for d in voted]
     first = [d for d in own if d["query"] == "a"][0]["box"], [d for d in voted if d["query"] == "a"][0]["box"]
     assert first[0] == [20.0, 20.0, 40.0, 40.0]  # token 0's own box, in pixels of the 100 px image
@@ -381,36 +378,20 @@ def test_frozen_query_embeddings_are_computed_once_and_give_the_same_loss(runs):
 # ------------------------------------------------------------------------------ evaluation: per-class NMS
 
 
-class _FixedDetector(torch.nn.Module):
-    """A stand-in detector: 3 tokens, 2 queries; tokens 0 and 1 box the same object (IoU 0.8)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-
-    def query_embeds(self, queries):
-        return queries
-
-    def detect(self, images, queries):
-        boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.31, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]])  # cxcywh
-        logits = torch.tensor([[3.0, 0.0], [2.0, 1.0], [-1.0, 2.5]])
-        return {"boxes": boxes.expand(len(images), 3, 4), "logits": logits.expand(len(images), 3, 2)}
-
-
-def test_per_class_nms_drops_a_second_box_of_the_same_object_and_class_only():
+def test_per_class_nms_drops_a_second_box_of_the_same_object_and_class_only(two_on_one):
     from mammut.eval.detection import check_nms, predict
     from mammut.tasks.detection import DetectionOptions
 
     images, queries = torch.rand(2, 3, 8, 8), torch.rand(2, 4)
-    plain = predict(_FixedDetector(), images, queries, nms=None)[0]  # OWL-ViT's text path: all 6 pairs
+    plain = predict(two_on_one(), images, queries, nms=None)[0]  # OWL-ViT's text path: all 6 pairs
     assert len(plain["labels"]) == 6
-    kept = predict(_FixedDetector(), images, queries, box_vote=None)[0]  # default: per-class NMS at IoU 0.5
+    kept = predict(two_on_one(), images, queries, box_vote=None)[0]  # default: per-class NMS at IoU 0.5
     pairs = sorted(zip(kept["labels"].tolist(), (kept["boxes"][:, 0] * 100).round().int().tolist()))
     # class 0: token 1 (IoU 0.8 with token 0, lower score) suppressed; class 1: token 0 suppressed by token 1;
     # token 2 (another object) kept for both classes, and token 0 (class 0) beside token 1 (class 1)
     assert pairs == [(0, 20), (0, 60), (1, 21), (1, 60)]
     assert kept["scores"].tolist() == sorted(kept["scores"].tolist(), reverse=True)
-    assert len(predict(_FixedDetector(), images, queries, max_detections=2)[1]["labels"]) == 2
+    assert len(predict(two_on_one(), images, queries, max_detections=2)[1]["labels"]) == 2
     assert check_nms(1.0) is None and check_nms(0.3) == 0.3
     with pytest.raises(ValueError, match=r"--nms: expected an IoU in \(0, 1\]"):
         check_nms(0.0, "--nms")

@@ -61,7 +61,7 @@ def test_other_objects_are_painted_out_of_a_crop_but_not_a_looser_box_of_the_sam
     assert int((hidden[0, 0] > 0.9).sum()) > 0 and torch.equal(hidden[1], plain[1])
 
 
-def test_box_voting_averages_the_overlapping_token_boxes_by_score():
+def test_box_voting_averages_the_overlapping_token_boxes_by_score(two_on_one):
     boxes = torch.tensor([[0.10, 0.10, 0.50, 0.50], [0.70, 0.70, 0.90, 0.90]])
     tokens = torch.tensor([[0.10, 0.10, 0.50, 0.50],    # IoU 1 with box 0
                            [0.14, 0.14, 0.54, 0.54],    # IoU 0.67
@@ -89,7 +89,7 @@ def test_box_voting_averages_the_overlapping_token_boxes_by_score():
     with pytest.raises(ValueError, match="box_vote"):
         predict(det, images, queries, box_vote=1.5)
     # two tokens box one object (IoU 0.82): the kept box moves to their mean weighted by score^2, the far token's stays
-    fixed = _TwoOnOneDetector()
+    fixed = two_on_one()
     own = predict(fixed, images[:1], torch.rand(2, 4), nms=0.5, box_vote=None)[0]
     moved = predict(fixed, images[:1], torch.rand(2, 4), nms=0.5)[0]  # default box_vote 0.3
     s0, s1 = torch.sigmoid(torch.tensor(3.0)) ** 2, torch.sigmoid(torch.tensor(2.0)) ** 2
@@ -99,22 +99,6 @@ def test_box_voting_averages_the_overlapping_token_boxes_by_score():
         first = d["boxes"][(d["labels"] == 0).nonzero()[0, 0]]  # class 0's best: token 0 (token 1 suppressed)
         torch.testing.assert_close(first, expect)
         torch.testing.assert_close(d["boxes"][(d["labels"] == 1).nonzero()[0, 0]], token_boxes[2])
-
-
-class _TwoOnOneDetector(torch.nn.Module):
-    """A stand-in detector: 3 tokens, 2 queries; tokens 0 and 1 box the same object, token 2 another."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-
-    def query_embeds(self, queries):
-        return queries
-
-    def detect(self, images, queries):
-        boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.31, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]])  # cxcywh
-        logits = torch.tensor([[3.0, -9.0], [2.0, -9.0], [-9.0, 2.5]])
-        return {"boxes": boxes.expand(len(images), 3, 4), "logits": logits.expand(len(images), 3, 2)}
 
 
 def test_rescore_settings_are_checked_naming_the_field():
